@@ -1,0 +1,47 @@
+"""Block-id attention in plain jnp: the reference every kernel is tested against.
+
+The mask is a comparison of integer block ids: query n sees key i iff
+`kv_ids[i] <= q_ids[n]`. The strictly causal mask of ARMD's query stream is the same
+call with the query ids lowered by one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite stand-in for -inf: exp(_MASKED - max) underflows to exactly 0 in float32, so a
+# masked key contributes exactly nothing and causality holds bit for bit.
+_MASKED = -1e30
+
+
+def block_causal_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                                     q_ids: jax.Array, kv_ids: jax.Array,
+                                     *, sm_scale: float | None = None) -> jax.Array:
+  """Softmax attention where query n attends to key i iff kv_ids[i] <= q_ids[n].
+
+  Args:
+    q: [B, Nq, H, D] queries.
+    k: [B, Nk, H, D] keys.
+    v: [B, Nk, H, D] values.
+    q_ids: [B, Nq] int block ids of the queries.
+    kv_ids: [B, Nk] int block ids of the keys.
+    sm_scale: logit scale; defaults to 1/sqrt(D).
+
+  Returns:
+    [B, Nq, H, D] in q.dtype. Softmax statistics are float32. A query row with no
+    visible key returns zeros (never NaN).
+  """
+  if sm_scale is None:
+    sm_scale = q.shape[-1] ** -0.5
+  mask = kv_ids[:, None, :] <= q_ids[:, :, None]  # [B, Nq, Nk]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None], logits * sm_scale, _MASKED)
+  logits_max = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - logits_max)
+  weights = jnp.where(mask[:, None], weights, 0.0)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.maximum(denom, 1e-30)  # empty rows: all-zero weights -> zeros
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)

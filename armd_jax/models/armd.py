@@ -1,0 +1,165 @@
+"""The ARMD network: prefix aggregation, a two-stream lower half, a causal upper half.
+
+Spec: `shared/docs/ARMD_SPEC.md` section 2. Inputs stay in text order; block ids decide
+who sees whom, so a single forward pass yields `log p(x_n | tokens of earlier blocks)`
+for every n at once.
+
+Conventions (ours, where the paper is silent):
+- A start token (BOS) with block id 0 is prepended inside the module: a learned
+  embedding `bos_embedding`, a learned PE row `bos_pe`, and RoPE position 0, while
+  real tokens use RoPE position `positions + 1`. It is visible to everything and never
+  a target, so the first block has a non-empty context.
+- Prefix aggregation is normalised by the number of visible tokens (BOS included,
+  so never zero): `G0[n] = LN(sum_{i: b_i < b_n} <PE[p_n], PE[p_i]> X0[i] / count_n)`.
+  This is a mean, so activations stay bounded at any length, and it is permutation
+  equivariant. `query_init='prefix_plus_position'` adds `Dense(PE[p_n])` after the
+  LayerNorm (the spec section 8 variant that narrowed the gap to a GPT).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from armd_jax.models.config import ModelConfig
+from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
+
+
+class ARMD(nn.Module):
+  """Auto-Regressive Masked Diffusion transformer.
+
+  `model.apply(params, tokens, block_ids, positions=None, deterministic=True)` returns
+  float32 logits [B, N, vocab]; `logits[b, n]` is the distribution of `tokens[b, n]`
+  given exactly the tokens whose block id is smaller than `block_ids[b, n]`.
+  Pass `rngs={'dropout': key}` with `deterministic=False` for dropout.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")), name="embedding")
+    self.bos_embedding = self.param(
+        "bos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+        (cfg.d_model,))
+    self.pe = self.param("pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            (None, "pe")), (cfg.max_len, cfg.d_pe))
+    self.bos_pe = self.param("bos_pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                    ("pe",)), (cfg.d_pe,))
+    self.query_norm = layer_norm(cfg)
+    if cfg.query_init == "prefix_plus_position":
+      self.position_proj = nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.compute_dtype,
+                                    kernel_init=dense_init("pe", "embed"))
+    self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = layer_norm(cfg)
+    if not cfg.tie_embeddings:
+      self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                           kernel_init=dense_init("embed", "vocab"))
+
+  # -- pieces (also used by the KV-cached sampler) ------------------------------------
+
+  def embed(self, tokens: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Token embeddings X0 [B, N, D] and PE rows [B, N, d_pe] of tokens at positions."""
+    x0 = self.embedding(tokens)
+    pe = jnp.take(self.pe, positions, axis=0).astype(self.config.compute_dtype)
+    return x0, pe
+
+  def bos(self, batch: int) -> Tuple[jax.Array, jax.Array]:
+    """BOS embedding [B, 1, D] and PE row [B, 1, d_pe]."""
+    dtype = self.config.compute_dtype
+    x0 = jnp.broadcast_to(self.bos_embedding.astype(dtype), (batch, 1, self.config.d_model))
+    pe = jnp.broadcast_to(self.bos_pe.astype(dtype), (batch, 1, self.config.d_pe))
+    return x0, pe
+
+  def query_stream_init(self, aggregate: jax.Array, count: jax.Array,
+                        q_pe: jax.Array) -> jax.Array:
+    """G0 [B, Nq, D] from a prefix sum `aggregate` [B, Nq, D] over `count` [B, Nq] tokens.
+
+    `aggregate[n] = sum_{visible i} <q_pe[n], PE_i> X0_i`; count >= 1 (BOS).
+    """
+    mean = aggregate / jnp.maximum(count, 1).astype(aggregate.dtype)[..., None]
+    g0 = self.query_norm(mean)
+    if self.config.query_init == "prefix_plus_position":
+      g0 = g0 + self.position_proj(q_pe)
+    return g0
+
+  def logits(self, g: jax.Array) -> jax.Array:
+    """Float32 logits [B, N, vocab] from final query-stream states g [B, N, D]."""
+    h = self.final_norm(g)
+    if self.config.tie_embeddings:
+      table = self.embedding.embedding.astype(h.dtype)  # [V, D]
+      logits = jnp.einsum("bnd,vd->bnv", h, table, preferred_element_type=jnp.float32)
+    else:
+      logits = self.head(h)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ("activation_batch", "activation_length", "vocab"))
+
+  # -- one-pass forward --------------------------------------------------------------
+
+  def __call__(self, tokens: jax.Array, block_ids: jax.Array,
+               positions: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    tokens, block_ids, positions = check_inputs(cfg, tokens, block_ids, positions)
+    batch, length = tokens.shape
+
+    x0, pe = self.embed(tokens, positions)  # [B, N, D], [B, N, P]
+    bos_x0, bos_pe = self.bos(batch)
+    x = jnp.concatenate([bos_x0, x0], axis=1)  # content stream [B, N+1, D]
+    ctx_pe = jnp.concatenate([bos_pe, pe], axis=1)  # [B, N+1, P]
+    ctx_ids = jnp.concatenate([jnp.zeros((batch, 1), block_ids.dtype), block_ids], axis=1)
+    rope = positions + 1  # RoPE positions of real tokens; BOS sits at 0
+    ctx_rope = jnp.concatenate([jnp.zeros((batch, 1), rope.dtype), rope], axis=1)
+
+    # Prefix aggregation: linear attention of the targets' PE over strictly earlier blocks.
+    visible = ctx_ids[:, None, :] < block_ids[:, :, None]  # [B, N, N+1]
+    weights = jnp.einsum("bnp,bip->bni", pe, ctx_pe, preferred_element_type=jnp.float32)
+    weights = jnp.where(visible, weights, 0.0).astype(x.dtype)
+    aggregate = jnp.einsum("bni,bid->bnd", weights, x, preferred_element_type=jnp.float32)
+    g = self.query_stream_init(aggregate.astype(x.dtype), visible.sum(-1), pe)  # [B, N, D]
+    g = nn.with_logical_constraint(g, ACTIVATION)
+    x = nn.with_logical_constraint(x, ACTIVATION)
+
+    # Two-stream lower half: content rows (ids b) and query rows (ids b - 1) in one call,
+    # keys and values from the content rows only, weights shared.
+    both_ids = jnp.concatenate([ctx_ids, block_ids - 1], axis=1)  # [B, 2N+1]
+    both_rope = jnp.concatenate([ctx_rope, rope], axis=1)
+    for layer in self.layers[:cfg.num_two_stream_layers]:
+      both = layer(jnp.concatenate([x, g], axis=1), both_rope, both_ids, kv_len=length + 1,
+                   deterministic=deterministic)
+      x, g = both[:, :length + 1], both[:, length + 1:]
+
+    # Causal upper half on the query stream alone (inclusive mask stays strictly causal).
+    for layer in self.layers[cfg.num_two_stream_layers:]:
+      g = layer(g, rope, block_ids, deterministic=deterministic)
+    return self.logits(g)
+
+
+def check_inputs(config: ModelConfig, tokens: jax.Array, block_ids: jax.Array,
+                 positions: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates static shapes and dtypes; fills default positions arange(N)."""
+  tokens = jnp.asarray(tokens)
+  block_ids = jnp.asarray(block_ids)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}.")
+  if block_ids.shape != tokens.shape:
+    raise ValueError(f"block_ids shape {block_ids.shape} must equal tokens shape {tokens.shape}.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer) or not jnp.issubdtype(block_ids.dtype,
+                                                                          jnp.integer):
+    raise ValueError(f"tokens and block_ids must be integer arrays, got {tokens.dtype} and "
+                     f"{block_ids.dtype}.")
+  if positions is None:
+    if tokens.shape[1] > config.max_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_len="
+                       f"{config.max_len}.")
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  positions = jnp.asarray(positions)
+  if positions.shape != tokens.shape or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"positions must be an integer array of shape {tokens.shape}, got "
+                     f"{positions.dtype}{list(positions.shape)}.")
+  return tokens.astype(jnp.int32), block_ids.astype(jnp.int32), positions.astype(jnp.int32)

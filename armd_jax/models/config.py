@@ -1,0 +1,106 @@
+"""Typed model configuration shared by ARMD and the baselines built from its blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("xla",)
+QUERY_INITS = ("prefix", "prefix_plus_position")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+  """Returns a jnp dtype for a dtype object or one of 'float32', 'bfloat16', 'float16'."""
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"ModelConfig.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of the ARMD network (spec section 2).
+
+  Attributes:
+    vocab_size: number of token ids the model reads and predicts.
+    d_model: width of the residual stream.
+    num_layers: total transformer layers L.
+    num_two_stream_layers: layers in the two-stream lower half; None means L // 2.
+    num_heads: attention heads; must divide d_model.
+    mlp_dim: hidden width of each MLP.
+    max_len: largest original position + 1 (size of the learned PE table).
+    dropout_rate: residual dropout on attention and MLP outputs (training only).
+    dtype: compute dtype ('float32' / 'bfloat16' or a jnp dtype); params stay float32
+      and logits are returned in float32.
+    attention: 'xla' (reference, materialises the id mask) or 'pallas' (kernel).
+    d_pe: width of the prefix-aggregation position table.
+    query_init: how the query stream starts. 'prefix' is the spec's prefix aggregation
+      (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
+      learned projection of the target position's PE row (spec section 8 ablation).
+    tie_embeddings: share the token embedding with the output projection.
+    rope_base: RoPE wavelength base.
+    layer_norm_epsilon: epsilon of every LayerNorm.
+  """
+
+  vocab_size: int
+  d_model: int = 256
+  num_layers: int = 4
+  num_two_stream_layers: Optional[int] = None
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  max_len: int = 1024
+  dropout_rate: float = 0.0
+  dtype: Any = "float32"
+  attention: str = "xla"
+  d_pe: int = 64
+  query_init: str = "prefix_plus_position"
+  tie_embeddings: bool = True
+  rope_base: float = 10_000.0
+  layer_norm_epsilon: float = 1e-6
+
+  def __post_init__(self):
+    if self.num_two_stream_layers is None:
+      object.__setattr__(self, "num_two_stream_layers", self.num_layers // 2)
+    _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
+              "max_len", "d_pe")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide "
+                       f"ModelConfig.d_model={self.d_model}.")
+    if (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"ModelConfig.d_model / num_heads = {self.d_model // self.num_heads} "
+                       "must be even for RoPE.")
+    if not 0 <= self.num_two_stream_layers <= self.num_layers:
+      raise ValueError(f"ModelConfig.num_two_stream_layers={self.num_two_stream_layers} must "
+                       f"be in [0, num_layers={self.num_layers}].")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                       f"got {self.attention!r}.")
+    if self.query_init not in QUERY_INITS:
+      raise ValueError(f"ModelConfig.query_init must be one of {QUERY_INITS}, "
+                       f"got {self.query_init!r}.")
+    resolve_dtype(self.dtype)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return resolve_dtype(self.dtype)
+
+  def replace(self, **changes) -> "ModelConfig":
+    """Returns a validated copy with some fields changed."""
+    return dataclasses.replace(self, **changes)
+
+
+def _positive(config: ModelConfig, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}.")

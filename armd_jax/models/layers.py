@@ -1,0 +1,154 @@
+"""Transformer building blocks shared by ARMD and the baselines.
+
+Every attention here is masked by block ids (`kv_id <= q_id`), so one `Block` serves
+the content stream, the query stream (ids lowered by one), the causal upper half, a
+plain causal GPT (ids = positions) and a bidirectional denoiser (all ids equal).
+
+Logical axis names (for sharding rules, see `armd_jax.train.partitioning`):
+params: 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pe'; activations:
+'activation_batch', 'activation_length', 'activation_embed', 'activation_heads',
+'activation_kv', 'activation_mlp'.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from armd_jax import kernels
+from armd_jax.models.config import ModelConfig
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+HEADS_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
+def dense_init(*axes: str):
+  """Xavier-uniform kernel init annotated with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm in the compute dtype with float32, 'embed'-sharded scale and bias."""
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding driven by (original) integer positions.
+
+  Args:
+    x: [B, N, H, D] with D even.
+    positions: [B, N] int positions; relative offsets are all that matter.
+    base: wavelength base.
+
+  Returns:
+    [B, N, H, D], same dtype as x (rotation computed in float32).
+  """
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, N, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with RoPE and a block-id mask; K/V may come from other rows."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
+        kernel_init=dense_init("embed", "heads", "kv"), name=name)
+    self.query, self.key, self.value = proj("query"), proj("key"), proj("value")
+    self.out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
+                               dtype=cfg.compute_dtype,
+                               kernel_init=dense_init("heads", "kv", "embed"), name="out")
+
+  def keys_values(self, h: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Rotated keys and values [B, Nk, H, Dh] of normalised inputs h [B, Nk, D]."""
+    k = apply_rope(self.key(h), positions, self.config.rope_base)
+    v = self.value(h)
+    return (nn.with_logical_constraint(k, HEADS_ACTIVATION),
+            nn.with_logical_constraint(v, HEADS_ACTIVATION))
+
+  def attend(self, h: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
+             v: jax.Array, kv_ids: jax.Array) -> jax.Array:
+    """Queries from h [B, Nq, D] at `positions`, `ids` attend to k, v with `kv_ids`.
+
+    Returns [B, Nq, D].
+    """
+    q = apply_rope(self.query(h), positions, self.config.rope_base)  # [B, Nq, H, Dh]
+    q = nn.with_logical_constraint(q, HEADS_ACTIVATION)
+    y = kernels.block_causal_attention(q, k, v, ids, kv_ids,
+                                       implementation=self.config.attention)
+    return self.out(y)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, kernel_init=dense_init("embed", "mlp"),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                 name="wi")(x)
+    h = nn.with_logical_constraint(nn.gelu(h), ("activation_batch", "activation_length",
+                                                "activation_mlp"))
+    return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, kernel_init=dense_init("mlp", "embed"),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                    name="wo")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer layer whose attention is masked by block ids.
+
+  `__call__` runs the layer on x [B, Nq, D] with keys/values taken from its first
+  `kv_len` rows; that is how the two ARMD streams share one call and one set of weights.
+  `keys_values` and `attend` expose the two halves for KV-cached decoding.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    self.ln_attn = layer_norm(self.config)
+    self.attn = Attention(self.config)
+    self.ln_mlp = layer_norm(self.config)
+    self.mlp = Mlp(self.config)
+    self.dropout = nn.Dropout(self.config.dropout_rate)
+
+  def keys_values(self, x: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Keys and values [B, Nk, H, Dh] that rows x [B, Nk, D] contribute."""
+    return self.attn.keys_values(self.ln_attn(x), positions)
+
+  def attend(self, x: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
+             v: jax.Array, kv_ids: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Updates query rows x [B, Nq, D] attending to given k, v [B, Nk, H, Dh]."""
+    return self._finish(x, self.attn.attend(self.ln_attn(x), positions, ids, k, v, kv_ids),
+                        deterministic)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, ids: jax.Array,
+               kv_len: int | None = None, deterministic: bool = True) -> jax.Array:
+    """x [B, Nq, D], positions/ids [B, Nq]; K/V from rows [:kv_len]. Returns [B, Nq, D]."""
+    kv_len = x.shape[1] if kv_len is None else kv_len
+    h = self.ln_attn(x)
+    k, v = self.attn.keys_values(h[:, :kv_len], positions[:, :kv_len])
+    y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len])
+    return self._finish(x, y, deterministic)
+
+  def _finish(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
+    x = x + self.dropout(y, deterministic=deterministic)
+    x = x + self.dropout(self.mlp(self.ln_mlp(x)), deterministic=deterministic)
+    return nn.with_logical_constraint(x, ACTIVATION)

@@ -1,0 +1,163 @@
+"""Generation orders: pure, jit-able generators of block ids [B, N].
+
+A block id is the reverse-diffusion step at which a token is revealed: 1 = first, a
+block = the set of positions sharing an id, ids dense from 1 (spec section 3). The model
+only compares ids, so any integer labelling works there; dense ids are what the cached
+sampler and the metrics assume, and every generator here returns them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+IntLike = Union[int, jax.Array]
+
+
+def left_to_right(batch: int, length: int) -> jax.Array:
+  """b(n) = n + 1: singleton blocks in text order (an autoregressive LM). [B, N] int32."""
+  _check_sizes(batch, length)
+  return jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+
+
+def progressive_permutation(rng: jax.Array, batch: int, length: int,
+                            num_shuffled: IntLike) -> jax.Array:
+  """Left-to-right with `num_shuffled` random tokens' slots shuffled among themselves.
+
+  Per row, k = `num_shuffled` positions are chosen uniformly at random and the
+  generation-order slots they occupy are randomly permuted among them; the other
+  tokens keep their left-to-right slot. k <= 1 is left-to-right; k = N is a uniform
+  random order. k may be traced (e.g. `num_shuffled_schedule(step, ...)` inside jit).
+
+  Returns:
+    [B, N] int32 singleton block ids, a permutation of 1..N per row.
+  """
+  _check_sizes(batch, length)
+  k = jnp.clip(jnp.asarray(num_shuffled, jnp.int32), 0, length)
+  choose_key, shuffle_key = jax.random.split(rng)
+  slot = jnp.arange(length, dtype=jnp.int32)
+
+  def one_row(choose_key, shuffle_key):
+    # Rank of a uniform draw picks k positions uniformly without replacement.
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(choose_key, (length,))))
+    chosen = rank < k
+    # Chosen positions in a random order, then the rest (ascending).
+    by_random = jnp.argsort(jnp.where(chosen, jax.random.uniform(shuffle_key, (length,)), 2.0),
+                            stable=True)
+    # Chosen positions in ascending order = the slots they jointly occupy.
+    by_slot = jnp.argsort(jnp.where(chosen, slot, slot + length), stable=True)
+    new_slot = jnp.where(slot < k, by_slot, by_random)
+    return jnp.zeros_like(slot).at[by_random].set(new_slot) + 1
+
+  return jax.vmap(one_row)(jax.random.split(choose_key, batch),
+                           jax.random.split(shuffle_key, batch))
+
+
+def num_shuffled_schedule(step: IntLike, i_ar: int, i_perm: int, rho: int) -> jax.Array:
+  """Progressive-permutation k(step): 0 before i_ar, linear 1 -> rho on [i_ar, i_perm], rho after.
+
+  Paper settings: OWT (9_000, 48_000, 32); LM1B (100_000, 300_000, 8).
+  """
+  if not 0 <= i_ar <= i_perm or rho < 1:
+    raise ValueError(f"num_shuffled_schedule needs 0 <= i_ar <= i_perm and rho >= 1, got "
+                     f"i_ar={i_ar}, i_perm={i_perm}, rho={rho}.")
+  step = jnp.asarray(step, jnp.float32)
+  frac = jnp.clip((step - i_ar) / max(i_perm - i_ar, 1), 0.0, 1.0)
+  ramp = jnp.floor(1.0 + frac * (rho - 1) + 1e-6)
+  return jnp.where(step < i_ar, 0, ramp).astype(jnp.int32)
+
+
+def strided(batch: int, length: int, streams: int) -> jax.Array:
+  """Strided block permutation (SBP) with S = `streams` contiguous streams of N/S tokens.
+
+  Stream s covers positions [s*N/S, (s+1)*N/S). The S stream heads come first, one per
+  block (ids 1..S); then block S + j holds the j-th token of every stream (tokens N/S
+  apart). N/S + S - 1 blocks in all; S = 1 is left-to-right. N must be divisible by S.
+  """
+  _check_sizes(batch, length)
+  if not isinstance(streams, (int, np.integer)) or streams < 1:
+    raise ValueError(f"strided: streams must be a positive int, got {streams!r}.")
+  if length % streams:
+    raise ValueError(f"strided: length {length} is not divisible by streams={streams}; "
+                     "pad or trim the sequence to a multiple of the number of streams.")
+  stride = length // streams
+  n = np.arange(length)
+  stream, offset = n // stride, n % stride
+  ids = np.where(offset == 0, stream + 1, streams + offset)
+  return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch, length))
+
+
+def masking_times(rng: jax.Array, shape, schedule: str) -> jax.Array:
+  """Continuous masking times tau in (0, 1] with P(tau > t) = alpha(t).
+
+  linear: alpha(t) = 1 - t; cosine: alpha(t) = cos(pi t / 2).
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+  u = jax.random.uniform(rng, shape, minval=1e-6, maxval=1.0)
+  if schedule == "linear":
+    return u
+  return jnp.arccos(1.0 - u) * (2.0 / math.pi)
+
+
+def masked_diffusion(rng: jax.Array, batch: int, length: int, num_steps: int,
+                     schedule: str = "linear") -> jax.Array:
+  """Blocks of a T-step masked-diffusion trajectory (multi-token blocks).
+
+  Each token draws a masking time tau ~ alpha (see `masking_times`), discretised to
+  step ceil(tau * T); its block id is the reverse (reveal) step T - step + 1, then ids
+  are made dense from 1 (empty steps are dropped).
+
+  Returns:
+    [B, N] int32 dense block ids.
+  """
+  _check_sizes(batch, length)
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"masked_diffusion: num_steps must be a positive int, got {num_steps!r}.")
+  tau = masking_times(rng, (batch, length), schedule)
+  step = jnp.clip(jnp.ceil(tau * num_steps), 1, num_steps).astype(jnp.int32)
+  return dense_block_ids(num_steps - step + 1)
+
+
+def dense_block_ids(block_ids: jax.Array) -> jax.Array:
+  """Relabels each row's ids to 1..K keeping their order (ties stay ties). [B, N] int32."""
+
+  def one_row(ids):
+    order = jnp.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    is_new = jnp.concatenate([jnp.ones((1,), jnp.int32),
+                              (sorted_ids[1:] != sorted_ids[:-1]).astype(jnp.int32)])
+    return jnp.zeros_like(ids).at[order].set(jnp.cumsum(is_new))
+
+  return jax.vmap(one_row)(jnp.asarray(block_ids, jnp.int32))
+
+
+def padding_last(block_ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """Moves padding (mask == 0) into one block after every real token, so no real
+  token ever conditions on padding. [B, N] int32."""
+  block_ids = jnp.asarray(block_ids, jnp.int32)
+  last = jnp.max(jnp.where(mask, block_ids, 0), axis=-1, keepdims=True)
+  return jnp.where(mask, block_ids, last + 1)
+
+
+def check_block_ids(block_ids) -> None:
+  """Raises ValueError unless every row holds dense ids 1..K (host-side check)."""
+  ids = np.asarray(block_ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"block ids must be an integer [batch, length] array, got "
+                     f"{ids.dtype}{list(ids.shape)}.")
+  for row, r in enumerate(ids):
+    uniq = np.unique(r)
+    if uniq[0] != 1 or not np.array_equal(uniq, np.arange(1, len(uniq) + 1)):
+      raise ValueError(f"block ids of row {row} are not dense from 1: distinct values "
+                       f"{uniq[:8].tolist()}{'...' if len(uniq) > 8 else ''}.")
+
+
+def _check_sizes(batch: int, length: int) -> None:
+  if batch < 1 or length < 1:
+    raise ValueError(f"batch and length must be positive, got batch={batch}, length={length}.")

@@ -1,0 +1,40 @@
+"""armd-jax: Auto-Regressive Masked Diffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.89",
+    "ml-collections>=1.0",
+    "absl-py>=2.0",
+    "clu>=0.0.12",
+    "grain>=0.2.10",
+    "numpy>=1.26",
+]
+DATA = [  # imported lazily by armd_jax.data only
+    "seqio>=0.0.19",
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9",
+    "sentencepiece>=0.2",
+]
+
+setup(
+    name="armd-jax",
+    version="0.1.0",
+    description="Auto-Regressive Masked Diffusion (ARMD) language models in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["armd_jax", "armd_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "hf": ["datasets>=2.18", "transformers>=4.40"],  # OpenWebText / HF tokenizers
+        "plot": ["matplotlib>=3.8"],
+        "test": DATA + ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+        "tpu": ["jax[tpu]"],
+    },
+)

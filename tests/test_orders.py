@@ -1,0 +1,119 @@
+"""Every order generator returns a valid block assignment of the stated shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from armd_jax import orders
+
+B, N = 3, 24
+
+
+def assert_valid(ids, batch=B, length=N):
+  assert ids.shape == (batch, length) and ids.dtype == jnp.int32
+  orders.check_block_ids(ids)
+
+
+def test_left_to_right_is_one_token_per_block_in_text_order():
+  ids = orders.left_to_right(B, N)
+  assert_valid(ids)
+  np.testing.assert_array_equal(ids[1], np.arange(1, N + 1))
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 7, N])
+def test_progressive_permutation_moves_at_most_k_tokens_and_stays_a_permutation(k):
+  ids = orders.progressive_permutation(jax.random.PRNGKey(k), B, N, k)
+  assert_valid(ids)
+  for row in np.asarray(ids):
+    np.testing.assert_array_equal(np.sort(row), np.arange(1, N + 1))
+    assert (row != np.arange(1, N + 1)).sum() <= k
+
+
+def test_progressive_permutation_with_all_tokens_shuffled_is_a_uniform_random_order():
+  ids = jax.jit(orders.progressive_permutation, static_argnums=(1, 2))(
+      jax.random.PRNGKey(0), 4000, 3, 3)
+  counts = np.unique(np.asarray(ids), axis=0, return_counts=True)[1]
+  assert len(counts) == 6 and counts.min() > 4000 / 6 * 0.85
+
+
+def test_progressive_permutation_accepts_a_traced_k_inside_jit():
+  fn = jax.jit(lambda rng, k: orders.progressive_permutation(rng, B, N, k))
+  ids = fn(jax.random.PRNGKey(1), jnp.int32(5))
+  assert_valid(ids)
+  assert int((np.asarray(ids) != np.arange(1, N + 1)).sum()) > 0
+
+
+def test_num_shuffled_is_zero_before_i_ar_then_ramps_linearly_to_rho():
+  k = lambda s: int(orders.num_shuffled_schedule(s, i_ar=100, i_perm=200, rho=11))  # noqa: E731
+  assert [k(0), k(99), k(100), k(150), k(200), k(10_000)] == [0, 0, 1, 6, 11, 11]
+  with pytest.raises(ValueError, match="i_ar <= i_perm"):
+    orders.num_shuffled_schedule(0, 10, 5, 4)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4, 8])
+def test_strided_puts_heads_first_then_tokens_n_over_s_apart(streams):
+  ids = np.asarray(orders.strided(B, N, streams))
+  assert_valid(jnp.asarray(ids))
+  stride = N // streams
+  row = ids[0]
+  assert row.max() == N // streams + streams - 1
+  for s in range(streams):
+    assert row[s * stride] == s + 1  # heads one per block, in stream order
+  for block in range(streams + 1, row.max() + 1):
+    members = np.flatnonzero(row == block)
+    assert len(members) == streams and np.all(np.diff(members) == stride)
+
+
+def test_strided_rejects_a_length_not_divisible_by_streams():
+  with pytest.raises(ValueError, match="not divisible"):
+    orders.strided(1, 10, 4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_masked_diffusion_gives_dense_multi_token_blocks_at_most_t(schedule):
+  ids = orders.masked_diffusion(jax.random.PRNGKey(2), B, N, num_steps=5, schedule=schedule)
+  assert_valid(ids)
+  assert int(ids.max()) <= 5 and len(np.unique(ids[0])) < N
+
+
+def test_masked_diffusion_with_many_steps_tends_to_singleton_blocks():
+  ids = orders.masked_diffusion(jax.random.PRNGKey(3), 1, 16, num_steps=100_000)
+  np.testing.assert_array_equal(np.sort(np.asarray(ids[0])), np.arange(1, 17))
+
+
+def test_cosine_schedule_reveals_more_tokens_early_than_linear():
+  # alpha_cos(t) >= alpha_lin(t): tokens are masked later, so revealed earlier.
+  lin = orders.masking_times(jax.random.PRNGKey(0), (20000,), "linear")
+  cos = orders.masking_times(jax.random.PRNGKey(0), (20000,), "cosine")
+  assert float(cos.mean()) > float(lin.mean()) + 0.05
+  np.testing.assert_allclose(float((lin > 0.5).mean()), 0.5, atol=0.02)
+  np.testing.assert_allclose(float((cos > 0.5).mean()), np.cos(np.pi / 4), atol=0.02)
+
+
+def test_bad_arguments_are_rejected_clearly():
+  with pytest.raises(ValueError, match="schedule"):
+    orders.masked_diffusion(jax.random.PRNGKey(0), 1, 4, 2, schedule="square")
+  with pytest.raises(ValueError, match="num_steps"):
+    orders.masked_diffusion(jax.random.PRNGKey(0), 1, 4, 0)
+  with pytest.raises(ValueError, match="streams"):
+    orders.strided(1, 4, 0)
+  with pytest.raises(ValueError, match="positive"):
+    orders.left_to_right(0, 4)
+
+
+def test_dense_block_ids_keeps_order_and_ties():
+  ids = orders.dense_block_ids(jnp.array([[7, 3, 7, 10, 3]]))
+  np.testing.assert_array_equal(ids, [[2, 1, 2, 3, 1]])
+
+
+def test_check_block_ids_rejects_gaps():
+  with pytest.raises(ValueError, match="not dense"):
+    orders.check_block_ids(np.array([[1, 3, 3]]))
+
+
+def test_padding_last_puts_padding_after_every_real_token():
+  ids = orders.padding_last(jnp.array([[3, 1, 2, 4]]), jnp.array([[1, 1, 1, 0]]))
+  np.testing.assert_array_equal(ids, [[3, 1, 2, 4]])
+  ids = orders.padding_last(jnp.array([[4, 1, 2, 3]]), jnp.array([[0, 1, 1, 0]]))
+  np.testing.assert_array_equal(ids, [[3, 1, 2, 3]])
