@@ -6,8 +6,8 @@ never imports TensorFlow or seqio; only `armd_jax.data` does, lazily.
 """
 
 from armd_jax import kernels, losses, orders
-from armd_jax.models import ARMD, ModelConfig
+from armd_jax.models import ARMD, ModelConfig, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ARMD", "ModelConfig", "kernels", "losses", "orders", "__version__"]
+__all__ = ["ARMD", "ModelConfig", "build_model", "kernels", "losses", "orders", "__version__"]

@@ -19,6 +19,7 @@ def test_two_stream_layers_default_to_half_the_depth():
     (dict(query_init="zeros"), "query_init"),
     (dict(dtype="int8"), "dtype"),
     (dict(max_len=-1), "max_len"),
+    (dict(kind="gpt"), "kind"),
 ])
 def test_bad_values_raise_value_errors_naming_the_field(fields, name):
   base = dict(vocab_size=10, d_model=32, num_heads=4)

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+MODEL_KINDS = ("armd",)
 ATTENTION_IMPLEMENTATIONS = ("xla",)
 QUERY_INITS = ("prefix", "prefix_plus_position")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,6 +27,7 @@ class ModelConfig:
   """Hyperparameters of the ARMD network (spec section 2).
 
   Attributes:
+    kind: which network of the family `build_model` makes ('armd').
     vocab_size: number of token ids the model reads and predicts.
     d_model: width of the residual stream.
     num_layers: total transformer layers L.
@@ -47,6 +49,7 @@ class ModelConfig:
   """
 
   vocab_size: int
+  kind: str = "armd"
   d_model: int = 256
   num_layers: int = 4
   num_two_stream_layers: Optional[int] = None
@@ -78,6 +81,8 @@ class ModelConfig:
                        f"be in [0, num_layers={self.num_layers}].")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
+    if self.kind not in MODEL_KINDS:
+      raise ValueError(f"ModelConfig.kind must be one of {MODEL_KINDS}, got {self.kind!r}.")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")
