@@ -68,7 +68,9 @@ def test_nll_approaches_the_entropy_of_a_random_markov_chain():
   valid, _ = markov_corpus(transition, 2048, seed=2)
   nll = train_left_to_right(train, valid, steps=400).mean()
   target = expected_nll_per_token(transition, stationary)
-  assert target < nll < target + 0.04, (nll, target)
+  # 32768 validation tokens: the empirical mean is within ~0.01 nats of the true entropy,
+  # so a model at the entropy lands in (target - 0.02, target + 0.04).
+  assert target - 0.02 < nll < target + 0.04, (nll, target)
 
 
 @pytest.mark.slow
