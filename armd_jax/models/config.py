@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-MODEL_KINDS = ("armd",)
+MODEL_KINDS = ("armd", "ar", "mdlm")
 ATTENTION_IMPLEMENTATIONS = ("xla",)
 QUERY_INITS = ("prefix", "prefix_plus_position")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -27,7 +27,10 @@ class ModelConfig:
   """Hyperparameters of the ARMD network (spec section 2).
 
   Attributes:
-    kind: which network of the family `build_model` makes ('armd').
+    kind: which network of the family `build_model` makes: 'armd', 'ar' (causal GPT
+      baseline) or 'mdlm' (masked-diffusion baseline; reads one extra [MASK] token id
+      = vocab_size). The baselines ignore the ARMD-only fields (num_two_stream_layers,
+      d_pe, query_init).
     vocab_size: number of token ids the model reads and predicts.
     d_model: width of the residual stream.
     num_layers: total transformer layers L.

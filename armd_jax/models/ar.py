@@ -1,0 +1,109 @@
+"""The autoregressive baseline: a plain causal GPT built from ARMD's own `Block`.
+
+A GPT with a start token is exactly "a content stream over [BOS, x_0 .. x_{N-2}] with
+block ids = positions": row j holds BOS (j = 0) or x_{j-1}, has id j and RoPE position j,
+and sees rows 0..j through the same `kv_id <= q_id` attention mask the ARMD layers use.
+Its output at row n predicts `tokens[n]`, the same convention as `ARMD` (logits[n] is
+the distribution of tokens[n] itself), so losses, metrics and evaluation code are shared.
+This equals ARMD with left-to-right singleton blocks in meaning (both give the exact
+left-to-right likelihood) but not in weights; see `tests/test_baselines.py` for a
+checkpoint on which the two are the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from armd_jax.models.config import ModelConfig
+from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
+
+
+def token_embedding(config: ModelConfig, num_embeddings: int) -> nn.Embed:
+  """The token table [num_embeddings, D] with ('vocab', 'embed') logical axes."""
+  return nn.Embed(num_embeddings, config.d_model, dtype=config.compute_dtype,
+                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                              ("vocab", "embed")),
+                  name="embedding")
+
+
+def vocab_logits(config: ModelConfig, h: jax.Array, embedding: nn.Embed,
+                 head: nn.Module | None) -> jax.Array:
+  """Float32 logits [B, N, vocab_size] from normalised states h [B, N, D].
+
+  With tied embeddings the first `vocab_size` rows of the table are the output
+  projection (MDLM's extra [MASK] row is an input only, never an output).
+  """
+  if config.tie_embeddings:
+    table = embedding.embedding[:config.vocab_size].astype(h.dtype)  # [V, D]
+    logits = jnp.einsum("bnd,vd->bnv", h, table, preferred_element_type=jnp.float32)
+  else:
+    logits = head(h)
+  return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                    ("activation_batch", "activation_length", "vocab"))
+
+
+def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
+  """Validates a [batch, length] integer token array against the config; int32."""
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer [batch, length] array, got "
+                     f"{tokens.dtype}{list(tokens.shape)}.")
+  if tokens.shape[1] > config.max_len:
+    raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_len="
+                     f"{config.max_len}.")
+  return tokens.astype(jnp.int32)
+
+
+class AR(nn.Module):
+  """Causal transformer LM (next-token prediction) from the shared blocks.
+
+  `model.apply(params, tokens, deterministic=True)` returns float32 logits
+  [B, N, vocab]; `logits[b, n]` is the distribution of `tokens[b, n]` given
+  `tokens[b, :n]`. Right padding is harmless (no row sees a later row).
+  `embed`, `bos`, `layers` and `logits` are the pieces the KV-cached sampler reuses.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = token_embedding(cfg, cfg.vocab_size)
+    self.bos_embedding = self.param(
+        "bos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+        (cfg.d_model,))
+    self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = layer_norm(cfg)
+    self.head = None if cfg.tie_embeddings else nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+        kernel_init=dense_init("embed", "vocab"))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, N, D]."""
+    return self.embedding(tokens)
+
+  def bos(self, batch: int) -> jax.Array:
+    """Start-token embedding [B, 1, D]."""
+    return jnp.broadcast_to(self.bos_embedding.astype(self.config.compute_dtype),
+                            (batch, 1, self.config.d_model))
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Float32 logits [B, N, vocab] from last-layer states h [B, N, D]."""
+    return vocab_logits(self.config, self.final_norm(h), self.embedding, self.head)
+
+  def inputs(self, tokens: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Shifted input stream [BOS, x_0 .. x_{N-2}] [B, N, D] and its ids/positions [B, N]."""
+    batch, length = tokens.shape
+    x = jnp.concatenate([self.bos(batch), self.embed(tokens[:, :-1])], axis=1)
+    ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return nn.with_logical_constraint(x, ACTIVATION), ids
+
+  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    tokens = check_tokens(self.config, tokens)
+    x, ids = self.inputs(tokens)  # [B, N, D], [B, N]; ids double as RoPE positions
+    for layer in self.layers:
+      x = layer(x, ids, ids, deterministic=deterministic)
+    return self.logits(x)
