@@ -1,0 +1,156 @@
+"""Tokenise a corpus split once into flat numpy arrays cached on disk.
+
+Layout of one split: `tokens` (uint16 or int32, [T]) holds every document followed by
+EOS, back to back; `doc_ends` (int64, [num_docs]) the end offset of each document. The
+cache directory name is a digest of everything the tokens depend on (task, files and
+their sizes/mtimes, document split, held-out rule, vocabulary file), so a changed
+corpus or vocabulary is re-tokenised and never silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Iterable
+
+import numpy as np
+
+from armd_jax.data import sources
+from armd_jax.data.config import DataConfig
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSplit:
+  """One split as flat arrays (memory-mapped from the cache)."""
+
+  tokens: np.ndarray  # [T] every document followed by EOS
+  doc_ends: np.ndarray  # [num_docs] int64 end offset (exclusive) of each document
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.tokens.shape[0])
+
+  @property
+  def num_documents(self) -> int:
+    return int(self.doc_ends.shape[0])
+
+
+def cache_key(config: DataConfig, vocab) -> str:
+  """Digest of everything the tokenised corpus depends on."""
+  fields = {
+      "format": FORMAT_VERSION,
+      "task": config.task,
+      "document_split": config.document_split,
+      "eval_fraction": config.eval_fraction,
+      "max_train_documents": config.max_train_documents,
+      "max_eval_documents": config.max_eval_documents,
+      "vocab": vocab.fingerprint,
+  }
+  if config.task == "text_files":
+    fields["train_files"] = _file_stamps(sources.resolve_files(config.train_files))
+    if config.eval_files:
+      fields["eval_files"] = _file_stamps(sources.resolve_files(config.eval_files, "eval_files"))
+  elif config.task == "synthetic":
+    fields["synthetic"] = [config.synthetic_num_documents, config.synthetic_seed]
+  elif config.task == "openwebtext":
+    fields["hf_dataset"] = config.hf_dataset
+  else:
+    fields["tfds_data_dir"] = config.tfds_data_dir
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+  return f"{config.task}-{digest}"
+
+
+def _file_stamps(files):
+  return [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+
+
+def tokenize_documents(docs: Iterable[str], vocab, *, log_every_s: float = 30.0,
+                       name: str = "") -> TokenizedSplit:
+  """Encodes every document and appends EOS; prints progress on long corpora."""
+  dtype = np.uint16 if vocab.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+  chunks, ends, total, count = [], [], 0, 0
+  start = last_log = time.time()
+  batch_encode = getattr(vocab, "encode_batch", None)
+  pending = []
+
+  def flush():
+    nonlocal total, count
+    encoded = batch_encode(pending) if batch_encode else [vocab.encode(d) for d in pending]
+    for ids in encoded:
+      arr = np.empty(len(ids) + 1, dtype)
+      arr[:-1] = ids
+      arr[-1] = vocab.eos_id
+      chunks.append(arr)
+      total += arr.shape[0]
+      ends.append(total)
+    count += len(pending)
+    pending.clear()
+
+  for doc in docs:
+    pending.append(doc)
+    if len(pending) >= 1024:
+      flush()
+      if time.time() - last_log > log_every_s:
+        last_log = time.time()
+        rate = total / max(last_log - start, 1e-9)
+        print(f"[armd_jax.data] tokenising {name}: {count} documents, {total} tokens "
+              f"({rate:,.0f} tokens/s)", flush=True)
+  if pending:
+    flush()
+  tokens = np.concatenate(chunks) if chunks else np.zeros([0], dtype)
+  return TokenizedSplit(tokens=tokens, doc_ends=np.asarray(ends, np.int64))
+
+
+def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool = True,
+                  wait_s: float = 3600.0) -> dict[str, TokenizedSplit]:
+  """Returns {'train', 'eval'} TokenizedSplits, tokenising into `cache_dir` on first use.
+
+  Process 0 (`is_writer`) writes the cache atomically; other processes wait for it.
+  """
+  directory = os.path.join(cache_dir, cache_key(config, vocab))
+  done = os.path.join(directory, "meta.json")
+  if not os.path.exists(done):
+    if is_writer:
+      _build(config, vocab, directory)
+    else:
+      deadline = time.time() + wait_s
+      while not os.path.exists(done):
+        if time.time() > deadline:
+          raise TimeoutError(f"Waited {wait_s}s for the data cache {directory}.")
+        time.sleep(1.0)
+  return {split: TokenizedSplit(
+      tokens=np.load(os.path.join(directory, f"{split}_tokens.npy"), mmap_mode="r"),
+      doc_ends=np.load(os.path.join(directory, f"{split}_doc_ends.npy")))
+          for split in sources.SPLITS}
+
+
+def _build(config: DataConfig, vocab, directory: str) -> None:
+  tmp = f"{directory}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  meta = {"task": config.task, "vocab_size": vocab.vocab_size, "pad_id": vocab.pad_id,
+          "eos_id": vocab.eos_id, "vocab": vocab.fingerprint}
+  for split in sources.SPLITS:
+    start = time.time()
+    data = tokenize_documents(sources.documents(config, split), vocab,
+                              name=f"{config.task}/{split}")
+    if data.num_tokens == 0:
+      raise ValueError(f"config.data.task={config.task!r}: the {split!r} split is empty.")
+    np.save(os.path.join(tmp, f"{split}_tokens.npy"), data.tokens)
+    np.save(os.path.join(tmp, f"{split}_doc_ends.npy"), data.doc_ends)
+    meta[split] = {"documents": data.num_documents, "tokens": data.num_tokens}
+    print(f"[armd_jax.data] {config.task}/{split}: {data.num_documents} documents, "
+          f"{data.num_tokens} tokens ({time.time() - start:.1f}s)", flush=True)
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  if os.path.exists(directory):  # another writer finished first
+    shutil.rmtree(tmp)
+    return
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  os.replace(tmp, directory)

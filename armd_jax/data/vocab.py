@@ -1,0 +1,380 @@
+"""Vocabularies: byte-level, SentencePiece trained on the corpus, Hugging Face tokenizers.
+
+Every vocabulary maps text to ids in python (no TensorFlow); `as_seqio()` returns the
+matching seqio vocabulary for users of the seqio Tasks. Vocabulary files live in
+`<workdir>/vocab/` so `load_vocab` rebuilds the vocabulary without reading the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
+
+from armd_jax.data.config import DataConfig
+
+VOCAB_DIR = "vocab"
+
+
+@runtime_checkable
+class Vocabulary(Protocol):
+  """What the data pipeline, trainer and samplers need from a tokenizer."""
+
+  vocab_size: int  # number of ids; every id is in [0, vocab_size)
+  pad_id: int  # fills padded positions (whose mask is 0)
+  eos_id: int  # ends every document
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids (no EOS added)."""
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Ids -> text; pad/eos/unk and out-of-range ids are dropped."""
+
+
+class ByteVocabulary:
+  """UTF-8 bytes shifted by 3: pad = 0, eos = 1, unk = 2, byte b = b + 3 (259 ids).
+
+  The same ids as `seqio.ByteVocabulary()`.
+  """
+
+  num_special = 3
+  pad_id = 0
+  eos_id = 1
+  unk_id = 2
+  vocab_size = 256 + num_special
+  fingerprint = "byte-v1"
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> byte ids."""
+    return [b + self.num_special for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Byte ids -> text; special and out-of-range ids are dropped, bad UTF-8 replaced."""
+    data = bytes(int(i) - self.num_special for i in ids
+                 if self.num_special <= int(i) < self.vocab_size)
+    return data.decode("utf-8", errors="replace")
+
+  def as_seqio(self):
+    """The equivalent `seqio.ByteVocabulary` (imports seqio)."""
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.ByteVocabulary()
+
+  def __repr__(self):
+    return "ByteVocabulary(vocab_size=259)"
+
+
+class SentencePieceVocabulary:
+  """A SentencePiece model file; ids follow seqio: pad = 0, eos = 1, unk = 2."""
+
+  def __init__(self, model_file: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self.model_file = model_file
+    self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.pad_id = int(self._sp.pad_id())
+    self.eos_id = int(self._sp.eos_id())
+    if self.pad_id < 0 or self.eos_id < 0:
+      raise ValueError(f"SentencePiece model {model_file} must define pad and eos ids "
+                       f"(got pad={self.pad_id}, eos={self.eos_id}).")
+    self.fingerprint = "spm-" + _file_digest(model_file)
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> piece ids."""
+    return list(self._sp.encode(text))
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Many texts -> piece ids (multi-threaded in SentencePiece)."""
+    return self._sp.encode(texts)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Piece ids -> text; pad/eos/unk and out-of-range ids are dropped."""
+    special = {self.pad_id, self.eos_id, int(self._sp.unk_id())}
+    return self._sp.decode([int(i) for i in ids
+                            if 0 <= int(i) < self.vocab_size and int(i) not in special])
+
+  def as_seqio(self):
+    """The equivalent `seqio.SentencePieceVocabulary` (imports seqio)."""
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.SentencePieceVocabulary(self.model_file)
+
+  def __repr__(self):
+    return f"SentencePieceVocabulary({self.model_file!r}, vocab_size={self.vocab_size})"
+
+
+_EOS_NAMES = ("<|endoftext|>", "[SEP]", "</s>", "<eos>", "<|end_of_text|>")
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>")
+
+
+class HuggingFaceVocabulary:
+  """A Hugging Face tokenizer: a `tokenizer.json` file (via `tokenizers`) or a hub name.
+
+  eos is the first of <|endoftext|>, [SEP], </s>, <eos> that the tokenizer knows; pad is
+  [PAD]/<pad> when present, else eos (padding is marked by the batch mask anyway).
+  """
+
+  def __init__(self, name_or_path: str):
+    self.name_or_path = name_or_path
+    self._encode, self._decode, self.vocab_size, token_to_id = _load_hf(name_or_path)
+    self.eos_id = _first_known(token_to_id, _EOS_NAMES)
+    if self.eos_id is None:
+      raise ValueError(f"Hugging Face tokenizer {name_or_path!r} has none of the EOS tokens "
+                       f"{list(_EOS_NAMES)}.")
+    pad = _first_known(token_to_id, _PAD_NAMES)
+    self.pad_id = self.eos_id if pad is None else pad
+    self._special = {self.pad_id, self.eos_id}
+    if os.path.isfile(name_or_path):
+      self.fingerprint = "hf-" + _file_digest(name_or_path)
+    else:
+      self.fingerprint = "hf-" + name_or_path
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids without added special tokens."""
+    return self._encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Ids -> text; pad/eos and out-of-range ids are dropped."""
+    return self._decode([int(i) for i in ids
+                         if 0 <= int(i) < self.vocab_size and int(i) not in self._special])
+
+  def as_seqio(self):
+    """A seqio vocabulary that runs this tokenizer through `tf.numpy_function`."""
+    return _hf_seqio_vocabulary(self)
+
+  def __repr__(self):
+    return f"HuggingFaceVocabulary({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def _load_hf(name_or_path: str):
+  """Returns (encode, decode, vocab_size, token_to_id) for a tokenizer file/dir/hub name."""
+  path = name_or_path
+  if os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  if os.path.isfile(path):
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("config.data.vocab='hf' with a tokenizer.json needs the "
+                        "`tokenizers` package: pip install -e '.[hf]'.") from e
+    tok = tokenizers.Tokenizer.from_file(path)
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+    return encode, decode, int(tok.get_vocab_size(with_added_tokens=True)), tok.token_to_id
+  if os.path.sep in name_or_path or name_or_path.endswith(".json"):
+    raise FileNotFoundError(f"config.data.hf_tokenizer={name_or_path!r}: no such tokenizer "
+                            "file or directory.")
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"config.data.hf_tokenizer={name_or_path!r} is a hub name and needs "
+                      "`transformers` (pip install -e '.[hf]') and network access; or give "
+                      "a local tokenizer.json.") from e
+  tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
+  encode = lambda text: tok.encode(text, add_special_tokens=False)
+  decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+  token_to_id = lambda t: tok.get_vocab().get(t)
+  return encode, decode, int(len(tok)), token_to_id
+
+
+def _first_known(token_to_id: Callable[[str], Optional[int]], names) -> Optional[int]:
+  for name in names:
+    i = token_to_id(name)
+    if i is not None:
+      return int(i)
+  return None
+
+
+def _hf_seqio_vocabulary(vocab: HuggingFaceVocabulary):
+  """Wraps a python tokenizer as a `seqio.Vocabulary` (defined lazily: imports seqio)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  class _PythonVocabulary(seqio.Vocabulary):
+
+    def __init__(self):
+      super().__init__(extra_ids=0)
+
+    @property
+    def eos_id(self):
+      return vocab.eos_id
+
+    @property
+    def pad_id(self):
+      return vocab.pad_id
+
+    @property
+    def unk_id(self):
+      return None
+
+    @property
+    def _base_vocab_size(self):
+      return vocab.vocab_size
+
+    def _encode(self, s):
+      return vocab.encode(s)
+
+    def _decode(self, ids):
+      return vocab.decode(ids)
+
+    def _encode_tf(self, s):
+      fn = lambda b: np.asarray(vocab.encode(b.decode("utf-8")), np.int32)
+      out = tf.numpy_function(fn, [s], tf.int32)
+      return tf.ensure_shape(out, [None])
+
+    def _decode_tf(self, ids):
+      fn = lambda a: vocab.decode(a.tolist()).encode("utf-8")
+      return tf.numpy_function(fn, [ids], tf.string)
+
+    def __eq__(self, other):
+      return isinstance(other, _PythonVocabulary) and other.fingerprint == self.fingerprint
+
+    fingerprint = vocab.fingerprint
+
+  return _PythonVocabulary()
+
+
+# ---------------------------------------------------------------------------------------
+# Building and reloading.
+
+
+def vocab_dir(workdir: str) -> str:
+  """Where vocabulary files of a run live."""
+  return os.path.join(workdir, VOCAB_DIR)
+
+
+def sentencepiece_path(config: DataConfig, workdir: str) -> str:
+  """Path of the SentencePiece model trained for `config` in `workdir`."""
+  name = f"sentencepiece_{config.sentencepiece_model_type}_{config.sentencepiece_vocab_size}"
+  return os.path.join(vocab_dir(workdir), name + ".model")
+
+
+def load_vocab(data_config, workdir: str) -> Vocabulary:
+  """Rebuilds the run's vocabulary from the workdir cache, without reading the corpus.
+
+  Args:
+    data_config: the `config.data` ConfigDict (or a DataConfig).
+    workdir: the run directory given to `create_datasets`.
+
+  Raises:
+    FileNotFoundError: the vocabulary was never built in this workdir (run training
+      first, or point `config.data.sentencepiece_model` at a model file).
+  """
+  config = DataConfig.from_config(data_config)
+  if config.vocab == "byte":
+    return ByteVocabulary()
+  if config.vocab == "sentencepiece":
+    path = config.sentencepiece_model or sentencepiece_path(config, workdir)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"No SentencePiece model at {path}: create_datasets(...) trains "
+                              "and caches it; or set config.data.sentencepiece_model.")
+    return SentencePieceVocabulary(path)
+  local = _local_hf_copy(config, workdir)
+  return HuggingFaceVocabulary(local if os.path.isfile(local) else config.hf_tokenizer)
+
+
+def build_vocab(config: DataConfig, workdir: str,
+                training_text: Callable[[], Iterable[str]], *,
+                is_writer: bool = True, wait_s: float = 3600.0) -> Vocabulary:
+  """Returns the vocabulary of `config`, training/caching it in `workdir` when needed.
+
+  Args:
+    config: data config.
+    workdir: run directory; files go to `<workdir>/vocab/`.
+    training_text: callable returning the training documents (read only if a
+      SentencePiece model must be trained).
+    is_writer: whether this process writes vocab files (process 0); other processes wait
+      up to `wait_s` seconds for them to appear.
+  """
+  if config.vocab == "byte":
+    return ByteVocabulary()
+  os.makedirs(vocab_dir(workdir), exist_ok=True)
+  if config.vocab == "sentencepiece":
+    if config.sentencepiece_model:
+      return SentencePieceVocabulary(config.sentencepiece_model)
+    path = sentencepiece_path(config, workdir)
+    if not os.path.isfile(path):
+      if is_writer:
+        train_sentencepiece(training_text(), path, vocab_size=config.sentencepiece_vocab_size,
+                            model_type=config.sentencepiece_model_type,
+                            max_chars=config.sentencepiece_max_chars)
+      else:
+        _wait_for(path, wait_s)
+    return SentencePieceVocabulary(path)
+  local = _local_hf_copy(config, workdir)
+  if os.path.isfile(local):
+    return HuggingFaceVocabulary(local)
+  source = config.hf_tokenizer
+  if os.path.isdir(source):
+    source = os.path.join(source, "tokenizer.json")
+  if os.path.isfile(source) and is_writer:
+    _atomic_copy(source, local)  # keeps the run self-contained
+    return HuggingFaceVocabulary(local)
+  return HuggingFaceVocabulary(source)
+
+
+def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
+                        model_type: str = "unigram", max_chars: int = 20_000_000) -> str:
+  """Trains a SentencePiece model on `documents` (lines of at most 4096 chars) to `path`.
+
+  Ids follow seqio (pad 0, eos 1, unk 2, no bos); rare characters fall back to bytes.
+  Writes atomically; returns `path`.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+  def lines():
+    budget = max_chars
+    for doc in documents:
+      for line in doc.splitlines():
+        line = line.strip()[:4096]
+        if not line:
+          continue
+        yield line
+        budget -= len(line)
+        if budget <= 0:
+          return
+
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  prefix = f"{path[:-len('.model')] if path.endswith('.model') else path}.tmp{os.getpid()}"
+  print(f"[armd_jax.data] training a {model_type} SentencePiece model, "
+        f"vocab_size={vocab_size} -> {path}", flush=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size,
+      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      character_coverage=1.0, byte_fallback=True, max_sentence_length=16384,
+      num_threads=2, minloglevel=2, hard_vocab_limit=True)
+  os.replace(prefix + ".model", path)
+  os.remove(prefix + ".vocab")
+  return path
+
+
+def _local_hf_copy(config: DataConfig, workdir: str) -> str:
+  return os.path.join(vocab_dir(workdir), "hf_tokenizer.json")
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+  tmp = f"{dst}.tmp{os.getpid()}"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def _wait_for(path: str, wait_s: float) -> None:
+  deadline = time.time() + wait_s
+  while not os.path.exists(path):
+    if time.time() > deadline:
+      raise TimeoutError(f"Waited {wait_s}s for {path} (written by process 0).")
+    time.sleep(1.0)
+
+
+def _file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def describe(vocab: Vocabulary) -> str:
+  """A one-line json description of a vocabulary (for logs and cache metadata)."""
+  return json.dumps({"type": type(vocab).__name__, "vocab_size": vocab.vocab_size,
+                     "pad_id": vocab.pad_id, "eos_id": vocab.eos_id,
+                     "fingerprint": getattr(vocab, "fingerprint", "")})
