@@ -32,9 +32,9 @@ setup(
     install_requires=CORE,
     extras_require={
         "data": DATA,
-        "hf": ["datasets>=2.18", "transformers>=4.40"],  # OpenWebText / HF tokenizers
+        "hf": ["datasets>=2.18", "transformers>=4.40", "tokenizers>=0.15"],  # OWT, HF tokenizers
         "plot": ["matplotlib>=3.8"],
-        "test": DATA + ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+        "test": DATA + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]"],
     },
 )
