@@ -1,0 +1,122 @@
+"""Host-side decoding plans: which positions each model call handles.
+
+A plan turns dense block ids [B, N] (concrete numpy) into fixed-shape slot tables:
+model call t of row b handles positions `slots[t, b, :]` (padded with N where the block
+is narrower than the call). Consecutive calls of equal width form a *phase*; each phase
+is one `lax.scan` in the decoder, so the only static structure is the tuple of
+(width, number of calls) per phase: new orders with the same structure reuse the
+compiled decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+from armd_jax import orders
+
+# More phases than this (irregular multi-token orders) fall back to one phase of the
+# widest block, so the number of compiled loops stays small.
+MAX_PHASES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """`num_calls` consecutive model calls of `width` slots; slots [num_calls, B, width]."""
+
+  width: int
+  slots: np.ndarray  # [T, B, W] int32 positions; N marks an empty slot
+
+  @property
+  def num_calls(self) -> int:
+    return self.slots.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Phases of a decoding order over N positions (see module docstring)."""
+
+  length: int
+  phases: Tuple[Phase, ...]
+
+  @property
+  def num_calls(self) -> int:
+    return sum(p.num_calls for p in self.phases)
+
+  @property
+  def structure(self) -> Tuple[Tuple[int, int], ...]:
+    """Static (width, num_calls) per phase: what the compiled decoder depends on."""
+    return tuple((p.width, p.num_calls) for p in self.phases)
+
+
+def make_plan(block_ids: np.ndarray) -> Plan:
+  """Plan for dense block ids [B, N]: call t handles every row's block t + 1.
+
+  Rows may have different numbers of blocks; missing blocks are all-empty calls.
+  """
+  ids = np.asarray(block_ids)
+  orders.check_block_ids(ids)
+  batch, length = ids.shape
+  num_blocks = int(ids.max())
+  order = np.argsort(ids, axis=1, kind="stable")  # positions by block, ascending inside
+  sorted_ids = np.take_along_axis(ids, order, axis=1)
+  sizes = np.stack([np.bincount(r, minlength=num_blocks + 1)[1:] for r in ids])  # [B, K]
+  starts = np.cumsum(sizes, axis=1) - sizes  # [B, K]
+  rank = np.arange(length)[None, :] - np.take_along_axis(starts, sorted_ids - 1, axis=1)
+  widths = sizes.max(axis=0)  # [K]
+  table = np.full((num_blocks, batch, int(widths.max())), length, np.int32)
+  table[sorted_ids - 1, np.arange(batch)[:, None], rank] = order
+  runs = []  # (width, first call, end call)
+  for t, w in enumerate(widths):
+    if runs and runs[-1][0] == w:
+      runs[-1][2] = t + 1
+    else:
+      runs.append([int(w), t, t + 1])
+  if len(runs) > MAX_PHASES:
+    runs = [[int(widths.max()), 0, num_blocks]]
+  phases = tuple(Phase(w, np.ascontiguousarray(table[a:b, :, :w])) for w, a, b in runs)
+  return Plan(length, phases)
+
+
+def generation_order(known: np.ndarray, streams: int) -> np.ndarray:
+  """Dense block ids [B, N]: known positions first, then strided over the unknown ones.
+
+  Known positions (known[b, n] true) get singleton blocks in text order, so the content
+  stream reads a prompt exactly as left-to-right training shows it. The U unknown
+  positions of a row, in text order, are split into S = `streams` contiguous streams
+  whose heads come one per block, then the j-th token of every stream together
+  (`orders.strided`): U/S + S - 1 blocks. S must divide U.
+  """
+  known = np.asarray(known, bool)
+  batch, length = known.shape
+  if not isinstance(streams, (int, np.integer)) or streams < 1:
+    raise ValueError(f"streams must be a positive int, got {streams!r}.")
+  ids = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    known_pos = np.flatnonzero(known[b])
+    unknown_pos = np.flatnonzero(~known[b])
+    ids[b, known_pos] = np.arange(1, len(known_pos) + 1)
+    if len(unknown_pos) == 0:
+      continue
+    if len(unknown_pos) % streams:
+      raise ValueError(f"streams={streams} must divide the number of generated positions "
+                       f"({len(unknown_pos)} in row {b}); choose a length or prompt so that "
+                       "it does.")
+    stride_ids = np.asarray(orders.strided(1, len(unknown_pos), int(streams)))[0]
+    ids[b, unknown_pos] = len(known_pos) + stride_ids
+  return ids
+
+
+def broadcast_rows(array: Optional[np.ndarray], batch: int, name: str) -> Optional[np.ndarray]:
+  """[N] or [B, N] -> [B, N] (numpy), with a clear error for other shapes."""
+  if array is None:
+    return None
+  array = np.asarray(array)
+  if array.ndim == 1:
+    array = np.broadcast_to(array, (batch, array.shape[0]))
+  if array.ndim != 2 or array.shape[0] != batch:
+    raise ValueError(f"{name} must be [length] or [batch={batch}, length], got shape "
+                     f"{array.shape}.")
+  return array
