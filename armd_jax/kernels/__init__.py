@@ -1,23 +1,34 @@
 """Attention kernels with block-id masks (`kv_id <= q_id`).
 
 `block_causal_attention` is the one entry point the model calls; `implementation`
-selects the backend.
+selects the backend: 'xla' (the jnp reference, materialises the mask) or 'pallas'
+(`flash.block_causal_flash_attention`: Pallas flash attention for TPU and GPU with
+in-tile masks, tile skipping and Pallas backward kernels).
 """
 
 from __future__ import annotations
 
 import jax
 
+from armd_jax.kernels.flash import BlockSizes, block_causal_flash_attention, live_tiles
 from armd_jax.kernels.reference import block_causal_attention_reference
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array,
-                           kv_ids: jax.Array, *, implementation: str = "xla") -> jax.Array:
+                           kv_ids: jax.Array, *, implementation: str = "xla",
+                           block_sizes: BlockSizes | None = None, backend: str = "auto",
+                           interpret: bool = False) -> jax.Array:
   """Attention where query n sees key i iff kv_ids[i] <= q_ids[n].
 
   Args:
     q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; q_ids: [B, Nq]; kv_ids: [B, Nk] (int).
-    implementation: 'xla' (jnp reference; materialises the [Nq, Nk] mask).
+    implementation: 'xla' (jnp reference; materialises the [Nq, Nk] mask) or 'pallas'
+      (flash kernel; the remaining arguments apply to it only).
+    block_sizes: Pallas tile sizes (default 128 x 128).
+    backend: Pallas backend, 'auto' (by platform), 'tpu' or 'gpu'.
+    interpret: run the Pallas kernel under the interpreter (CPU tests).
 
   Returns:
     [B, Nq, H, D] in q.dtype.
@@ -30,7 +41,12 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
                      f"{k.shape[:2]}; got {q_ids.shape} and {kv_ids.shape}.")
   if implementation == "xla":
     return block_causal_attention_reference(q, k, v, q_ids, kv_ids)
-  raise ValueError(f"block_causal_attention: unknown implementation {implementation!r}.")
+  if implementation == "pallas":
+    return block_causal_flash_attention(q, k, v, q_ids, kv_ids, block_sizes=block_sizes,
+                                        backend=backend, interpret=interpret)
+  raise ValueError(f"block_causal_attention: unknown implementation {implementation!r}; "
+                   f"expected one of {IMPLEMENTATIONS}.")
 
 
-__all__ = ["block_causal_attention", "block_causal_attention_reference"]
+__all__ = ["BlockSizes", "IMPLEMENTATIONS", "block_causal_attention",
+           "block_causal_attention_reference", "block_causal_flash_attention", "live_tiles"]
