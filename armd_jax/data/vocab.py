@@ -319,7 +319,9 @@ def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
                         model_type: str = "unigram", max_chars: int = 20_000_000) -> str:
   """Trains a SentencePiece model on `documents` (lines of at most 4096 chars) to `path`.
 
-  Ids follow seqio (pad 0, eos 1, unk 2, no bos); rare characters fall back to bytes.
+  Ids follow seqio (pad 0, eos 1, unk 2, no bos); rare characters fall back to bytes;
+  text is not normalised (identity rule, spaces kept) and "\n" is its own piece, so
+  decode(encode(text)) == text. `vocab_size` is an upper bound on a small corpus.
   Writes atomically; returns `path`.
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -328,8 +330,8 @@ def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
     budget = max_chars
     for doc in documents:
       for line in doc.splitlines():
-        line = line.strip()[:4096]
-        if not line:
+        line = line[:4096]
+        if not line.strip():
           continue
         yield line
         budget -= len(line)
@@ -340,11 +342,17 @@ def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
   prefix = f"{path[:-len('.model')] if path.endswith('.model') else path}.tmp{os.getpid()}"
   print(f"[armd_jax.data] training a {model_type} SentencePiece model, "
         f"vocab_size={vocab_size} -> {path}", flush=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      character_coverage=1.0, byte_fallback=True, max_sentence_length=16384,
-      num_threads=2, minloglevel=2, hard_vocab_limit=True)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        character_coverage=1.0, byte_fallback=True, max_sentence_length=16384,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"], num_threads=2, minloglevel=2, hard_vocab_limit=False)
+  except RuntimeError as e:
+    raise ValueError(f"SentencePiece training failed with config.data.sentencepiece_vocab_size="
+                     f"{vocab_size} (it needs 260 ids for bytes and specials plus one per "
+                     f"distinct character): {e}") from e
   os.replace(prefix + ".model", path)
   os.remove(prefix + ".vocab")
   return path
