@@ -1,0 +1,134 @@
+"""The hub-backed paths on local data: seqio Tasks, TFDS (lm1b, tiny_shakespeare) through
+`tfds.testing.mock_data` fed with local text, and OpenWebText with `datasets` replaced by
+local documents. These import TensorFlow (once per module), hence `slow`."""
+
+import numpy as np
+import pytest
+
+from armd_jax import data
+from armd_jax.data import cache, sources
+
+pytestmark = pytest.mark.slow
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+seqio = pytest.importorskip("seqio")
+
+SENTENCES = [f"sentence number {i} of the billion word benchmark ." for i in range(40)]
+
+
+def config(**overrides):
+  c = data.default_config()
+  c.num_threads = 0
+  c.update(overrides)
+  return c
+
+
+def seqio_targets(task, split):
+  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                             use_cached=False, try_in_mem_cache=False)
+  return np.concatenate([ex["targets"] for ex in dataset.as_numpy_iterator()])
+
+
+@pytest.mark.parametrize("vocab_kind", ["byte", "sentencepiece"])
+def test_seqio_task_gives_the_same_tokens_as_the_training_cache(tmp_path, vocab_kind):
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("\n\n".join(f"Doc {i}: naïve text, line one.\nline two {i * i}."
+                                for i in range(30)))
+  c = config(task="text_files", train_files=str(corpus), document_split="paragraph",
+             vocab=vocab_kind, sentencepiece_vocab_size=400)
+  ds = data.create_datasets(c, seq_len=16, global_batch_size=2, workdir=str(tmp_path / "run"),
+                            seed=0)
+  task = data.make_seqio_task(c, ds.vocab)
+  for split, examples in (("train", ds.train_examples), ("eval", ds.eval_examples)):
+    np.testing.assert_array_equal(seqio_targets(task, split), np.asarray(examples.tokens))
+
+
+def test_seqio_task_wraps_hugging_face_tokenizers(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {"[PAD]": 0, "[UNK]": 1, "[SEP]": 2, "the": 3, "cat": 4}, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "c.txt").write_text("the cat\n\nthe dog\n\ncat cat\n\nthe")
+  c = config(task="text_files", train_files=str(tmp_path / "c.txt"), vocab="hf",
+             document_split="paragraph", hf_tokenizer=str(tmp_path / "tokenizer.json"))
+  ds = data.create_datasets(c, seq_len=4, global_batch_size=1, workdir=str(tmp_path / "run"),
+                            seed=0)
+  task = data.make_seqio_task(c, ds.vocab)
+  np.testing.assert_array_equal(seqio_targets(task, "train"), [3, 4, 2, 3, 1, 2, 4, 4, 2])
+
+
+def local_tfds(texts_by_split):
+  """mock_data hook: serves {'text': ...} examples of a TFDS split from local strings."""
+
+  def as_dataset(builder, split, *args, **kwargs):
+    del builder, args, kwargs
+    texts = texts_by_split[str(split)]
+    return tf.data.Dataset.from_tensor_slices({"text": tf.constant(texts)})
+
+  return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def test_lm1b_reads_tfds_train_and_test_splits_one_sentence_per_document(tmp_path):
+  texts = {"train": SENTENCES[:30], "test": SENTENCES[30:]}
+  with local_tfds(texts):
+    c = data.DataConfig.from_config(config(task="lm1b", vocab="byte", packing="pad"))
+    assert list(sources.documents(c, "train")) == SENTENCES[:30]
+    assert list(sources.documents(c, "eval")) == SENTENCES[30:]
+    ds = data.create_datasets(c, seq_len=64, global_batch_size=2, workdir=str(tmp_path),
+                              seed=0)
+  assert ds.num_train_examples == 30 and ds.num_eval_examples == 10
+  held_out = [ds.vocab.decode(b["tokens"][i]) for b in ds.eval_batches() for i in range(2)]
+  assert held_out == SENTENCES[30:]
+
+
+def test_tiny_shakespeare_reads_tfds_validation_as_the_held_out_split(tmp_path):
+  texts = {"train": ["First Citizen:\nSpeak.\n" * 20], "validation": ["All:\nResolved.\n" * 5],
+           "test": ["never read"]}
+  with local_tfds(texts):
+    ds = data.create_datasets(config(task="tiny_shakespeare"), seq_len=8, global_batch_size=2,
+                              workdir=str(tmp_path), seed=0)
+  assert ds.vocab.decode(ds.train_examples.tokens).startswith("First Citizen:")
+  assert ds.vocab.decode(ds.eval_examples.tokens) == texts["validation"][0]
+
+
+def test_tfds_seqio_task_reads_the_mapped_split(tmp_path):
+  texts = {"train": SENTENCES[:3], "test": SENTENCES[3:5]}
+  with local_tfds(texts):
+    c = config(task="lm1b", vocab="byte")
+    task = data.make_seqio_task(c, data.ByteVocabulary())
+    vocab = data.ByteVocabulary()
+    expected = sum((vocab.encode(s) + [vocab.eos_id] for s in SENTENCES[3:5]), [])
+    np.testing.assert_array_equal(seqio_targets(task, "eval"), expected)
+
+
+def test_openwebtext_holds_out_the_last_documents_of_the_hf_train_split(tmp_path, monkeypatch):
+  docs = [{"text": f"web page {i}\nwith two lines"} for i in range(50)]
+  requested = []
+  monkeypatch.setattr(sources, "load_hf_dataset", lambda name: requested.append(name) or docs)
+  c = config(task="openwebtext", vocab="byte", eval_fraction=0.1)
+  ds = data.create_datasets(c, seq_len=32, global_batch_size=4, workdir=str(tmp_path), seed=0)
+  assert requested and requested[0] == "openwebtext"
+  held_out = ds.vocab.decode(ds.eval_examples.tokens)
+  assert held_out == "".join(d["text"] for d in docs[45:])  # eos ids are dropped by decode
+  assert "web page 44" in ds.vocab.decode(ds.train_examples.tokens)
+  assert next(ds.train_iter)["tokens"].shape == (4, 32)
+
+
+def test_max_train_documents_caps_what_is_tokenised(tmp_path, monkeypatch):
+  docs = [{"text": f"page {i}"} for i in range(100)]
+  monkeypatch.setattr(sources, "load_hf_dataset", lambda name: docs)
+  c = data.DataConfig.from_config(config(task="openwebtext", vocab="byte",
+                                         max_train_documents=7))
+  split = cache.tokenize_documents(sources.documents(c, "train"), data.ByteVocabulary())
+  assert split.num_documents == 7
+
+
+def test_hub_tokenizer_names_without_transformers_raise_a_clear_error():
+  try:
+    import transformers  # pylint: disable=unused-import
+    pytest.skip("transformers is installed; the hub path would try the network")
+  except ImportError:
+    pass
+  with pytest.raises(ImportError, match="hf_tokenizer='gpt2'"):
+    data.HuggingFaceVocabulary("gpt2")
