@@ -1,0 +1,227 @@
+"""`train_and_evaluate`: the one library call of `python -m armd_jax.main`.
+
+One run: data (`armd_jax.data.create_datasets`) -> model (`build_model`) -> a train state
+born sharded on the mesh -> resume (workdir checkpoint, else `init_from`, else scratch)
+-> the jitted train step in a loop with progress lines, finite checks, periodic
+left-to-right validation and checkpoints -> final evaluation -> optional samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from armd_jax.models import build_model
+from armd_jax.train import checkpoints, observe, partitioning
+from armd_jax.train import state as state_lib
+from armd_jax.train.typed import Settings, model_config_from, settings_from
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if it has one.
+
+  Args:
+    config: the experiment ConfigDict (see `configs/`); not modified.
+    workdir: holds config.json, checkpoints/, metrics.jsonl, TensorBoard events and the
+      data cache.
+
+  Returns:
+    The final metrics: the last train metrics and the final 'eval/*' metrics.
+
+  Raises:
+    ValueError: a bad config value (the message names `config.<section>.<field>`).
+    observe.NonFiniteError: loss or grad norm became NaN/inf (names the step; the last
+      good checkpoint is kept).
+  """
+  from armd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(config.to_dict())  # our own copy, references resolved
+  settings = settings_from(config)
+  tc = settings.train
+  logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
+               jax.process_count())
+
+  datasets = data_lib.create_datasets(
+      config.data, seq_len=tc.seq_len, global_batch_size=tc.global_batch_size,
+      workdir=workdir, seed=tc.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  fill_vocab_size(config, datasets.vocab.vocab_size)
+  model_config = model_config_from(config)
+  if tc.seq_len > model_config.max_len:
+    raise ValueError(f"config.train.seq_len={tc.seq_len} exceeds config.model.max_len="
+                     f"{model_config.max_len}.")
+  model = build_model(model_config)
+
+  mesh = partitioning.make_mesh(settings.mesh)
+  rules = partitioning.rules_of(settings.mesh)
+  partitioning.check_batch_size(tc.global_batch_size, mesh, rules)
+  batch_shard = partitioning.batch_sharding(mesh, rules)
+  init, abstract, shardings = state_lib.train_state_layout(
+      model, settings.optim, tc.num_steps, tc.seq_len, tc.seed, mesh, rules)
+
+  manager = checkpoints.make_manager(workdir, settings.checkpoint.max_to_keep,
+                                     settings.checkpoint.async_save)
+  state = resume_or_init(manager, init, abstract, datasets.train_iter, settings, workdir)
+  checkpoints.save_config(config, workdir)
+  start = int(state.step)
+  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", model_config.kind,
+               count_params(state.params) / 1e6, start, tc.num_steps)
+
+  train_step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps,
+                                         shardings, batch_shard)
+  eval_step = state_lib.make_eval_step(model, shardings.params, batch_shard)
+  writer = observe.Writer(workdir, tc.tensorboard)
+  progress = observe.Progress(tc.num_steps, tc.global_batch_size * tc.seq_len, start)
+  last_good = manager.latest_step()
+  train_metrics: Dict[str, float] = {}
+  pending = None  # (step, device metrics) checked one step late, so steps stay pipelined
+
+  for step in range(start + 1, tc.num_steps + 1):  # `step` = steps done after this update
+    batch = partitioning.global_batch(next(datasets.train_iter), batch_shard)
+    state, metrics = train_step(state, batch)
+    if step == start + 1:  # rates exclude compilation
+      progress.restart(step, jax.block_until_ready(metrics))
+    if pending is not None:
+      observe.check_finite(pending[0], jax.device_get(pending[1]), last_good)
+    pending = (step, metrics)
+    is_last = step == tc.num_steps
+    if step % tc.log_every == 0 or is_last:
+      train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      observe.check_finite(step, train_metrics, last_good)
+      rates = progress.line(step, train_metrics)
+      writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
+                             if k not in _SUMS}, **rates})
+    if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
+      writer.write(step, run_eval(eval_step, state, datasets, batch_shard, settings))
+    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
+      observe.check_finite(step, jax.device_get(metrics), last_good)
+      checkpoints.save(manager, step, state, datasets.train_iter)
+      last_good = step
+  manager.wait_until_finished()
+  manager.close()
+
+  final = run_eval(eval_step, state, datasets, batch_shard, settings)
+  writer.write(int(state.step), final)
+  logging.info("Final evaluation at step %d: %s", int(state.step), final)
+  print(f"eval at step {int(state.step)}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        flush=True)
+  if settings.sample.num_samples > 0:
+    print_samples(model, state_lib.eval_params(state, settings.eval.use_ema), datasets.vocab,
+                  settings)
+  writer.close()
+  return {**{f"train/{k}": v for k, v in train_metrics.items() if k not in _SUMS}, **final}
+
+
+_SUMS = ("nll_sum", "correct_sum", "num_tokens")  # aggregation helpers, not logged
+
+
+def fill_vocab_size(config: ml_collections.ConfigDict, data_vocab_size: int) -> None:
+  """Sets config.model.vocab_size from the data when unset; checks it covers the data."""
+  if config.model.get("vocab_size") is None:
+    config.model.vocab_size = int(data_vocab_size)
+  elif config.model.vocab_size < data_vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"data vocabulary ({data_vocab_size} ids); leave it None to fill it.")
+
+
+def resume_or_init(manager, init, abstract, train_iter, settings: Settings,
+                   workdir: str) -> state_lib.TrainState:
+  """Resume order: the workdir's latest checkpoint, else `init_from`, else scratch."""
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s at step %d.", checkpoints.checkpoint_dir(workdir), latest)
+    print(f"resuming from step {latest}", flush=True)
+    return checkpoints.restore(manager, latest, abstract, train_iter)
+  state = init()
+  source = settings.checkpoint.init_from
+  if source:
+    saved, step = checkpoints.restore_state_arrays(source)
+    params = _put_like(saved["params"], abstract.params, "params", source)
+    ema = state.ema_params
+    if ema is not None:
+      saved_ema = saved.get("ema_params") or saved["params"]
+      ema = _put_like(saved_ema, abstract.ema_params, "ema_params", source)
+    logging.info("Initialised parameters from %s (step %d).", source, step)
+    print(f"initialised from {source} (step {step})", flush=True)
+    state = state.replace(params=params, ema_params=ema)
+  return state
+
+
+def _put_like(saved: Any, target: Any, name: str, source: str) -> Any:
+  """Places a saved tree onto `target`'s shardings, checking structure and shapes."""
+  if jax.tree.structure(saved) != jax.tree.structure(target):
+    raise ValueError(f"config.checkpoint.init_from={source!r}: its {name} do not match this "
+                     "model (different config.model?).")
+  for (path, s), t in zip(jax.tree_util.tree_leaves_with_path(saved), jax.tree.leaves(target)):
+    if np.shape(s) != t.shape:
+      raise ValueError(f"config.checkpoint.init_from={source!r}: {name}"
+                       f"{jax.tree_util.keystr(path)} has shape {np.shape(s)}, this model "
+                       f"needs {t.shape}.")
+  return jax.tree.map(lambda s, t: jax.device_put(np.asarray(s, t.dtype), t.sharding), saved,
+                      target)
+
+
+def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
+             settings: Settings) -> Dict[str, float]:
+  """Exact left-to-right validation NLL (nats/token), perplexity and accuracy."""
+  params = state_lib.eval_params(state, settings.eval.use_ema)
+  local_batch = settings.train.global_batch_size // jax.process_count()
+  sums = {"nll_sum": 0.0, "correct_sum": 0.0, "num_tokens": 0.0}
+  for i, local in enumerate(_limit(datasets.eval_batches(), settings.eval.num_batches)):
+    out = jax.device_get(eval_step(params, partitioning.global_batch(
+        pad_rows(local, local_batch), batch_shard)))
+    for k in sums:
+      sums[k] += float(out[k])
+  if sums["num_tokens"] == 0:
+    raise ValueError("The held-out split is empty: check config.data (eval_files / "
+                     "eval_fraction).")
+  nll = sums["nll_sum"] / sums["num_tokens"]
+  return {"eval/nll": nll, "eval/perplexity": float(np.exp(min(nll, 50.0))),
+          "eval/bits_per_token": nll / np.log(2.0),
+          "eval/accuracy": sums["correct_sum"] / sums["num_tokens"],
+          "eval/num_tokens": sums["num_tokens"]}
+
+
+def _limit(batches: Iterable, num: int) -> Iterable:
+  for i, batch in enumerate(batches):
+    if num and i >= num:
+      return
+    yield batch
+
+
+def pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+  """Pads a short final batch with masked rows (mask 0, never scored) up to `rows`."""
+  have = len(batch["tokens"])
+  if have == rows:
+    return batch
+  if have > rows:
+    raise ValueError(f"eval batch has {have} rows, more than the per-process batch {rows}.")
+  return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter tree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def print_samples(model, params, vocab, settings: Settings) -> None:
+  """Generates `config.sample.num_samples` sequences and prints them decoded."""
+  from armd_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  sc = settings.sample
+  sampler = sampling.SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
+  out = sampling.generate(model, params, jax.random.PRNGKey(sc.seed), batch_size=sc.num_samples,
+                          length=sc.length, streams=sc.streams, sampler=sampler)
+  tokens = np.asarray(out.tokens)
+  print(f"{sc.num_samples} samples of {sc.length} tokens, {sc.streams} stream(s), "
+        f"{out.num_calls} network calls:", flush=True)
+  for i, row in enumerate(tokens):
+    print(f"--- sample {i} ---\n{vocab.decode(row.tolist())}", flush=True)
+
+
+__all__ = ["train_and_evaluate", "run_eval", "resume_or_init", "fill_vocab_size"]

@@ -1,0 +1,183 @@
+"""The train state, the optimiser, and the pure, sharded, jitted train and eval steps."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from armd_jax import orders
+from armd_jax.train import objective, partitioning
+from armd_jax.train.typed import OptimConfig
+
+Metrics = Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed as one pytree.
+
+  Attributes:
+    step: int32 scalar, the number of optimiser steps taken.
+    params: model variables {'params': ...} (float32).
+    opt_state: optax state.
+    ema_params: EMA of `params` (same tree), or None without EMA.
+    rng: base PRNG key (uint32 [2]); step s uses `fold_in(rng, s)`.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+def learning_rate_schedule(optim: OptimConfig, num_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay (to end_lr_factor * peak) or constant."""
+  peak = optim.learning_rate
+  warmup = optax.linear_schedule(0.0, peak, max(optim.warmup_steps, 1))
+  if optim.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    after = optax.cosine_decay_schedule(peak, max(num_steps - optim.warmup_steps, 1),
+                                        alpha=optim.end_lr_factor)
+  return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) after global-norm clipping."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  adamw = optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
+                      eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+  return adamw
+
+
+def init_variables(model: nn.Module, batch_size: int, seq_len: int, rng: jax.Array) -> Any:
+  """Boxed (logically partitioned) model variables for a [batch, seq_len] input."""
+  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  return model.init(rng, tokens, orders.left_to_right(batch_size, seq_len))
+
+
+def train_state_layout(model: nn.Module, optim: OptimConfig, num_steps: int, seq_len: int,
+                       seed: int, mesh: Mesh, rules) -> Tuple[Callable[[], TrainState],
+                                                              TrainState, TrainState]:
+  """How a fresh train state is made and laid out on `mesh`, without making it.
+
+  `jax.eval_shape` gives the logical partition specs of the parameters; they become
+  mesh shardings (optimiser moments and EMA follow the parameters), and the returned
+  `init()` is `jax.jit(init, out_shardings=...)`: every array is born in its shards.
+
+  Returns:
+    (init, abstract, shardings): `init()` -> a fresh TrainState; `abstract`, the state's
+    ShapeDtypeStructs carrying their shardings (the restore target of a checkpoint);
+    `shardings`, the TrainState of NamedShardings.
+  """
+  tx = make_optimizer(optim, num_steps)
+  use_ema = optim.ema_decay > 0
+  rng = jax.random.PRNGKey(seed)
+
+  def init(rng):
+    params = nn.meta.unbox(init_variables(model, 1, seq_len, rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if use_ema else None,
+                      rng=jax.random.fold_in(rng, 1))
+
+  boxed = jax.eval_shape(lambda r: init_variables(model, 1, seq_len, r), rng)
+  param_shardings = partitioning.shardings_of(boxed, mesh, rules)
+  shapes = jax.eval_shape(init, rng)
+  shardings = state_shardings(shapes, param_shardings, mesh)
+  jitted = jax.jit(init, out_shardings=shardings)
+  return (lambda: jitted(rng)), abstract_state(shapes, shardings), shardings
+
+
+def create_train_state(model: nn.Module, optim: OptimConfig, num_steps: int, seq_len: int,
+                       seed: int, mesh: Mesh, rules) -> Tuple[TrainState, TrainState]:
+  """A fresh train state born sharded on `mesh`, and its tree of shardings."""
+  init, _, shardings = train_state_layout(model, optim, num_steps, seq_len, seed, mesh, rules)
+  return init(), shardings
+
+
+def state_shardings(abstract: TrainState, param_shardings: Any, mesh: Mesh) -> TrainState:
+  """Shardings of a TrainState: optimiser moments and EMA shard like the parameters."""
+  replicated = partitioning.replicated(mesh)
+  params_def = jax.tree.structure(abstract.params)
+
+  def opt_sharding(x):
+    # optax states hold trees shaped like params (moments) and scalars (counts).
+    if jax.tree.structure(x) == params_def:
+      return param_shardings
+    return jax.tree.map(lambda _: replicated, x)
+
+  opt = jax.tree.map(opt_sharding, abstract.opt_state,
+                     is_leaf=lambda x: jax.tree.structure(x) == params_def)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                    ema_params=None if abstract.ema_params is None else param_shardings,
+                    rng=replicated)
+
+
+def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: OptimConfig,
+                    num_steps: int, shardings: TrainState,
+                    batch_shard: NamedSharding) -> Callable[[TrainState, Dict[str, jax.Array]],
+                                                            Tuple[TrainState, Metrics]]:
+  """The jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+  Pure: the step's rng is `fold_in(state.rng, state.step)`, so a run restored from a
+  checkpoint at step s replays exactly the same randomness from s on.
+  """
+  tx = make_optimizer(optim, num_steps)
+  schedule = learning_rate_schedule(optim, num_steps)
+  replicated = partitioning.replicated(batch_shard.mesh)
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      return objective.compute_loss(model, params, batch, rng, state.step, config,
+                                    deterministic=False)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      d = optim.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "learning_rate": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  batch_shardings = {"tokens": batch_shard, "mask": batch_shard}
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, param_shardings: Any,
+                   batch_shard: NamedSharding) -> Callable[[Any, Dict[str, jax.Array]], Metrics]:
+  """The jitted `eval_step(params, batch) -> sums` (left-to-right, exact)."""
+  replicated = partitioning.replicated(batch_shard.mesh)
+  fn = functools.partial(objective.eval_metrics, model)
+  return jax.jit(fn, in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard}),
+                 out_shardings=replicated)
+
+
+def eval_params(state: TrainState, use_ema: bool) -> Any:
+  """The parameters to evaluate: EMA when kept and asked for, else the raw ones."""
+  return state.ema_params if use_ema and state.ema_params is not None else state.params
+
+
+def abstract_state(state_shape: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state_shape, shardings)
+
