@@ -314,3 +314,35 @@ def test_byte_vocabulary_round_trips_utf8_and_drops_special_ids():
   assert vocab.decode(ids) == text
   assert vocab.decode([vocab.pad_id, vocab.eos_id] + ids + [vocab.eos_id, 999]) == text
   assert isinstance(vocab, data.Vocabulary)
+
+
+def test_other_processes_wait_for_the_cache_that_process_zero_writes(tmp_path):
+  import threading
+  config = synthetic_config()
+  result = {}
+  waiter = threading.Thread(target=lambda: result.update(
+      ds=make(config, tmp_path, batch=4, process_index=1, process_count=2)))
+  waiter.start()
+  waiter.join(timeout=3.0)
+  assert waiter.is_alive() and not result  # nothing to read yet: process 1 waits
+  writer = make(config, tmp_path, batch=4, process_index=0, process_count=2)
+  waiter.join(timeout=60.0)
+  np.testing.assert_array_equal(result["ds"].train_examples.tokens,
+                                writer.train_examples.tokens)
+
+
+def test_per_process_caches_built_concurrently_agree(tmp_path):
+  import threading
+  config = synthetic_config(cache_per_process=True)
+  built = [None, None]
+
+  def build(p):
+    built[p] = make(config, tmp_path, batch=4, process_index=p, process_count=2)
+
+  threads = [threading.Thread(target=build, args=(p,)) for p in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60.0)
+  np.testing.assert_array_equal(built[0].train_examples.tokens, built[1].train_examples.tokens)
+  assert [n for n in os.listdir(tmp_path / "data_cache") if ".tmp" in n] == []

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from typing import Iterable
 
 import numpy as np
@@ -108,10 +109,11 @@ def tokenize_documents(docs: Iterable[str], vocab, *, log_every_s: float = 30.0,
 
 
 def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool = True,
-                  wait_s: float = 3600.0) -> dict[str, TokenizedSplit]:
+                  wait_s: float = 7 * 24 * 3600.0) -> dict[str, TokenizedSplit]:
   """Returns {'train', 'eval'} TokenizedSplits, tokenising into `cache_dir` on first use.
 
-  Process 0 (`is_writer`) writes the cache atomically; other processes wait for it.
+  A writer builds the cache in a private temporary directory and renames it into place
+  (concurrent writers are safe: the first rename wins); a non-writer waits for it.
   """
   directory = os.path.join(cache_dir, cache_key(config, vocab))
   done = os.path.join(directory, "meta.json")
@@ -119,11 +121,13 @@ def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool 
     if is_writer:
       _build(config, vocab, directory)
     else:
+      print(f"[armd_jax.data] waiting for process 0 to build the data cache {directory}",
+            flush=True)
       deadline = time.time() + wait_s
       while not os.path.exists(done):
         if time.time() > deadline:
           raise TimeoutError(f"Waited {wait_s}s for the data cache {directory}.")
-        time.sleep(1.0)
+        time.sleep(2.0)
   return {split: TokenizedSplit(
       tokens=np.load(os.path.join(directory, f"{split}_tokens.npy"), mmap_mode="r"),
       doc_ends=np.load(os.path.join(directory, f"{split}_doc_ends.npy")))
@@ -131,7 +135,7 @@ def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool 
 
 
 def _build(config: DataConfig, vocab, directory: str) -> None:
-  tmp = f"{directory}.tmp{os.getpid()}"
+  tmp = f"{directory}.tmp-{uuid.uuid4().hex}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   meta = {"task": config.task, "vocab_size": vocab.vocab_size, "pad_id": vocab.pad_id,
@@ -149,8 +153,9 @@ def _build(config: DataConfig, vocab, directory: str) -> None:
           f"{data.num_tokens} tokens ({time.time() - start:.1f}s)", flush=True)
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
-  if os.path.exists(directory):  # another writer finished first
-    shutil.rmtree(tmp)
-    return
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  os.replace(tmp, directory)
+  try:
+    os.replace(tmp, directory)
+  except OSError:  # another writer finished first
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(os.path.join(directory, "meta.json")):
+      raise

@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Directory of the tokenised-corpus cache; '' = <workdir>/data_cache. On multi-host
   # runs with a remote workdir, point this at a local disk.
   c.cache_dir = ""
+  # False: process 0 tokenises into cache_dir and the others wait for it (a shared
+  # disk). True: every process builds its own copy (cache_dir on each host's local disk).
+  c.cache_per_process = False
   # grain read threads for the training iterator (0 = read in the training thread).
   c.num_threads = 1
   # grain prefetch buffer (batches) when num_threads > 0.
@@ -103,6 +106,7 @@ class DataConfig:
   packing: str = "concat"
   seed: Optional[int] = None
   cache_dir: str = ""
+  cache_per_process: bool = False
   num_threads: int = 1
   prefetch_buffer_size: int = 4
   synthetic_num_documents: int = 4000

@@ -195,7 +195,8 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
   vocab = build_vocab(config, workdir, lambda: sources.documents(config, "train"),
                       is_writer=is_writer)
   cache_dir = config.cache_dir or os.path.join(workdir, "data_cache")
-  splits = cache.load_or_build(config, vocab, cache_dir, is_writer=is_writer)
+  splits = cache.load_or_build(config, vocab, cache_dir,
+                               is_writer=is_writer or config.cache_per_process)
   train_examples = make_examples(splits["train"], seq_len, config.packing, vocab.pad_id,
                                  keep_remainder=False)
   eval_examples = make_examples(splits["eval"], seq_len, config.packing, vocab.pad_id,
