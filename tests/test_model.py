@@ -13,6 +13,10 @@ from armd_jax.losses import token_log_probs
 from conftest import init_model, tiny_config
 
 LENGTH = 10
+# Attention settings every core property must hold under: the XLA reference and the
+# Pallas kernel (interpreted on CPU, tiles of 8 so that several tiles and skips occur).
+PALLAS = dict(attention="pallas", pallas_interpret=True, pallas_block_q=8, pallas_block_kv=8)
+ATTENTIONS = [pytest.param({}, id="xla"), pytest.param(PALLAS, id="pallas")]
 
 
 def random_ids_with_ties(rng, batch, length):
@@ -45,9 +49,10 @@ def causality_violations(model, params, tokens, ids):
   return leaks, misses
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_logits_depend_exactly_on_earlier_blocks_bit_for_bit(tiny, seed):
-  model, params = tiny
+def test_logits_depend_exactly_on_earlier_blocks_bit_for_bit(seed, attention):
+  model, params = init_model(tiny_config(**attention))
   rng_ids, rng_tok = jax.random.split(jax.random.PRNGKey(seed))
   ids = random_ids_with_ties(rng_ids, 1, LENGTH)
   assert len(np.unique(ids)) < LENGTH, "the order must contain ties"
@@ -70,9 +75,10 @@ def test_causality_check_catches_a_leaky_mask(tiny, monkeypatch):
   assert leaks, "a mask that shows a token its own block must be caught"
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("query_init", ["prefix", "prefix_plus_position"])
-def test_permuting_tokens_ids_and_positions_together_permutes_the_logits(query_init):
-  model, params = init_model(tiny_config(query_init=query_init))
+def test_permuting_tokens_ids_and_positions_together_permutes_the_logits(query_init, attention):
+  model, params = init_model(tiny_config(query_init=query_init, **attention))
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
   tokens = jax.random.randint(k1, (2, LENGTH), 0, model.config.vocab_size)
   ids = random_ids_with_ties(k2, 2, LENGTH)
@@ -87,10 +93,11 @@ def all_sequences(vocab, length):
   return jnp.asarray(list(itertools.product(range(vocab), repeat=length)), jnp.int32)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("order", ["left_to_right", "random", "multi_token_blocks"])
-def test_probabilities_of_all_sequences_sum_to_one(order):
+def test_probabilities_of_all_sequences_sum_to_one(order, attention):
   vocab, length = 3, 4
-  model, params = init_model(tiny_config(vocab_size=vocab), length=length, seed=5)
+  model, params = init_model(tiny_config(vocab_size=vocab, **attention), length=length, seed=5)
   seqs = all_sequences(vocab, length)  # [81, 4]
   ids = {
       "left_to_right": jnp.array([1, 2, 3, 4]),
@@ -102,9 +109,11 @@ def test_probabilities_of_all_sequences_sum_to_one(order):
   np.testing.assert_allclose(jnp.exp(log_p).sum(), 1.0, atol=1e-5)
 
 
-def test_two_stream_depth_and_attention_settings_keep_strict_causality():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_two_stream_depth_and_attention_settings_keep_strict_causality(attention):
   for n2s in (0, 1, 4):
-    model, params = init_model(tiny_config(num_two_stream_layers=n2s, tie_embeddings=False))
+    model, params = init_model(tiny_config(num_two_stream_layers=n2s, tie_embeddings=False,
+                                           **attention))
     ids = random_ids_with_ties(jax.random.PRNGKey(n2s), 1, LENGTH)
     tokens = jax.random.randint(jax.random.PRNGKey(7), (1, LENGTH), 0, 13)
     leaks, misses = causality_violations(model, params, tokens, ids)

@@ -104,8 +104,21 @@ class ARMD(nn.Module):
 
   def __call__(self, tokens: jax.Array, block_ids: jax.Array,
                positions: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    tokens, block_ids, positions = check_inputs(self.config, tokens, block_ids, positions)
+    if self.config.attention != "pallas":
+      return self._forward(tokens, block_ids, positions, deterministic)
+    # Kernel path: run in generation order (stable sort by block id; positions travel
+    # with the tokens, so RoPE and PE are unchanged) so that the id masks become block
+    # lower-triangular and the kernel skips empty tiles; equivariance makes it exact.
+    order, inverse = generation_order(block_ids)
+    take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    logits = self._forward(take(tokens), take(block_ids), take(positions), deterministic)
+    return jnp.take_along_axis(logits, inverse[..., None], axis=1)  # text order again
+
+  def _forward(self, tokens: jax.Array, block_ids: jax.Array, positions: jax.Array,
+               deterministic: bool) -> jax.Array:
+    """The network on validated inputs [B, N], in whatever order they are given."""
     cfg = self.config
-    tokens, block_ids, positions = check_inputs(cfg, tokens, block_ids, positions)
     batch, length = tokens.shape
 
     x0, pe = self.embed(tokens, positions)  # [B, N, D], [B, N, P]
@@ -138,6 +151,19 @@ class ARMD(nn.Module):
     for layer in self.layers[cfg.num_two_stream_layers:]:
       g = layer(g, rope, block_ids, deterministic=deterministic)
     return self.logits(g)
+
+
+def generation_order(block_ids: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Stable argsort of block ids [B, N] and its inverse permutation (both [B, N] int32).
+
+  `take_along_axis(x, order, 1)` puts a sequence into generation order (ties keep text
+  order); `take_along_axis(y, inverse, 1)` brings per-token outputs back.
+  """
+  order = jnp.argsort(block_ids, axis=1, stable=True).astype(jnp.int32)
+  rows = jnp.arange(block_ids.shape[0])[:, None]
+  ranks = jnp.broadcast_to(jnp.arange(block_ids.shape[1], dtype=jnp.int32), block_ids.shape)
+  inverse = jnp.zeros_like(order).at[rows, order].set(ranks)
+  return order, inverse
 
 
 def check_inputs(config: ModelConfig, tokens: jax.Array, block_ids: jax.Array,

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 MODEL_KINDS = ("armd", "ar", "mdlm")
-ATTENTION_IMPLEMENTATIONS = ("xla",)
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 QUERY_INITS = ("prefix", "prefix_plus_position")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -42,6 +42,11 @@ class ModelConfig:
     dtype: compute dtype ('float32' / 'bfloat16' or a jnp dtype); params stay float32
       and logits are returned in float32.
     attention: 'xla' (reference, materialises the id mask) or 'pallas' (kernel).
+    pallas_block_q: query tile of the Pallas kernel (multiple of 128 on TPU, power of
+      two >= 16 on GPU, multiple of 8 in interpret mode).
+    pallas_block_kv: key tile of the Pallas kernel (same constraints).
+    pallas_interpret: run the Pallas kernel under the Pallas interpreter (CPU tests;
+      on CPU 'pallas' is always interpreted).
     d_pe: width of the prefix-aggregation position table.
     query_init: how the query stream starts. 'prefix' is the spec's prefix aggregation
       (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
@@ -62,6 +67,9 @@ class ModelConfig:
   dropout_rate: float = 0.0
   dtype: Any = "float32"
   attention: str = "xla"
+  pallas_block_q: int = 128
+  pallas_block_kv: int = 128
+  pallas_interpret: bool = False
   d_pe: int = 64
   query_init: str = "prefix_plus_position"
   tie_embeddings: bool = True
@@ -72,7 +80,7 @@ class ModelConfig:
     if self.num_two_stream_layers is None:
       object.__setattr__(self, "num_two_stream_layers", self.num_layers // 2)
     _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
-              "max_len", "d_pe")
+              "max_len", "d_pe", "pallas_block_q", "pallas_block_kv")
     if self.d_model % self.num_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide "
                        f"ModelConfig.d_model={self.d_model}.")

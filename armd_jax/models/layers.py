@@ -89,8 +89,10 @@ class Attention(nn.Module):
     """
     q = apply_rope(self.query(h), positions, self.config.rope_base)  # [B, Nq, H, Dh]
     q = nn.with_logical_constraint(q, HEADS_ACTIVATION)
-    y = kernels.block_causal_attention(q, k, v, ids, kv_ids,
-                                       implementation=self.config.attention)
+    cfg = self.config
+    y = kernels.block_causal_attention(
+        q, k, v, ids, kv_ids, implementation=cfg.attention, interpret=cfg.pallas_interpret,
+        block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
     return self.out(y)
 
 
