@@ -346,3 +346,28 @@ def test_per_process_caches_built_concurrently_agree(tmp_path):
     t.join(timeout=60.0)
   np.testing.assert_array_equal(built[0].train_examples.tokens, built[1].train_examples.tokens)
   assert [n for n in os.listdir(tmp_path / "data_cache") if ".tmp" in n] == []
+
+
+def test_default_config_and_data_config_have_the_same_fields_and_defaults():
+  import dataclasses
+  defaults = data.default_config().to_dict()
+  fields = {f.name: f.default for f in dataclasses.fields(data.DataConfig)}
+  assert defaults == fields
+
+
+def test_byte_batch_encoding_equals_one_by_one_encoding():
+  vocab = data.ByteVocabulary()
+  texts = ["", "abc", "naïve 東京\n"]
+  assert [list(ids) for ids in vocab.encode_batch(texts)] == [vocab.encode(t) for t in texts]
+
+
+def test_global_batch_holds_the_local_rows_on_a_one_device_mesh(tmp_path):
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  ds = make(synthetic_config(), tmp_path)
+  batch = next(ds.train_iter)
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  arrays = data.make_global_batch(batch, NamedSharding(mesh, PartitionSpec("data", None)))
+  for key in batch:
+    assert arrays[key].shape == batch[key].shape
+    np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])

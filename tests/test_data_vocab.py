@@ -122,6 +122,7 @@ def test_hugging_face_tokenizer_files_encode_the_corpus_and_are_copied_to_the_wo
   assert vocab.pad_id == reference.token_to_id(pad)
   assert vocab.vocab_size == reference.get_vocab_size()
   assert vocab.encode(TEXT) == reference.encode(TEXT, add_special_tokens=False).ids
+  assert vocab.encode_batch([TEXT, "Speak."]) == [vocab.encode(TEXT), vocab.encode("Speak.")]
   batch = next(ds.train_iter)
   assert batch["tokens"].max() < vocab.vocab_size
   assert "speak" in vocab.decode(ds.train_examples.tokens[:200]).lower()

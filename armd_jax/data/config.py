@@ -11,6 +11,7 @@ import dataclasses
 from typing import Optional
 
 import ml_collections
+from ml_collections import config_dict
 
 TASKS = ("text_files", "tiny_shakespeare", "lm1b", "openwebtext", "synthetic")
 VOCABS = ("byte", "sentencepiece", "hf")
@@ -19,7 +20,11 @@ DOCUMENT_SPLITS = ("file", "paragraph", "line")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the data config with every field at its default (one comment per field)."""
+  """Returns the data config with every field at its default (one comment per field).
+
+  Optional fields are typed placeholders (value None) so that `--config.data.x=...`
+  overrides them from the command line.
+  """
   c = ml_collections.ConfigDict()
   # Which corpus: 'text_files' (local UTF-8 files), 'tiny_shakespeare' (TFDS),
   # 'lm1b' (TFDS), 'openwebtext' (Hugging Face `datasets`), 'synthetic' (in-memory
@@ -38,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   # boundary instead, its last `eval_fraction` of characters held out.
   c.eval_fraction = 0.1
   # TFDS tasks: data_dir of prepared TFDS datasets (None = the TFDS default).
-  c.tfds_data_dir = None
+  c.tfds_data_dir = config_dict.placeholder(str)
   # openwebtext: Hugging Face dataset name passed to `datasets.load_dataset`.
   c.hf_dataset = "openwebtext"
   # Cap on training documents read (0 = all); for quick runs on large corpora.
@@ -49,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   # on the training split and cached in the workdir, or `sentencepiece_model`), or 'hf'
   # (Hugging Face tokenizer files, `hf_tokenizer`). None = the task's default: 'hf'
   # with bert-base-uncased for lm1b, 'hf' with gpt2 for openwebtext, 'byte' otherwise.
-  c.vocab = None
+  c.vocab = config_dict.placeholder(str)
   # sentencepiece: vocabulary size of the model trained on the corpus.
   c.sentencepiece_vocab_size = 1024
   # sentencepiece: 'unigram' or 'bpe' model trained on the corpus.
@@ -66,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   # documents split into several examples).
   c.packing = "concat"
   # Shuffle seed of the training stream; None = the `seed` passed to create_datasets.
-  c.seed = None
+  c.seed = config_dict.placeholder(int)
   # Directory of the tokenised-corpus cache; '' = <workdir>/data_cache. On multi-host
   # runs with a remote workdir, point this at a local disk.
   c.cache_dir = ""

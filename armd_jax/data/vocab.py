@@ -14,6 +14,8 @@ import shutil
 import time
 from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 from armd_jax.data.config import DataConfig
 
 VOCAB_DIR = "vocab"
@@ -50,6 +52,11 @@ class ByteVocabulary:
   def encode(self, text: str) -> list[int]:
     """Text -> byte ids."""
     return [b + self.num_special for b in text.encode("utf-8")]
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """Many texts -> byte ids (vectorised; for tokenising whole corpora)."""
+    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) + self.num_special
+            for t in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Byte ids -> text; special and out-of-range ids are dropped, bad UTF-8 replaced."""
@@ -117,7 +124,8 @@ class HuggingFaceVocabulary:
 
   def __init__(self, name_or_path: str):
     self.name_or_path = name_or_path
-    self._encode, self._decode, self.vocab_size, token_to_id = _load_hf(name_or_path)
+    (self._encode, self._encode_batch, self._decode, self.vocab_size,
+     token_to_id) = _load_hf(name_or_path)
     self.eos_id = _first_known(token_to_id, _EOS_NAMES)
     if self.eos_id is None:
       raise ValueError(f"Hugging Face tokenizer {name_or_path!r} has none of the EOS tokens "
@@ -134,6 +142,10 @@ class HuggingFaceVocabulary:
     """Text -> ids without added special tokens."""
     return self._encode(text)
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Many texts -> ids (parallel in the Rust tokenizer)."""
+    return self._encode_batch(texts)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text; pad/eos and out-of-range ids are dropped."""
     return self._decode([int(i) for i in ids
@@ -148,7 +160,7 @@ class HuggingFaceVocabulary:
 
 
 def _load_hf(name_or_path: str):
-  """Returns (encode, decode, vocab_size, token_to_id) for a tokenizer file/dir/hub name."""
+  """(encode, encode_batch, decode, vocab_size, token_to_id) of a tokenizer file/dir/name."""
   path = name_or_path
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
@@ -160,8 +172,11 @@ def _load_hf(name_or_path: str):
                         "`tokenizers` package: pip install -e '.[hf]'.") from e
     tok = tokenizers.Tokenizer.from_file(path)
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+    encode_batch = lambda texts: [e.ids for e in tok.encode_batch(texts,
+                                                                   add_special_tokens=False)]
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
-    return encode, decode, int(tok.get_vocab_size(with_added_tokens=True)), tok.token_to_id
+    return (encode, encode_batch, decode, int(tok.get_vocab_size(with_added_tokens=True)),
+            tok.token_to_id)
   if os.path.sep in name_or_path or name_or_path.endswith(".json"):
     raise FileNotFoundError(f"config.data.hf_tokenizer={name_or_path!r}: no such tokenizer "
                             "file or directory.")
@@ -173,9 +188,10 @@ def _load_hf(name_or_path: str):
                       "a local tokenizer.json.") from e
   tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
   encode = lambda text: tok.encode(text, add_special_tokens=False)
+  encode_batch = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
   decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
-  token_to_id = lambda t: tok.get_vocab().get(t)
-  return encode, decode, int(len(tok)), token_to_id
+  vocab = tok.get_vocab()
+  return encode, encode_batch, decode, int(len(tok)), vocab.get
 
 
 def _first_known(token_to_id: Callable[[str], Optional[int]], names) -> Optional[int]:
@@ -190,7 +206,6 @@ def _hf_seqio_vocabulary(vocab: HuggingFaceVocabulary):
   """Wraps a python tokenizer as a `seqio.Vocabulary` (defined lazily: imports seqio)."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   class _PythonVocabulary(seqio.Vocabulary):
 
