@@ -371,3 +371,23 @@ def test_global_batch_holds_the_local_rows_on_a_one_device_mesh(tmp_path):
   for key in batch:
     assert arrays[key].shape == batch[key].shape
     np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])
+
+
+def test_the_prepare_command_builds_the_cache_and_prints_decoded_examples(tmp_path):
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(
+      "import ml_collections\nfrom armd_jax import data\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.data = data.default_config()\n"
+      "  c.data.task = 'synthetic'\n"
+      "  c.train = ml_collections.ConfigDict(dict(seq_len=24, global_batch_size=4, seed=0))\n"
+      "  return c\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run(
+      [sys.executable, "-m", "armd_jax.data", f"--config={config_file}",
+       f"--workdir={tmp_path / 'run'}", "--config.data.packing=pad"],
+      check=True, capture_output=True, text=True, env=env).stdout
+  assert "ByteVocabulary" in out and "examples of 24" in out and "--- example 1" in out
+  assert os.listdir(tmp_path / "run" / "data_cache")
