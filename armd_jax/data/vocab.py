@@ -374,7 +374,9 @@ def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
 
 
 def _local_hf_copy(config: DataConfig, workdir: str) -> str:
-  return os.path.join(vocab_dir(workdir), "hf_tokenizer.json")
+  """The workdir copy of a tokenizer file; named after `hf_tokenizer` so changing it is seen."""
+  tag = hashlib.sha256(config.hf_tokenizer.encode()).hexdigest()[:12]
+  return os.path.join(vocab_dir(workdir), f"hf_tokenizer_{tag}.json")
 
 
 def _atomic_copy(src: str, dst: str) -> None:
