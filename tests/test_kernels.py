@@ -1,0 +1,246 @@
+"""The Pallas block-id flash attention against the jnp reference (interpret mode on CPU).
+
+Shapes are tiny and tiles are 8 or 16 rows: the interpreter runs every grid step on the
+CPU, and several tiles per axis are needed for padding and skipping to be exercised.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import armd_jax
+from armd_jax import kernels, orders
+from armd_jax.kernels import BlockSizes, block_causal_attention_reference, live_tiles
+from armd_jax.kernels.flash import block_causal_flash_attention
+from armd_jax.losses import token_log_probs
+from armd_jax.models.armd import generation_order
+from conftest import init_model, tiny_config
+
+# dtype -> (forward atol, gradient tolerance relative to the largest gradient entry).
+# bfloat16: the kernel and the reference round p and ds to bfloat16 at different
+# points (per tile vs. whole row), so they agree to a few bfloat16 ulps.
+TOLERANCES = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 3e-2)}
+
+
+def make_ids(kind, rng, batch, nq, nk):
+  """(q_ids [B, Nq], kv_ids [B, Nk]) for one of the id layouts the model produces."""
+  k1, k2 = jax.random.split(rng)
+  if kind == "random_ties":  # unsorted, few distinct ids, queries and keys independent
+    return (jax.random.randint(k1, (batch, nq), 0, 6), jax.random.randint(k2, (batch, nk), 0, 6))
+  if kind == "sorted":  # generation order: non-decreasing ids with ties
+    ids = jnp.sort(orders.masked_diffusion(k1, batch, nk, num_steps=nk // 3), axis=1)
+    return ids[:, :nq] if nq <= nk else None, ids
+  if kind == "two_streams":  # [content ids b (BOS 0 first); query ids b - 1], keys = content
+    n = nk - 1
+    ids = jnp.sort(orders.masked_diffusion(k1, batch, n, num_steps=n // 2), axis=1)
+    content = jnp.concatenate([jnp.zeros((batch, 1), ids.dtype), ids], axis=1)
+    return jnp.concatenate([content, ids - 1], axis=1), content
+  raise ValueError(kind)
+
+
+def random_qkv(rng, batch, nq, nk, heads, dim, dtype):
+  kq, kk, kv, kd = jax.random.split(rng, 4)
+  q = jax.random.normal(kq, (batch, nq, heads, dim), dtype)
+  k = jax.random.normal(kk, (batch, nk, heads, dim), dtype)
+  v = jax.random.normal(kv, (batch, nk, heads, dim), dtype)
+  do = jax.random.normal(kd, (batch, nq, heads, dim), dtype)
+  return q, k, v, do
+
+
+def value_and_grads(attention, q, k, v, do):
+  out, vjp = jax.vjp(attention, q, k, v)
+  return out, vjp(do)
+
+
+CASES = [
+    # (ids kind, Nq, Nk, head dim, block sizes, backend, dtype)
+    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "tpu", jnp.float32),
+    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "gpu", jnp.float32),
+    ("sorted", 29, 40, 32, BlockSizes(8, 16), "gpu", jnp.bfloat16),
+    ("sorted", 40, 40, 24, BlockSizes(8, 8, 16, 8), "tpu", jnp.float32),
+    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "tpu", jnp.bfloat16),
+    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "gpu", jnp.float32),
+    ("random_ties", 24, 45, 64, BlockSizes(16, 16), "tpu", jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kind, nq, nk, dim, block_sizes, backend, dtype", CASES)
+def test_kernel_output_and_gradients_match_the_reference(kind, nq, nk, dim, block_sizes,
+                                                         backend, dtype):
+  rng_ids, rng_x = jax.random.split(jax.random.PRNGKey(nq * nk + dim))
+  q_ids, kv_ids = make_ids(kind, rng_ids, 2, nq, nk)
+  assert q_ids.shape == (2, nq) and kv_ids.shape == (2, nk)
+  q, k, v, do = random_qkv(rng_x, 2, nq, nk, 2, dim, dtype)
+  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
+      q, k, v, q_ids, kv_ids, block_sizes=block_sizes, backend=backend, interpret=True)
+  # The reference in float32 on the same (possibly bfloat16-rounded) inputs.
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  reference = lambda q, k, v: block_causal_attention_reference(  # noqa: E731
+      f32(q), f32(k), f32(v), q_ids, kv_ids)
+  out, grads = value_and_grads(kernel, q, k, v, do)
+  ref_out, ref_grads = value_and_grads(reference, q, k, v, f32(do))
+  atol, gtol = TOLERANCES[dtype]
+  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+  np.testing.assert_allclose(f32(out), ref_out, atol=atol, rtol=atol)
+  for name, g, ref_g in zip("qkv", grads, ref_grads):
+    scale = float(jnp.max(jnp.abs(ref_g)))
+    np.testing.assert_allclose(f32(g), ref_g, atol=gtol * scale, rtol=gtol, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_rows_without_visible_keys_give_zeros_and_finite_gradients(backend):
+  q, k, v, do = random_qkv(jax.random.PRNGKey(0), 1, 16, 16, 1, 16, jnp.float32)
+  q_ids = jnp.arange(16)[None] - 8  # the first 8 queries (ids < 0) see no key at all
+  kv_ids = jnp.arange(16)[None]
+  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
+      q, k, v, q_ids, kv_ids, block_sizes=BlockSizes(8, 8), backend=backend, interpret=True)
+  out, grads = value_and_grads(kernel, q, k, v, do)
+  np.testing.assert_array_equal(out[:, :8], 0.0)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  np.testing.assert_array_equal(grads[0][:, :8], 0.0)
+  ref = block_causal_attention_reference(q, k, v, q_ids, kv_ids)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_live_tiles_of_a_left_to_right_order_are_the_lower_triangle():
+  n, block = 64, 8
+  ids = orders.left_to_right(1, n)
+  live = live_tiles(ids, ids, BlockSizes(block, block))
+  tiles = n // block
+  assert int(live.sum()) == tiles * (tiles + 1) // 2  # 36 of 64 computed, 28 skipped
+  np.testing.assert_array_equal(live[0], np.tril(np.ones((tiles, tiles), bool)))
+
+
+def test_live_tiles_of_two_streams_count_as_two_lower_triangles():
+  n, block = 63, 8  # content rows: BOS + 63 tokens = 64 = 8 tiles; query rows 63 -> 8 tiles
+  ids = orders.left_to_right(1, n) + 1  # ids 1..n
+  content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)
+  q_ids = jnp.concatenate([content, ids - 1], axis=1)  # [1, 127] -> 16 tiles (last padded)
+  live = np.asarray(live_tiles(q_ids, content, BlockSizes(block, block)))[0]
+  tiles = 8
+  # Content tile i sees key tiles 0..i; query tile i (ids 8i .. 8i+7 after the shift)
+  # also sees key tiles 0..i: two lower triangles.
+  assert live.sum() == 2 * tiles * (tiles + 1) // 2
+  np.testing.assert_array_equal(live[:tiles], np.tril(np.ones((tiles, tiles), bool)))
+  np.testing.assert_array_equal(live[tiles:], np.tril(np.ones((tiles, tiles), bool)))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_kernel_never_touches_skipped_tiles(backend):
+  """NaN in every tile the kernel should skip: any read of one would poison the result."""
+  n, block = 32, 8
+  ids = orders.left_to_right(1, n)
+  q, k, v, do = random_qkv(jax.random.PRNGKey(1), 1, n, n, 1, 16, jnp.float32)
+  live = np.asarray(live_tiles(ids, ids, BlockSizes(block, block)))[0]  # [4, 4]
+  assert not live.all()
+  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
+      q, k, v, ids, ids, block_sizes=BlockSizes(block, block), backend=backend, interpret=True)
+  ref_out, ref_grads = value_and_grads(
+      lambda q, k, v: block_causal_attention_reference(q, k, v, ids, ids), q, k, v, do)
+  # Forward and dq: queries of tile 0 only read key tile 0, so NaN in key tiles 1.. must
+  # not reach them.
+  k_bad = k.at[:, block:].set(jnp.nan)
+  v_bad = v.at[:, block:].set(jnp.nan)
+  out, (dq, _, _) = value_and_grads(kernel, q, k_bad, v_bad, do)
+  np.testing.assert_allclose(out[:, :block], ref_out[:, :block], atol=2e-5)
+  np.testing.assert_allclose(dq[:, :block], ref_grads[0][:, :block], atol=2e-5)
+  # dk, dv: the last key tile is only read by the last query tile, so NaN queries and
+  # output gradients in every earlier query tile must not reach its dk, dv.
+  q_bad = q.at[:, :n - block].set(jnp.nan)
+  do_bad = do.at[:, :n - block].set(jnp.nan)
+  _, (_, dk, dv) = value_and_grads(kernel, q_bad, k, v, do_bad)
+  _, (_, ref_dk, ref_dv) = value_and_grads(
+      lambda q, k, v: block_causal_attention_reference(q, k, v, ids, ids),
+      q.at[:, :n - block].set(0.0), k, v, do.at[:, :n - block].set(0.0))
+  np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
+  np.testing.assert_allclose(dv[:, -block:], ref_dv[:, -block:], atol=2e-5)
+
+
+def test_model_logits_and_gradients_are_the_same_with_the_kernel():
+  length = 19
+  config = tiny_config(max_len=length, num_layers=2)  # one two-stream, one causal layer
+  model, params = init_model(config, length=length)
+  kernel_model = armd_jax.ARMD(config.replace(attention="pallas", pallas_interpret=True,
+                                              pallas_block_q=8, pallas_block_kv=8))
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  tokens = jax.random.randint(k1, (2, length), 0, config.vocab_size)
+  ids = orders.masked_diffusion(k2, 2, length, num_steps=7)
+
+  def log_likelihood(module, params):
+    return token_log_probs(module.apply(params, tokens, ids), tokens).sum()
+
+  value, grads = jax.value_and_grad(lambda p: log_likelihood(model, p))(params)
+  kernel_value, kernel_grads = jax.value_and_grad(lambda p: log_likelihood(kernel_model, p))(
+      params)
+  np.testing.assert_allclose(kernel_value, value, rtol=1e-5)
+  np.testing.assert_allclose(kernel_model.apply(params, tokens, ids),
+                             model.apply(params, tokens, ids), atol=2e-5)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(kernel_grads)):
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_generation_order_sorts_stably_and_inverts():
+  ids = jnp.array([[3, 1, 3, 0, 1], [0, 0, 2, 1, 2]])
+  order, inverse = generation_order(ids)
+  np.testing.assert_array_equal(order, [[3, 1, 4, 0, 2], [0, 1, 3, 2, 4]])
+  sorted_ids = jnp.take_along_axis(ids, order, axis=1)
+  assert bool(jnp.all(jnp.diff(sorted_ids, axis=1) >= 0))
+  np.testing.assert_array_equal(jnp.take_along_axis(sorted_ids, inverse, axis=1), ids)
+
+
+def test_gpu_kernel_lowers_to_triton_for_cuda():
+  """Forward and both backward kernels lower to Triton calls (no GPU needed to lower)."""
+  shape = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def loss(q, k, v, q_ids, kv_ids):
+    out = block_causal_flash_attention(q, k, v, q_ids, kv_ids, backend="gpu",
+                                       block_sizes=BlockSizes(64, 64))
+    return out.astype(jnp.float32).sum()
+
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          shape, shape, shape, ids, ids)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
+def test_tpu_kernel_lowers_to_mosaic_for_tpu():
+  """Forward and both backward kernels lower to Mosaic calls (compiling needs libtpu:
+  see benchmarks/tpu_aot.py)."""
+  shape = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def loss(q, k, v, q_ids, kv_ids):
+    out = block_causal_flash_attention(q, k, v, q_ids, kv_ids, backend="auto")
+    return out.astype(jnp.float32).sum()
+
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+      shape, shape, shape, ids, ids)
+  assert exported.mlir_module().count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(backend="tpu", block_sizes=BlockSizes(64, 128)), "block_q=64 must be a multiple of 128"),
+    (dict(backend="gpu", block_sizes=BlockSizes(128, 48)), "block_kv=48 must be a power of two"),
+    (dict(interpret=True, block_sizes=BlockSizes(12, 8)), "multiple of 8"),
+])
+def test_bad_kernel_settings_raise_clear_errors(kwargs, message):
+  q = jnp.zeros((1, 8, 1, 16))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match=message):
+    block_causal_flash_attention(q, q, q, ids, ids, **kwargs)
+
+
+def test_bad_block_sizes_and_shapes_raise_clear_errors():
+  with pytest.raises(ValueError, match="BlockSizes.block_kv"):
+    BlockSizes(128, 0)
+  q = jnp.zeros((1, 8, 1, 16))
+  with pytest.raises(ValueError, match="q_ids must be"):
+    kernels.block_causal_attention(q, q, q, jnp.zeros((1, 7), jnp.int32),
+                                   jnp.zeros((1, 8), jnp.int32), implementation="pallas")
+  with pytest.raises(ValueError, match="pallas_block_q"):
+    tiny_config(pallas_block_q=0)
