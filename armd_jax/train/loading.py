@@ -45,8 +45,8 @@ def load_trained(workdir: str, use_ema: bool = True, step: Optional[int] = None,
     FileNotFoundError: `workdir` has no config.json or no finished checkpoint.
   """
   config = checkpoints.load_config(workdir)
-  model_config = model_config_from(config)
   saved, step = checkpoints.restore_state_arrays(workdir, step)
+  model_config = model_config_from(config)
   params = saved["params"]
   if use_ema and saved.get("ema_params") is not None:
     params = saved["ema_params"]

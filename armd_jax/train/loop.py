@@ -80,29 +80,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_metrics: Dict[str, float] = {}
   pending = None  # (step, device metrics) checked one step late, so steps stay pipelined
 
-  for step in range(start + 1, tc.num_steps + 1):  # `step` = steps done after this update
-    batch = partitioning.global_batch(next(datasets.train_iter), batch_shard)
-    state, metrics = train_step(state, batch)
-    if step == start + 1:  # rates exclude compilation
-      progress.restart(step, jax.block_until_ready(metrics))
-    if pending is not None:
-      observe.check_finite(pending[0], jax.device_get(pending[1]), last_good)
-    pending = (step, metrics)
-    is_last = step == tc.num_steps
-    if step % tc.log_every == 0 or is_last:
-      train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      observe.check_finite(step, train_metrics, last_good)
-      rates = progress.line(step, train_metrics)
-      writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
-                             if k not in _SUMS}, **rates})
-    if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
-      writer.write(step, run_eval(eval_step, state, datasets, batch_shard, settings))
-    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
-      observe.check_finite(step, jax.device_get(metrics), last_good)
-      checkpoints.save(manager, step, state, datasets.train_iter)
-      last_good = step
-  manager.wait_until_finished()
-  manager.close()
+  try:
+    for step in range(start + 1, tc.num_steps + 1):  # `step` = steps done after this update
+      batch = partitioning.global_batch(next(datasets.train_iter), batch_shard)
+      state, metrics = train_step(state, batch)
+      if step == start + 1:  # rates exclude compilation
+        progress.restart(step, jax.block_until_ready(metrics))
+      if pending is not None:
+        observe.check_finite(pending[0], jax.device_get(pending[1]), last_good)
+      pending = (step, metrics)
+      is_last = step == tc.num_steps
+      if step % tc.log_every == 0 or is_last:
+        train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        observe.check_finite(step, train_metrics, last_good)
+        rates = progress.line(step, train_metrics)
+        writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
+                               if k not in _SUMS}, **rates})
+      if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
+        writer.write(step, run_eval(eval_step, state, datasets, batch_shard, settings))
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
+        observe.check_finite(step, jax.device_get(metrics), last_good)
+        checkpoints.save(manager, step, state, datasets.train_iter)
+        last_good = step
+  finally:  # let the last good checkpoint finish writing, even on errors
+    manager.wait_until_finished()
+    manager.close()
 
   final = run_eval(eval_step, state, datasets, batch_shard, settings)
   writer.write(int(state.step), final)
