@@ -9,7 +9,7 @@ Public API:
 See `docs/sampling.md`.
 """
 
-from armd_jax.sampling.decode import GenerateOutput, decode, generate, score
+from armd_jax.sampling.decoding import GenerateOutput, decode, generate, score
 from armd_jax.sampling.plan import Plan, generation_order, make_plan
 from armd_jax.sampling.sampler import SamplerConfig, filter_logits, sample_logits
 

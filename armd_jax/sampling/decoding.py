@@ -139,9 +139,8 @@ TRACE_COUNTS: Dict[Any, int] = {}
 def _count_trace(key) -> None:
   TRACE_COUNTS[key] = TRACE_COUNTS.get(key, 0) + 1
   if TRACE_COUNTS[key] > 1:
-    raise AssertionError(f"the KV-cached decoder was traced again for one static signature "
-                         f"(structure={key[2]}, batch={key[3]}, length={key[4]}, "
-                         f"mode={key[5]}): an input changed dtype or weak type.")
+    raise AssertionError(f"the decoder was traced again for one static signature {key[2:]}: "
+                         "an input changed dtype, shape or weak type.")
 
 
 def _init_light_state(tokens: jax.Array) -> Dict[str, Any]:

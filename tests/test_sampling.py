@@ -1,0 +1,248 @@
+"""Properties of KV-cached ARMD decoding (spec section 4), each stated as a sentence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from armd_jax import orders, sampling
+from armd_jax.losses import token_log_probs
+from armd_jax.sampling import SamplerConfig
+from armd_jax.sampling import decoding as decode_lib
+from conftest import init_model, tiny_config
+
+N = 12
+B = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """One model for the module, so tests share compiled decoders (batch B, length N)."""
+  return init_model(tiny_config())
+
+
+def make_order(name, batch, length):
+  rng = jax.random.PRNGKey(7)
+  if name == "left_to_right":
+    return orders.left_to_right(batch, length)
+  if name == "random":
+    return orders.progressive_permutation(rng, batch, length, length)
+  if name == "strided":
+    return orders.strided(batch, length, 4)
+  if name == "multi_token_blocks":
+    return orders.masked_diffusion(rng, batch, length, num_steps=5)
+  raise ValueError(name)
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "random", "strided", "multi_token_blocks"])
+def test_cached_scores_equal_one_pass_log_probs(tiny, order):
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, N), 0, model.config.vocab_size)
+  ids = make_order(order, 2, N)
+  want = token_log_probs(model.apply(params, tokens, ids), tokens)
+  got = sampling.score(model, params, tokens, ids)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_layers=3, num_two_stream_layers=3, query_init="prefix", tie_embeddings=False),
+    dict(num_layers=2, num_two_stream_layers=0),
+])
+def test_cached_scores_equal_one_pass_log_probs_for_other_architectures(overrides):
+  model, params = init_model(tiny_config(**overrides))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, N), 0, model.config.vocab_size)
+  ids = make_order("multi_token_blocks", 2, N)
+  want = token_log_probs(model.apply(params, tokens, ids), tokens)
+  np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
+
+
+def test_cached_scores_equal_one_pass_log_probs_at_shifted_positions(tiny):
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, N), 0, model.config.vocab_size)
+  ids = make_order("random", 2, N)
+  positions = jnp.stack([jnp.arange(N) + 5, jnp.arange(N)[::-1] * 2])
+  want = token_log_probs(model.apply(params, tokens, ids, positions), tokens)
+  got = sampling.score(model, params, tokens, ids, positions)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_score_comparison_catches_a_cache_that_hides_the_own_block(tiny, monkeypatch):
+  # If the upper half saw only earlier blocks (strict mask), multi-token blocks differ.
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, N), 0, model.config.vocab_size)
+  ids = make_order("multi_token_blocks", 1, N)
+  real = decode_lib._scatter
+  monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)
+
+  def no_upper_write(array, index, values):
+    return array if array.ndim == 4 and array.shape[1] == N else real(array, index, values)
+
+  monkeypatch.setattr(decode_lib, "_scatter", no_upper_write)
+  want = token_log_probs(model.apply(params, tokens, ids), tokens)
+  got = sampling.score(model, params, tokens, ids)
+  assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("streams,sampler", [
+    (1, SamplerConfig()),
+    (3, SamplerConfig(temperature=0.7, top_k=6, top_p=0.9)),
+])
+def test_cached_sampler_draws_the_same_tokens_as_full_recompute(tiny, streams, sampler):
+  model, params = tiny
+  kwargs = dict(batch_size=B, length=N, streams=streams, sampler=sampler)
+  rng = jax.random.PRNGKey(11)
+  cached = sampling.generate(model, params, rng, **kwargs)
+  reference = sampling.generate(model, params, rng, mode="recompute", **kwargs)
+  np.testing.assert_array_equal(cached.tokens, reference.tokens)
+  np.testing.assert_allclose(cached.log_probs, reference.log_probs, atol=1e-5)
+  assert cached.num_calls == reference.num_calls
+
+
+def test_cached_sampler_matches_full_recompute_in_a_multi_token_order_with_infill(tiny):
+  model, params = tiny
+  ids = make_order("multi_token_blocks", 2, N)
+  known = np.zeros((2, N), bool)
+  known[0, [1, 5]] = True
+  infill = (np.full((2, N), 4), known)
+  rng = jax.random.PRNGKey(5)
+  cached = sampling.generate(model, params, rng, batch_size=2, length=N, order=ids, infill=infill)
+  reference = sampling.generate(model, params, rng, batch_size=2, length=N, order=ids,
+                                infill=infill, mode="recompute")
+  np.testing.assert_array_equal(cached.tokens, reference.tokens)
+  np.testing.assert_array_equal(np.asarray(cached.tokens)[known], 4)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4])
+def test_strided_generation_makes_n_over_s_plus_s_minus_one_calls_and_fills_every_position(
+    tiny, streams):
+  model, params = tiny
+  out = sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=B, length=N,
+                          streams=streams)
+  assert out.num_calls == N // streams + streams - 1
+  np.testing.assert_array_equal(out.block_ids, orders.strided(B, N, streams))
+  # A position never decoded keeps log-prob 0; every drawn token has probability < 1.
+  assert (np.asarray(out.log_probs) < 0).all()
+  assert out.tokens.shape == (B, N) and out.tokens.dtype == jnp.int32
+
+
+def test_prompt_tokens_are_never_overwritten_and_each_costs_one_call(tiny):
+  model, params = tiny
+  prompt = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
+  out = sampling.generate(model, params, jax.random.PRNGKey(1), batch_size=2, length=N,
+                          streams=4, prompt=prompt)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)
+  assert out.num_calls == 4 + (N - 4) // 4 + 4 - 1
+  np.testing.assert_array_equal(out.block_ids[:, :4], [[1, 2, 3, 4]] * 2)
+
+
+def test_infill_keeps_known_positions_and_generates_the_rest_after_them(tiny):
+  model, params = tiny
+  known = np.zeros(N, bool)
+  known[[0, 3, 7, 11]] = True
+  tokens = np.where(known, 6, 0)
+  out = sampling.generate(model, params, jax.random.PRNGKey(2), batch_size=B, length=N,
+                          streams=2, infill=(tokens, known))
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, known], 6)
+  assert (out.block_ids[:, known].max(1) < out.block_ids[:, ~known].min(1)).all()
+
+
+def test_generation_is_a_deterministic_function_of_the_rng(tiny):
+  model, params = tiny
+  gen = lambda seed: np.asarray(sampling.generate(  # noqa: E731
+      model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2).tokens)
+  np.testing.assert_array_equal(gen(0), gen(0))
+  assert not np.array_equal(gen(0), gen(1))
+
+
+def test_greedy_generation_takes_the_argmax_of_the_one_pass_model(tiny):
+  model, params = tiny
+  out = sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=B, length=N,
+                          streams=4, sampler=SamplerConfig(greedy=True))
+  logits = model.apply(params, out.tokens, out.block_ids)
+  np.testing.assert_array_equal(out.tokens, jnp.argmax(logits, -1))
+
+
+def test_repeated_generation_reuses_one_compiled_decoder(tiny):
+  model, params = tiny
+  for seed in range(3):
+    sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2)
+  key = (model, SamplerConfig(), ((1, 2), (2, 5)), B, N, "cached")
+  assert decode_lib.TRACE_COUNTS[key] == 1
+
+
+def test_decoder_trace_guard_fires_on_a_second_trace():
+  key = ("fake",)
+  decode_lib.TRACE_COUNTS[key] = 0
+  decode_lib._count_trace(key)
+  with pytest.raises(AssertionError, match="traced again"):
+    decode_lib._count_trace(key)
+
+
+# -- sampling controls ----------------------------------------------------------------------
+
+
+def test_draws_follow_the_softmax_distribution_in_float32():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  draws = sampling.sample_logits(jax.random.PRNGKey(0), jnp.broadcast_to(logits, (20000, 4)),
+                                 SamplerConfig())
+  freq = np.bincount(np.asarray(draws), minlength=4) / 20000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+
+
+def test_temperature_sharpens_the_distribution():
+  logits = jnp.broadcast_to(jnp.log(jnp.array([0.6, 0.4])), (20000, 2))
+  draws = sampling.sample_logits(jax.random.PRNGKey(1), logits, SamplerConfig(temperature=0.5))
+  # p ~ 0.6^2 : 0.4^2 = 0.692 : 0.308
+  assert abs(float(np.mean(np.asarray(draws) == 0)) - 0.692) < 0.015
+
+
+def test_top_k_draws_only_among_the_k_most_likely_tokens():
+  logits = jax.random.normal(jax.random.PRNGKey(2), (500, 10))
+  draws = sampling.sample_logits(jax.random.PRNGKey(3), logits, SamplerConfig(top_k=3))
+  top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
+  assert all(d in row for d, row in zip(np.asarray(draws), top3))
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.asarray(sampling.filter_logits(logits, SamplerConfig(top_p=0.75)))[0] > -1e29
+  np.testing.assert_array_equal(kept, [True, True, False, False])
+  kept = np.asarray(sampling.filter_logits(logits, SamplerConfig(top_p=0.1)))[0] > -1e29
+  np.testing.assert_array_equal(kept, [True, False, False, False])
+
+
+def test_greedy_sampling_is_the_argmax():
+  logits = jax.random.normal(jax.random.PRNGKey(4), (50, 7))
+  draws = sampling.sample_logits(jax.random.PRNGKey(5), logits, SamplerConfig(greedy=True))
+  np.testing.assert_array_equal(draws, jnp.argmax(logits, -1))
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_bad_sampler_fields_are_rejected_by_name(fields, match):
+  with pytest.raises(ValueError, match=match):
+    SamplerConfig(**fields)
+
+
+def test_bad_generation_requests_give_clear_errors(tiny):
+  model, params = tiny
+  rng = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="max_len"):
+    sampling.generate(model, params, rng, batch_size=1, length=model.config.max_len + 1)
+  with pytest.raises(ValueError, match="streams=5 must divide"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, streams=5)
+  with pytest.raises(ValueError, match="either prompt or infill"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, prompt=[1],
+                      infill=(np.zeros(N), np.zeros(N, bool)))
+  with pytest.raises(ValueError, match="more than length"):
+    sampling.generate(model, params, rng, batch_size=1, length=4, prompt=[1] * 5)
+  with pytest.raises(ValueError, match="vocab_size"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, prompt=[99])
+  with pytest.raises(ValueError, match="dense"):
+    sampling.score(model, params, np.zeros((1, 4), int), np.array([[1, 3, 3, 4]]))
