@@ -297,10 +297,11 @@ def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_spe
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
   kernel = _gpu_kernel(kernel_body, axis_of_loop, **body_kwargs)
   del b
+  num_warps = 8 if block_q * block_kv >= 128 * 128 else 4
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, name=name,
-      compiler_params=pltr.CompilerParams(num_warps=4, num_stages=2))(*operands)
+      compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=2))(*operands)
 
 
 def _sds(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
@@ -422,13 +423,29 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _check_block(name: str, value: int, backend: str, interpret: bool) -> None:
-  if backend == "tpu" and not interpret and value % 128:
+def _tile_rules(backend: str, interpret: bool) -> str:
+  """Which tile constraints apply: 'tpu', 'gpu' or 'interpret'.
+
+  For backend 'auto' the platform is only known at lowering time; the default
+  backend is the best guess (ahead-of-time compiles for another platform are checked
+  by that platform's compiler instead).
+  """
+  if interpret:
+    return "interpret"
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  return "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda", "rocm") else (
+      "interpret")
+
+
+def _check_block(name: str, value: int, rules: str) -> None:
+  if rules == "tpu" and value % 128:
     raise ValueError(f"BlockSizes.{name}={value} must be a multiple of 128 for the TPU kernel.")
-  if backend == "gpu" and not interpret and (value < 16 or value & (value - 1)):
+  if rules == "gpu" and (value < 16 or value & (value - 1)):
     raise ValueError(f"BlockSizes.{name}={value} must be a power of two >= 16 for the GPU "
                      "kernel.")
-  if interpret and value % 8:
+  if value % 8:
     raise ValueError(f"BlockSizes.{name}={value} must be a multiple of 8.")
 
 
@@ -463,9 +480,10 @@ def block_causal_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids
     raise ValueError(f"block_causal_flash_attention: q_ids must be {q.shape[:2]} and kv_ids "
                      f"{k.shape[:2]}; got {q_ids.shape} and {kv_ids.shape}.")
   block_sizes = BlockSizes() if block_sizes is None else block_sizes
-  for name in ("block_q", "block_kv"):
-    for be in (("tpu", "gpu") if backend == "auto" else (backend,)):
-      _check_block(name, getattr(block_sizes, name), be, interpret)
+  rules = _tile_rules(backend, interpret)
+  for name, value in zip(("block_q", "block_kv", "block_q_dkv", "block_kv_dkv"),
+                         (block_sizes.block_q, block_sizes.block_kv) + block_sizes.dkv):
+    _check_block(name, value, rules)
   nq_len, nk_len, d = q.shape[1], k.shape[1], q.shape[-1]
   sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   opts = _Options(block_sizes, backend, interpret, sm_scale)

@@ -1,0 +1,174 @@
+"""Compiles the Pallas kernel and a full ARMD train step for a TPU topology, on a CPU host.
+
+Ahead-of-time proof that the Mosaic (TPU) kernels compile, inside `jax.shard_map`, and
+what they cost in device memory next to the XLA masked reference. Nothing runs: the
+programs are lowered and compiled by libtpu for a described topology.
+
+Needs libtpu matching the installed jax (not a dependency of the package, because
+merely installing it makes every jax process probe for a TPU):
+  pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"
+or unpack the libtpu wheel somewhere and put that folder on PYTHONPATH. Then:
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --topology v5e:2x2
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --smoke   # small shapes only
+Writes a markdown table to --out (default benchmarks/results/tpu_aot.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import armd_jax  # noqa: E402  pylint: disable=g-import-not-at-top
+from armd_jax import kernels  # noqa: E402  pylint: disable=g-import-not-at-top
+from armd_jax.losses import cross_entropy  # noqa: E402  pylint: disable=g-import-not-at-top
+
+MIB = 2.0 ** 20
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", default="v5e:2x2", help="TPU topology name, e.g. v5e:2x2")
+  parser.add_argument("--smoke", action="store_true", help="one small kernel shape and a "
+                      "small model only")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "tpu_aot.md"))
+  return parser.parse_args()
+
+
+def compile_stats(fn, *args):
+  """(seconds, memory analysis, number of Mosaic calls) of compiling jit(fn)(*args)."""
+  start = time.time()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.time() - start
+  return seconds, compiled.memory_analysis(), compiled.as_text().count("tpu_custom_call")
+
+
+def kernel_rows(mesh: Mesh, shapes):
+  """Kernel vs. reference, forward+backward, sharded over batch ('data') and heads ('model')."""
+  qkv_spec, id_spec = P("data", None, "model", None), P("data", None)
+  rows = []
+  for batch, length, heads, dim in shapes:
+    for name, impl in (("pallas (Mosaic)", "pallas"), ("xla reference", "xla")):
+      def attention(q, k, v, q_ids, kv_ids, impl=impl):
+        return kernels.block_causal_attention(q, k, v, q_ids, kv_ids, implementation=impl)
+
+      sharded = jax.shard_map(attention, mesh=mesh, in_specs=(qkv_spec,) * 3 + (id_spec,) * 2,
+                              out_specs=qkv_spec)
+
+      def loss(q, k, v, q_ids, kv_ids, sharded=sharded):
+        return sharded(q, k, v, q_ids, kv_ids).astype(jnp.float32).sum()
+
+      x = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, qkv_spec))
+      ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, id_spec))
+      seconds, mem, calls = compile_stats(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, ids, ids)
+      rows.append((f"attention fwd+bwd B={batch} N={length} H={heads} D={dim} bf16", name,
+                   seconds, mem, calls))
+      print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB, mosaic calls {calls}",
+            flush=True)
+  return rows
+
+
+def model_rows(mesh: Mesh, smoke: bool):
+  """A data-parallel AdamW train step of ARMD (loss fwd+bwd + update) in shard_map."""
+  if smoke:
+    fields = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+                  max_len=512, dtype="bfloat16")
+    per_device_batch, length = 2, 512
+  else:  # GPT-2 small shape (paper's OWT model): 12 layers, 6 two-stream, N = 1024
+    fields = dict(vocab_size=50257, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                  max_len=1024, dtype="bfloat16")
+    per_device_batch, length = 4, 1024
+  data_size = mesh.devices.size
+  flat = Mesh(mesh.devices.reshape(-1), ("data",))
+  rows = []
+  for name, attention in (("pallas (Mosaic)", "pallas"), ("xla reference", "xla")):
+    config = armd_jax.ModelConfig(attention=attention, **fields)
+    model = armd_jax.build_model(config)
+    optimizer = optax.adamw(3e-4)
+
+    def init(rng, model=model, optimizer=optimizer):
+      params = model.init(rng, jnp.zeros((1, length), jnp.int32),
+                          armd_jax.orders.left_to_right(1, length))
+      params = nn.meta.unbox(params)  # plain arrays; replicated over the data axis
+      return params, optimizer.init(params)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+
+    def step(state, tokens, block_ids, model=model, optimizer=optimizer):
+      params, opt_state = state
+
+      def loss_fn(params):
+        logits = model.apply(params, tokens, block_ids)
+        return cross_entropy(logits, tokens, block_ids)[0]
+
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      grads = jax.lax.pmean(grads, "data")
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), jax.lax.pmean(loss, "data")
+
+    sharded_step = jax.shard_map(step, mesh=flat, in_specs=(P(), P("data"), P("data")),
+                                 out_specs=(P(), P()))
+    replicated = NamedSharding(flat, P())
+    state = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    batch = jax.ShapeDtypeStruct((per_device_batch * data_size, length), jnp.int32,
+                                 sharding=NamedSharding(flat, P("data")))
+    seconds, mem, calls = compile_stats(sharded_step, state, batch, batch)
+    label = (f"ARMD train step d={config.d_model} L={config.num_layers} "
+             f"({config.num_two_stream_layers} two-stream) N={length} "
+             f"batch {per_device_batch}/device bf16")
+    rows.append((label, name, seconds, mem, calls))
+    print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB, mosaic calls {calls}",
+          flush=True)
+  return rows
+
+
+def write_table(rows, path: str, topology: str, devices) -> str:
+  lines = [f"TPU AOT compile on a CPU host: topology `{topology}` ({len(devices)} x "
+           f"{devices[0].device_kind}), jax {jax.__version__}.",
+           "Memory per device from `compiled.memory_analysis()`.", "",
+           "| program | attention | compile s | Mosaic calls | peak MiB | temp MiB | args MiB "
+           "| out MiB |",
+           "|---|---|---|---|---|---|---|---|"]
+  for label, name, seconds, mem, calls in rows:
+    lines.append(f"| {label} | {name} | {seconds:.1f} | {calls} | "
+                 f"{mem.peak_memory_in_bytes / MIB:.1f} | {mem.temp_size_in_bytes / MIB:.1f} | "
+                 f"{mem.argument_size_in_bytes / MIB:.1f} | {mem.output_size_in_bytes / MIB:.1f} |")
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return text
+
+
+def main() -> None:
+  args = parse_args()
+  try:
+    topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+  except Exception as error:  # pylint: disable=broad-except
+    raise SystemExit(f"Could not describe TPU topology {args.topology!r} ({error}). Is libtpu "
+                     "installed? See this script's docstring.") from error
+  devices = topology.devices
+  mesh = Mesh(np.array(devices).reshape(2, -1), ("data", "model"))
+  print(f"{len(devices)} devices: {devices[0].device_kind}; mesh {dict(mesh.shape)}", flush=True)
+  shapes = [(4, 1024, 4, 128)] if args.smoke else [
+      (8, n, 8, d) for n in (1024, 2048, 4096) for d in (64, 128)]
+  rows = kernel_rows(mesh, shapes) + model_rows(mesh, args.smoke)
+  print(write_table(rows, args.out, args.topology, devices))
+
+
+if __name__ == "__main__":
+  main()
