@@ -100,24 +100,20 @@ def test_the_matched_checkpoint_check_fails_when_the_position_table_is_scrambled
 @pytest.mark.parametrize("kind", ["ar", "armd"])
 def test_one_pass_log_likelihood_equals_the_chain_rule_of_prefix_calls(kind):
   model, params = init_kind(tiny_config(kind=kind))
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 0, 13)
+  length = 6
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, length), 0, 13)
   one_pass = log_likelihood(model, params, tokens)
-  chain = sum(log_likelihood(model, params, tokens[:, :n + 1])
-              - log_likelihood(model, params, tokens[:, :n]) if n else
-              log_likelihood(model, params, tokens[:, :1]) for n in range(9))
-  # Each prefix call only sees tokens[:n+1]; differences of prefix log-likelihoods are
-  # the conditionals log p(x_n | x_<n) computed without any later token.
+  # Call n only ever receives tokens[:n+1]: log p(x_n | x_<n) computed with no later token.
   step_by_step = sum(
       token_log_probs(_logits(model, params, tokens[:, :n + 1]), tokens[:, :n + 1])[:, n]
-      for n in range(9))
+      for n in range(length))
   np.testing.assert_allclose(one_pass, step_by_step, atol=1e-5)
-  np.testing.assert_allclose(one_pass, chain, atol=1e-4)
 
 
 def _logits(model, params, tokens):
   if model.config.kind == "ar":
-    return model.apply(params, tokens)
-  return model.apply(params, tokens, orders.left_to_right(*tokens.shape))
+    return jax.jit(model.apply)(params, tokens)
+  return jax.jit(model.apply)(params, tokens, orders.left_to_right(*tokens.shape))
 
 
 @pytest.mark.parametrize("kind,streams", [("ar", 1), ("armd", 1), ("armd", 2)])
@@ -230,18 +226,23 @@ def test_monte_carlo_diffusion_loss_is_unbiased_for_the_exact_elbo():
       draws.mean(), exact_elbo(lp)[x], stderr)
 
 
+@pytest.mark.slow
 def test_mdlm_ancestral_sampler_draws_from_its_exact_distribution():
   model, params = sharp_mdlm(0)
   seqs, _, lp = revealed_log_probs(model, params)
-  exact = np.exp(-exact_sampler_nll(lp)[0])
-  assert exact.max() > 0.2, "the check needs a non-uniform model"
-  out = mdlm_sampling.generate(model, params, jax.random.PRNGKey(7), batch_size=8000,
-                               length=N, num_steps=200)
+  nll, per_order = exact_sampler_nll(lp)
+  exact = np.exp(-nll)
+  left_to_right = np.exp(per_order[0])  # what a fixed-order sampler would draw
+  assert 0.5 * np.abs(left_to_right - exact).sum() > 0.1, "the check must tell orders apart"
+  out = mdlm_sampling.generate(model, params, jax.random.PRNGKey(7), batch_size=4000,
+                               length=N, num_steps=100)
   index = np.asarray(out.tokens) @ (V ** np.arange(N - 1, -1, -1))
-  empirical = np.bincount(index, minlength=len(seqs)) / 8000
-  # 8000 draws over 27 outcomes: expected total variation ~0.02; T = 200 steps reveal
-  # two of 3 tokens together with probability ~1.5%, which barely moves the distribution.
-  assert 0.5 * np.abs(empirical - exact).sum() < 0.05
+  empirical = np.bincount(index, minlength=len(seqs)) / 4000
+  # 4000 draws over 27 outcomes: expected total variation ~0.025 from sampling noise;
+  # T = 100 steps reveal two of the 3 tokens together with probability ~3%, which moves
+  # the distribution by less than that. A wrong sampler (e.g. a fixed left-to-right
+  # reveal order) is off by > 0.1 on this sharp model.
+  assert 0.5 * np.abs(empirical - exact).sum() < 0.06
 
 
 def test_skipping_the_network_changes_the_cost_and_never_the_samples():
