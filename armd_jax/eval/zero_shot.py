@@ -60,7 +60,7 @@ def ptb_detokenize(text: str) -> str:
 def wikitext_detokenize(text: str) -> str:
   """WikiText tokenised text (raw or .tokens) -> ordinary text (see module doc)."""
   text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-  text = re.sub(r"^ *(=+) (.*?) \1 *$", r"\2", text, flags=re.MULTILINE)
+  text = re.sub(r"^ *(?:= )+(.*?)(?: =)+ *$", r"\1", text, flags=re.MULTILINE)
   text = text.replace(" 's", "'s").replace(" n't", "n't")
   text = re.sub(r'" ([^"]*?) "', r'"\1"', text)
   return _tidy_punctuation(text)
@@ -75,7 +75,7 @@ def lambada_detokenize(text: str) -> str:
 
 def lm1b_detokenize(text: str) -> str:
   """One Billion Word sentence -> ordinary text (see module doc)."""
-  text = text.replace("``", '"').replace("''", '"')
+  text = text.replace("`` ", '"').replace(" ''", '"').replace("``", '"').replace("''", '"')
   text = text.replace(" 's", "'s").replace(" n't", "n't")
   return _tidy_punctuation(text).strip()
 
