@@ -218,6 +218,56 @@ def generative_perplexity(tokens: np.ndarray, evaluator, *, vocab=None,
                           tokens.shape[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """Generated tokens [B, N], network calls made for the batch, and wall seconds."""
+
+  tokens: np.ndarray
+  num_calls: int
+  seconds: float
+
+
+def generate_samples(model, params, rng: jax.Array, *, batch_size: int, length: int,
+                     streams: int = 1, num_steps: Optional[int] = None, sampler=None,
+                     warmup: bool = True) -> Samples:
+  """Unconditional samples from a model of any kind, timed after an optional warm-up.
+
+  'armd': KV-cached strided decoding with S = `streams` (N/S + S - 1 calls); 'ar':
+  KV-cached left to right (N calls; streams must be 1); 'mdlm': ancestral sampling with
+  `num_steps` reverse steps (default N/S + S - 1, the ARMD call count for the same S,
+  so the two are compared at matched numbers of network calls).
+  """
+  import time  # pylint: disable=import-outside-toplevel
+
+  from armd_jax import sampling  # pylint: disable=import-outside-toplevel
+  from armd_jax.sampling import ar as ar_sampling  # pylint: disable=import-outside-toplevel
+  from armd_jax.sampling import mdlm as mdlm_sampling  # pylint: disable=import-outside-toplevel
+
+  sampler = sampling.SamplerConfig() if sampler is None else sampler
+  kind = model.config.kind
+  if kind == "ar" and streams != 1:
+    raise ValueError(f"an 'ar' model generates one token per call: streams must be 1, got "
+                     f"{streams}.")
+
+  def run(key):
+    if kind == "armd":
+      return sampling.generate(model, params, key, batch_size=batch_size, length=length,
+                               streams=streams, sampler=sampler)
+    if kind == "ar":
+      return ar_sampling.generate(model, params, key, batch_size=batch_size, length=length,
+                                  sampler=sampler)
+    steps = num_steps or length // streams + streams - 1
+    return mdlm_sampling.generate(model, params, key, batch_size=batch_size, length=length,
+                                  num_steps=steps, sampler=sampler)
+
+  if warmup:
+    jax.block_until_ready(run(jax.random.fold_in(rng, 1)).tokens)
+  start = time.perf_counter()
+  out = run(rng)
+  tokens = np.asarray(jax.block_until_ready(out.tokens))
+  return Samples(tokens, int(out.num_calls), time.perf_counter() - start)
+
+
 def describe_samples(tokens: np.ndarray, vocab, limit: int = 3) -> List[str]:
   """The first `limit` samples decoded, for printing."""
   return [vocab.decode(list(np.asarray(t))) for t in np.asarray(tokens)[:limit]]

@@ -17,6 +17,7 @@ from typing import Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from armd_jax.models.config import ModelConfig
 from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
@@ -58,12 +59,27 @@ def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
   return tokens.astype(jnp.int32)
 
 
+def check_left_to_right(block_ids, shape) -> None:
+  """Raises ValueError if concrete `block_ids` are not increasing along each row."""
+  if block_ids is None or isinstance(block_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(block_ids)
+  if ids.shape != tuple(shape):
+    raise ValueError(f"block_ids shape {ids.shape} must equal tokens shape {tuple(shape)}.")
+  if ids.shape[1] > 1 and np.any(np.diff(ids, axis=1) < 0):
+    raise ValueError("an 'ar' model only computes the left-to-right order; got block_ids "
+                     "that are not non-decreasing along the sequence (use kind 'armd').")
+
+
 class AR(nn.Module):
   """Causal transformer LM (next-token prediction) from the shared blocks.
 
-  `model.apply(params, tokens, deterministic=True)` returns float32 logits
-  [B, N, vocab]; `logits[b, n]` is the distribution of `tokens[b, n]` given
-  `tokens[b, :n]`. Right padding is harmless (no row sees a later row).
+  `model.apply(params, tokens, block_ids=None, deterministic=True)` returns float32
+  logits [B, N, vocab]; `logits[b, n]` is the distribution of `tokens[b, n]` given
+  `tokens[b, :n]`. Right padding is harmless (no row sees a later row). `block_ids`
+  is accepted so that code written for ARMD (`model.init(rng, tokens, ids)`) runs
+  unchanged; an AR model is left-to-right by construction, so concrete ids that are
+  not left-to-right (after padding) raise a ValueError (traced ids cannot be checked).
   `embed`, `bos`, `layers` and `logits` are the pieces the KV-cached sampler reuses.
   """
 
@@ -101,8 +117,10 @@ class AR(nn.Module):
     ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     return nn.with_logical_constraint(x, ACTIVATION), ids
 
-  def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, tokens: jax.Array, block_ids: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
     tokens = check_tokens(self.config, tokens)
+    check_left_to_right(block_ids, tokens.shape)
     x, ids = self.inputs(tokens)  # [B, N, D], [B, N]; ids double as RoPE positions
     for layer in self.layers:
       x = layer(x, ids, ids, deterministic=deterministic)

@@ -40,9 +40,11 @@ def mask_id(config: ModelConfig) -> int:
 class MDLM(nn.Module):
   """Bidirectional denoiser over tokens with [MASK] (= vocab_size) holes.
 
-  `model.apply(params, noisy_tokens, positions=None, deterministic=True)` returns
-  float32 logits [B, N, vocab]: logits[b, n] is p(x_n | noisy_tokens[b]) (only
-  meaningful where noisy_tokens[b, n] is [MASK]).
+  `model.apply(params, noisy_tokens, block_ids=None, positions=None, deterministic=True)`
+  returns float32 logits [B, N, vocab]: logits[b, n] is p(x_n | noisy_tokens[b]) (only
+  meaningful where noisy_tokens[b, n] is [MASK]). `block_ids` is ignored (a
+  bidirectional denoiser has no order); it is accepted so that code written for ARMD
+  (`model.init(rng, tokens, ids)`) runs unchanged.
   """
 
   config: ModelConfig
@@ -56,8 +58,9 @@ class MDLM(nn.Module):
         cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
         kernel_init=dense_init("embed", "vocab"))
 
-  def __call__(self, noisy_tokens: jax.Array, positions: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(self, noisy_tokens: jax.Array, block_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    del block_ids  # no order: every row sees every row
     cfg = self.config
     noisy_tokens = check_tokens(cfg, noisy_tokens)
     if positions is None:
@@ -112,8 +115,9 @@ def diffusion_loss(model: nn.Module, params, tokens: jax.Array, rng: jax.Array,
 
   Returns:
     loss: scalar sum_b NELBO_b / sum(mask) (nats per token).
-    metrics: 'loss', 'nll' (= loss, labelled a bound), 'elbo_sum', 'num_tokens',
-      'masked_fraction'.
+    metrics: the keys of `armd_jax.losses.cross_entropy` ('loss', 'nll' (= loss, a
+      bound), 'accuracy' (argmax on masked tokens), 'num_tokens', 'nll_sum' (the summed
+      negative ELBO), 'correct_sum') plus 'masked_fraction'.
   """
   t_rng, mask_rng = jax.random.split(rng)
   t = stratified_times(t_rng, tokens.shape[0])  # [B]
@@ -122,7 +126,11 @@ def diffusion_loss(model: nn.Module, params, tokens: jax.Array, rng: jax.Array,
   logits = model.apply(params, noisy, deterministic=deterministic, rngs=rngs)
   elbo = elbo_terms(logits, tokens, is_masked, t)  # [B]
   num_tokens = (jnp.ones(tokens.shape) if mask is None else mask).astype(jnp.float32).sum()
-  loss = elbo.sum() / jnp.maximum(num_tokens, 1.0)
-  metrics = {"loss": loss, "nll": loss, "elbo_sum": elbo.sum(), "num_tokens": num_tokens,
-             "masked_fraction": is_masked.sum() / jnp.maximum(num_tokens, 1.0)}
+  denom = jnp.maximum(num_tokens, 1.0)
+  loss = elbo.sum() / denom
+  num_masked = jnp.maximum(is_masked.sum(), 1)
+  correct_sum = ((jnp.argmax(logits, -1) == tokens) & is_masked).sum().astype(jnp.float32)
+  metrics = {"loss": loss, "nll": loss, "accuracy": correct_sum / num_masked,
+             "num_tokens": num_tokens, "nll_sum": elbo.sum(), "correct_sum": correct_sum,
+             "masked_fraction": is_masked.sum() / denom}
   return loss, metrics

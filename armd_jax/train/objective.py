@@ -5,6 +5,10 @@ the step's rng), moves padding into a last block (`orders.padding_last`), runs t
 network once, and returns the per-token cross-entropy given earlier blocks
 (`armd_jax.losses.cross_entropy`). With singleton orders this is the exact NLL of the
 drawn order; with masked-diffusion blocks it estimates an upper bound (spec section 3).
+
+Baselines (dispatch on `config.model.kind`, `config.order` unused): 'ar' is the same
+cross-entropy with left-to-right ids (exact NLL); 'mdlm' is the one-sample continuous-time
+negative ELBO of `armd_jax.models.mdlm.diffusion_loss` (an upper bound on the NLL).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from armd_jax import losses, orders
+from armd_jax.models import mdlm
 from armd_jax.train.typed import OrderConfig, order_config_from
 
 Batch = Dict[str, jax.Array]
@@ -63,8 +68,14 @@ def compute_loss(model: Any, params: Any, batch: Batch, rng: jax.Array, step: ja
   """
   tokens, mask = batch["tokens"], batch["mask"]  # [B, N], [B, N]
   order_rng, dropout_rng = jax.random.split(rng)
-  block_ids, order_metrics = draw_block_ids(order_config_from(config), order_rng, step,
-                                            *tokens.shape)
+  if model.config.kind == "mdlm":  # baseline: masks drawn from the linear schedule
+    return mdlm.diffusion_loss(model, params, tokens, order_rng, mask, deterministic,
+                               dropout_rng)
+  if model.config.kind == "ar":  # baseline: a GPT only has the left-to-right order
+    block_ids, order_metrics = orders.left_to_right(*tokens.shape), {}
+  else:
+    block_ids, order_metrics = draw_block_ids(order_config_from(config), order_rng, step,
+                                              *tokens.shape)
   block_ids = orders.padding_last(block_ids, mask)  # no real token conditions on padding
   logits = model.apply(params, tokens, block_ids, deterministic=deterministic,
                        rngs=None if deterministic else {"dropout": dropout_rng})
@@ -74,8 +85,12 @@ def compute_loss(model: Any, params: Any, batch: Batch, rng: jax.Array, step: ja
 
 def eval_metrics(model: Any, params: Any, batch: Batch) -> Dict[str, jax.Array]:
   """Exact left-to-right NLL sums of one held-out batch: 'nll_sum', 'correct_sum',
-  'num_tokens' (padding excluded)."""
+  'num_tokens' (padding excluded). For 'mdlm' the NLL is a bound: the negative ELBO with
+  one fixed-seed draw of (t, masks) per batch; 'correct_sum' counts masked tokens only."""
   tokens, mask = batch["tokens"], batch["mask"]
+  if model.config.kind == "mdlm":
+    _, metrics = mdlm.diffusion_loss(model, params, tokens, jax.random.PRNGKey(0), mask)
+    return {k: metrics[k] for k in ("nll_sum", "correct_sum", "num_tokens")}
   block_ids = orders.padding_last(orders.left_to_right(*tokens.shape), mask)
   logits = model.apply(params, tokens, block_ids, deterministic=True)
   _, metrics = losses.cross_entropy(logits, tokens, block_ids, mask=mask)
