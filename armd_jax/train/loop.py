@@ -68,8 +68,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = resume_or_init(manager, init, abstract, datasets.train_iter, settings, workdir)
   checkpoints.save_config(config, workdir)
   start = int(state.step)
-  logging.info("Model %s: %.2fM parameters; starting at step %d of %d.", model_config.kind,
-               count_params(state.params) / 1e6, start, tc.num_steps)
+  if jax.process_index() == 0:
+    print(f"model {model_config.kind}: {count_params(state.params) / 1e6:.2f}M parameters, "
+          f"mesh {dict(mesh.shape)}; training steps {start + 1}..{tc.num_steps} in {workdir}",
+          flush=True)
 
   train_step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps,
                                          shardings, batch_shard)
@@ -97,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
                                if k not in _SUMS}, **rates})
       if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
-        writer.write(step, run_eval(eval_step, state, datasets, batch_shard, settings))
+        report_eval(writer, step, run_eval(eval_step, state, datasets, batch_shard, settings))
       if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
         observe.check_finite(step, jax.device_get(metrics), last_good)
         checkpoints.save(manager, step, state, datasets.train_iter)
@@ -107,10 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     manager.close()
 
   final = run_eval(eval_step, state, datasets, batch_shard, settings)
-  writer.write(int(state.step), final)
-  logging.info("Final evaluation at step %d: %s", int(state.step), final)
-  print(f"eval at step {int(state.step)}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()),
-        flush=True)
+  report_eval(writer, int(state.step), final)
   if settings.sample.num_samples > 0:
     print_samples(model, state_lib.eval_params(state, settings.eval.use_ema), datasets.vocab,
                   settings)
@@ -186,6 +185,16 @@ def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
           "eval/bits_per_token": nll / np.log(2.0),
           "eval/accuracy": sums["correct_sum"] / sums["num_tokens"],
           "eval/num_tokens": sums["num_tokens"]}
+
+
+def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float]) -> None:
+  """Writes eval metrics and prints them on one line."""
+  writer.write(step, metrics)
+  if jax.process_index() == 0:
+    print(f"eval at step {step}: nll {metrics['eval/nll']:.4f}  perplexity "
+          f"{metrics['eval/perplexity']:.3f}  accuracy {metrics['eval/accuracy']:.3f}  "
+          f"({metrics['eval/num_tokens']:.0f} held-out tokens, left-to-right, exact)",
+          flush=True)
 
 
 def _limit(batches: Iterable, num: int) -> Iterable:

@@ -1,0 +1,153 @@
+"""Train-step throughput: ARMD vs. a same-depth causal transformer (not a test).
+
+Times the real jitted, donated `make_train_step` (forward, backward, AdamW, EMA off) on a
+1-device mesh for, at each size:
+  armd          ARMD as configured (lower half two-stream, progressive-permutation
+                order with 16 shuffled tokens),
+  ar            the 'ar' baseline (plain causal GPT from the same `Block`s),
+  armd_l2r_1s   ARMD with left-to-right order and no two-stream layers (the stand-in
+                for a causal transformer that shares every ARMD code path).
+Trials interleave the models so that load from other processes affects them alike; the
+reported step time is the median over trials of the mean over `--steps` steps.
+The physical expectation for ARMD/AR is ~1.5x (the two-stream lower half runs the
+layer twice over half the depth), plus the prefix aggregation.
+
+  python benchmarks/train_throughput.py                 # two CPU sizes, ~3 minutes
+  python benchmarks/train_throughput.py --steps=3 --trials=1 --sizes=small   # smoke
+
+Writes benchmarks/results/train_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from armd_jax.models import build_model  # noqa: E402
+from armd_jax.train import partitioning  # noqa: E402
+from armd_jax.train import state as state_lib  # noqa: E402
+from armd_jax.train.defaults import base_config  # noqa: E402
+from armd_jax.train.typed import MeshConfig, model_config_from, settings_from  # noqa: E402
+
+SIZES = {  # name: (d_model, num_layers, num_heads, mlp_dim, seq_len, batch)
+    "small": (128, 4, 4, 512, 128, 16),
+    "medium": (256, 6, 4, 1024, 256, 8),
+}
+VARIANTS = {  # name: (model overrides, order overrides)
+    "armd": ({}, {"kind": "progressive_permutation", "i_ar": 0, "i_perm": 1, "rho": 16}),
+    "ar": ({"kind": "ar"}, {"kind": "left_to_right"}),
+    "armd_l2r_1s": ({"num_two_stream_layers": 0}, {"kind": "left_to_right"}),
+}
+VOCAB = 259  # byte level
+
+
+def make_config(size: str, variant: str):
+  d, layers, heads, mlp, seq_len, batch = SIZES[size]
+  c = base_config()
+  c.model.update(dict(vocab_size=VOCAB, d_model=d, num_layers=layers, num_heads=heads,
+                      mlp_dim=mlp, max_len=seq_len))
+  model_overrides, order_overrides = VARIANTS[variant]
+  c.model.update(model_overrides)
+  c.order.update(order_overrides)
+  c.train.seq_len, c.train.global_batch_size = seq_len, batch
+  return c
+
+
+def build_step(config):
+  """(step_fn, state, batch) for a config on a 1-device mesh."""
+  settings = settings_from(config)
+  model = build_model(model_config_from(config))
+  mesh = partitioning.make_mesh(MeshConfig(shape=(1, 1)), jax.devices()[:1])
+  rules = partitioning.DEFAULT_RULES
+  tc = settings.train
+  state, shardings = state_lib.create_train_state(model, settings.optim, 10_000, tc.seq_len,
+                                                  0, mesh, rules)
+  batch_shard = partitioning.batch_sharding(mesh, rules)
+  step = state_lib.make_train_step(model, config, settings.optim, 10_000, shardings,
+                                   batch_shard)
+  rng = np.random.default_rng(0)
+  local = {"tokens": rng.integers(0, VOCAB, (tc.global_batch_size, tc.seq_len), np.int32),
+           "mask": np.ones((tc.global_batch_size, tc.seq_len), np.int32)}
+  return step, state, partitioning.global_batch(local, batch_shard)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="small,medium")
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed trial")
+  parser.add_argument("--trials", type=int, default=5, help="interleaved trials per model")
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput"))
+  args = parser.parse_args(argv)
+  sizes = args.sizes.split(",")
+  for s in sizes:
+    if s not in SIZES:
+      parser.error(f"--sizes: unknown size {s!r}; known: {sorted(SIZES)}")
+
+  results = []
+  for size in sizes:
+    runs = {}
+    for variant in VARIANTS:
+      t0 = time.perf_counter()
+      step, state, batch = build_step(make_config(size, variant))
+      state, metrics = step(state, batch)  # compile + warm
+      jax.block_until_ready(metrics)
+      runs[variant] = [step, state, batch, []]
+      print(f"[{size}] {variant}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+    for trial in range(args.trials):
+      for variant, run in runs.items():
+        step, state, batch, times = run
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+          state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / args.steps)
+        run[1] = state
+      print(f"[{size}] trial {trial + 1}/{args.trials}: " + ", ".join(
+          f"{v} {r[3][-1] * 1e3:.0f} ms" for v, r in runs.items()), flush=True)
+    _, _, _, _, seq_len, batch_size = SIZES[size]
+    for variant, run in runs.items():
+      ms = statistics.median(run[3]) * 1e3
+      results.append({"size": size, "model": variant, "step_ms": ms,
+                      "tokens_per_s": batch_size * seq_len / (ms / 1e3),
+                      "trial_ms": [t * 1e3 for t in run[3]],
+                      "shape": dict(zip(("d_model", "num_layers", "num_heads", "mlp_dim",
+                                         "seq_len", "batch"), SIZES[size]))})
+    del runs
+
+  by = {(r["size"], r["model"]): r for r in results}
+  summary = {size: {"armd_over_ar": by[size, "armd"]["step_ms"] / by[size, "ar"]["step_ms"],
+                    "armd_over_l2r_1s": by[size, "armd"]["step_ms"] / by[size, "armd_l2r_1s"]
+                    ["step_ms"]} for size in sizes}
+  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+          "steps_per_trial": args.steps, "trials": args.trials,
+          "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w", encoding="utf-8") as f:
+    json.dump({"meta": meta, "results": results, "ratios": summary}, f, indent=2)
+  lines = [f"# Train-step throughput ({meta['backend']}, {meta['cpu_count']} cores, "
+           f"{meta['date_utc']} UTC)", "",
+           "| size | model | step (ms) | tokens/s |", "|---|---|---|---|"]
+  lines += [f"| {r['size']} | {r['model']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} |"
+            for r in results]
+  lines += ["", "| size | ARMD / AR step time | ARMD / ARMD-l2r-no-two-stream |", "|---|---|---|"]
+  lines += [f"| {s} | {v['armd_over_ar']:.2f}x | {v['armd_over_l2r_1s']:.2f}x |"
+            for s, v in summary.items()]
+  with open(args.out + ".md", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
