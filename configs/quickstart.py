@@ -11,8 +11,9 @@ Expected result: held-out left-to-right NLL about 1.77 nats/byte (2.55 bits/byte
 400 steps, from 5.56 = ln 259 at init (measured: 1.770, with train loss 3.43 at step
 25 and 1.93 at step 400), then two samples of Python-looking text (indented `def`,
 `self.`, `if ...:` lines with invented names), generated with 2 strided streams (65
-network calls for 128 bytes). Time: ~3 minutes on 2 idle cores (~250 ms/step); 7
-minutes measured on 2 cores shared with other jobs.
+network calls for 128 bytes). Time: 400 steps at 0.6-1.8 s/step = 4-7 minutes on 2
+CPU cores shared with other jobs (measured: 6:49 wall clock, load average ~8); less on
+an idle machine.
 
 Command:
   python -m armd_jax.main --config=configs/quickstart.py --workdir=/tmp/armd_quickstart
@@ -45,7 +46,7 @@ def get_config():
   c.optim.learning_rate = 2e-3  # small model, short run
   c.optim.warmup_steps = 40  # short warmup
 
-  c.train.num_steps = 400  # ~3 minutes on 2 cores
+  c.train.num_steps = 400  # a few minutes on 2 cores
   c.train.global_batch_size = 16  # sequences per step
   c.train.seq_len = 128  # bytes per sequence
   c.train.log_every = 25  # progress line every 25 steps
