@@ -275,14 +275,35 @@ def _gpu_kernel(body, axis_of_loop, **kw):
   return kernel
 
 
+def _same_varying_axes(*xs: jax.Array) -> list:
+  """Inside `shard_map`: makes every operand vary over the union of their manual axes.
+
+  `pallas_call` (its interpreter in particular) wants operands of one varying type;
+  ids typically vary over the batch axis only, q/k/v over batch and heads. Outside
+  `shard_map` this is the identity.
+  """
+  union = frozenset().union(*(jax.typeof(x).mat.varying for x in xs))
+  out = []
+  for x in xs:
+    missing = union - jax.typeof(x).mat.varying
+    out.append(lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x)
+  return out
+
+
 def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_specs,
           out_shape, operands, q_ids, kv_ids, block_q, block_kv, body_kwargs, name):
   """Launches one kernel for `backend` ('tpu' | 'gpu')."""
   b = q_ids.shape[0]
   nq, nk = q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
+  q_max, kv_min = tile_ranges(q_ids, kv_ids, block_q, block_kv)
+  q_max, kv_min, *operands = _same_varying_axes(q_max.reshape(-1), kv_min.reshape(-1),
+                                                *operands)
+  # Outputs vary over the same manual mesh axes as the (matched) operands; needed for
+  # `pallas_call` inside `jax.shard_map(..., check_vma=True)`.
+  mat = jax.typeof(operands[0]).mat
+  out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat) for s in out_shape]
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    q_max, kv_min = tile_ranges(q_ids, kv_ids, block_q, block_kv)
     with_prefetch = lambda spec: pl.BlockSpec(  # noqa: E731
         spec.block_shape, lambda *idx, _m=spec.index_map: _m(*idx[:3]))
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -293,7 +314,7 @@ def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_spe
         kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret, name=name,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel")),
-    )(q_max.reshape(-1), kv_min.reshape(-1), *operands)
+    )(q_max, kv_min, *operands)
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
   kernel = _gpu_kernel(kernel_body, axis_of_loop, **body_kwargs)
   del b
@@ -302,14 +323,6 @@ def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_spe
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, name=name,
       compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=2))(*operands)
-
-
-def _sds(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-  """Output shape of a kernel, varying over the same manual mesh axes as `like`.
-
-  Needed for `pallas_call` inside `jax.shard_map(..., check_vma=True)`.
-  """
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
 
 
 def _ids_layout(q_ids, kv_ids, block_kv):
@@ -331,7 +344,8 @@ def _forward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids):
               pl.BlockSpec((None, bq, 1), lambda b_, h_, i_: (b_, i_, 0)),
               pl.BlockSpec((None, nk_len // bk, 1, bk), lambda b_, h_, i_: (b_, 0, 0, 0))]
   out_specs = [tile(0), pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i_: (b_, h_, i_, 0))]
-  out_shape = [_sds(q.shape, q.dtype, q), _sds((b, h, nq_len, 1), jnp.float32, q)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, h, nq_len, 1), jnp.float32)]
   out, lse = _call(backend, opts.interpret, _forward_body, "kv", (b, h, nq_len // bq), in_specs,
                    out_specs, out_shape, (q, k, v, qid3, kvid4), q_ids, kv_ids, bq, bk,
                    dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk),
@@ -353,7 +367,7 @@ def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, 
       [row_tile, whole_kv, whole_kv, pl.BlockSpec((None, bq, 1), lambda b_, h_, i_: (b_, i_, 0)),
        pl.BlockSpec((None, nk_len // bk, 1, bk), lambda b_, h_, i_: (b_, 0, 0, 0)),
        row_tile, stat_tile, stat_tile],
-      [row_tile], [_sds(q.shape, q.dtype, q)],
+      [row_tile], [jax.ShapeDtypeStruct(q.shape, q.dtype)],
       (q, k, v, qid3, kvid4, do, lse, delta), q_ids, kv_ids, bq, bk,
       dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk), "block_causal_dq")[0]
 
@@ -368,7 +382,7 @@ def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, 
        pl.BlockSpec((None, None, 1, bk2), lambda b_, h_, j_: (b_, j_, 0, 0)),
        whole_q, whole_stat, whole_stat],
       [kv_tile, kv_tile],
-      [_sds(k.shape, k.dtype, k), _sds(v.shape, v.dtype, v)],
+      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       (q, k, v, qid3, kvid4, do, lse, delta), q_ids, kv_ids, bq2, bk2,
       dict(scale=opts.sm_scale, block_q=bq2, num_q_tiles=nq_len // bq2), "block_causal_dkv")
   return dq, dk, dv
