@@ -5,7 +5,8 @@
       [--max_batches=M] [--zero_shot=ptb,wikitext2,lambada,lm1b,text]
       [--zero_shot_files=ptb=/data/ptb.test.txt,text=/data/book.txt]
       [--gen_samples=16 --gen_length=128 --gen_streams=4 --gen_num_steps=T
-       --evaluator=AR_WORKDIR | --evaluator=hf:gpt2-large] [--output=results.json]
+       --evaluator=AR_WORKDIR | --evaluator=hf:gpt2-large] [--noheldout]
+      [--output=results.json]
 
 Every perplexity line says whether it is exact or a bound and under which order: an
 'ar' or 'armd' model defaults to the exact left-to-right likelihood, an 'mdlm' model to

@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from armd_jax.sampling.mdlm import MDLMOutput
+from armd_jax.sampling.mdlm import BaselineOutput
 from armd_jax.sampling.sampler import SamplerConfig, sample_logits
 
 
 def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, length: int,
-             prompt=None, sampler: SamplerConfig = SamplerConfig()) -> MDLMOutput:
+             prompt=None, sampler: SamplerConfig = SamplerConfig()) -> BaselineOutput:
   """Samples [batch_size, length] tokens from an `AR` model, one network call per token.
 
   Args:
@@ -28,7 +28,7 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
     sampler: how each token is drawn (temperature / top-k / top-p / greedy).
 
   Returns:
-    MDLMOutput (tokens [B, N], num_calls = N, num_calls_per_row [B]).
+    BaselineOutput (tokens [B, N], num_calls = N, num_calls_per_row [B]).
   """
   if length > model.config.max_len:
     raise ValueError(f"length {length} exceeds ModelConfig.max_len={model.config.max_len}.")
@@ -43,7 +43,7 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
     is_forced = is_forced.at[:, :prompt.shape[1]].set(True)
   tokens = _generate(model, params, rng, forced, is_forced, sampler)
   calls = jnp.asarray(length, jnp.int32)
-  return MDLMOutput(tokens, calls, jnp.full((batch_size,), length, jnp.int32))
+  return BaselineOutput(tokens, calls, jnp.full((batch_size,), length, jnp.int32))
 
 
 def _decode_row(module, row, position, k_cache, v_cache):

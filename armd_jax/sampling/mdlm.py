@@ -25,8 +25,12 @@ from armd_jax.sampling.sampler import SamplerConfig, sample_logits
 
 
 @dataclasses.dataclass(frozen=True)
-class MDLMOutput:
-  """tokens [B, N] int32; num_calls: network calls made (scalar); num_calls_per_row [B]."""
+class BaselineOutput:
+  """What the baseline samplers return (MDLM here, AR in `sampling.ar`).
+
+  tokens [B, N] int32; num_calls: network calls made for the batch (scalar);
+  num_calls_per_row [B]: calls each row alone would have needed.
+  """
   tokens: jax.Array
   num_calls: jax.Array
   num_calls_per_row: jax.Array
@@ -55,7 +59,7 @@ def initial_state(config, batch_size: int, length: int, prompt=None,
 
 def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, length: int,
              num_steps: int, prompt=None, infill=None,
-             sampler: SamplerConfig = SamplerConfig(), use_cache: bool = True) -> MDLMOutput:
+             sampler: SamplerConfig = SamplerConfig(), use_cache: bool = True) -> BaselineOutput:
   """Samples [batch_size, length] tokens from an `MDLM` in `num_steps` reverse steps.
 
   Args:
@@ -68,7 +72,7 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
       off only changes the cost, never the samples; the tests check that).
 
   Returns:
-    MDLMOutput with tokens, num_calls and num_calls_per_row.
+    BaselineOutput with tokens, num_calls and num_calls_per_row.
   """
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
@@ -77,7 +81,7 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
   z = initial_state(model.config, batch_size, length, prompt, infill)
   tokens, calls, row_calls = _generate(model, params, rng, z, num_steps, sampler,
                                        bool(use_cache))
-  return MDLMOutput(tokens, calls, row_calls)
+  return BaselineOutput(tokens, calls, row_calls)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
