@@ -293,7 +293,6 @@ def _same_varying_axes(*xs: jax.Array) -> list:
 def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_specs,
           out_shape, operands, q_ids, kv_ids, block_q, block_kv, body_kwargs, name):
   """Launches one kernel for `backend` ('tpu' | 'gpu')."""
-  b = q_ids.shape[0]
   nq, nk = q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
   q_max, kv_min = tile_ranges(q_ids, kv_ids, block_q, block_kv)
   q_max, kv_min, *operands = _same_varying_axes(q_max.reshape(-1), kv_min.reshape(-1),
@@ -317,7 +316,6 @@ def _call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_spe
     )(q_max, kv_min, *operands)
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
   kernel = _gpu_kernel(kernel_body, axis_of_loop, **body_kwargs)
-  del b
   num_warps = 8 if block_q * block_kv >= 128 * 128 else 4
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
