@@ -1,0 +1,146 @@
+"""Sampling speed of ARMD on this machine: no cache vs KV cache vs strided streams.
+
+  python benchmarks/sampling_speed.py [--models=tiny,small] [--lengths=256,1024] \
+      [--streams=2,4,8] [--batch_size=1] [--out=benchmarks/results/sampling_speed.json]
+
+For each model size and length N, with randomly initialised weights (speed does not
+depend on the weights), it times:
+  (a) no cache: `decode(mode='recompute')`, the full one-pass forward every call
+      (N calls). Every call costs the same, so for long runs only the first
+      --nocache_calls calls are run (the remaining positions in one final call) and the
+      wall time is scaled to N calls; the record says `extrapolated`.
+  (b) cached sequential: `generate(streams=1)`, N calls.
+  (c) cached strided: `generate(streams=S)`, N/S + S - 1 calls.
+Each timing excludes compilation (one untimed warm-up run of the same shapes) and is
+the best of --repeats runs. Results go to a JSON file; `docs/sampling.md` summarises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from armd_jax import ModelConfig, build_model, orders, sampling
+
+MODELS = {  # byte-level vocabulary, as for tiny Shakespeare
+    "tiny": dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, mlp_dim=512, d_pe=64),
+    "small": dict(vocab_size=256, d_model=256, num_layers=8, num_heads=8, mlp_dim=1024, d_pe=64),
+}
+
+
+def init(name: str, max_len: int):
+  """(model, params, parameter count) of a randomly initialised model."""
+  config = ModelConfig(max_len=max_len, **MODELS[name])
+  model = build_model(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32),
+                               orders.left_to_right(1, 8))
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  return model, params, count
+
+
+def best_time(run, repeats: int) -> float:
+  """Best wall time of `run(seed)` over `repeats` runs, after one untimed warm-up."""
+  jax.block_until_ready(run(0))
+  times = []
+  for seed in range(1, repeats + 1):
+    start = time.perf_counter()
+    jax.block_until_ready(run(seed))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def nocache_order(batch: int, length: int, calls: int) -> np.ndarray:
+  """Left-to-right for the first `calls - 1` positions, the rest in one final block."""
+  ids = np.minimum(np.arange(1, length + 1), calls)
+  return np.broadcast_to(ids, (batch, length)).astype(np.int32)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="tiny,small")
+  parser.add_argument("--lengths", default="256,1024")
+  parser.add_argument("--streams", default="2,4,8")
+  parser.add_argument("--batch_size", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--nocache_calls", type=int, default=64,
+                      help="no-cache calls actually run per length (then scaled to N)")
+  parser.add_argument("--out", default="benchmarks/results/sampling_speed.json")
+  args = parser.parse_args()
+  lengths = [int(n) for n in args.lengths.split(",")]
+  streams = [int(s) for s in args.streams.split(",")]
+  batch = args.batch_size
+  records = []
+
+  def record(**fields):
+    records.append(fields)
+    print(json.dumps(fields), flush=True)
+
+  for name in args.models.split(","):
+    model, params, count = init(name, max(lengths))
+    print(f"model {name}: {count:,} parameters", flush=True)
+    for length in lengths:
+      # (a) no cache: full forward per call.
+      calls = min(args.nocache_calls, length)
+      ids = nocache_order(batch, length, calls)
+      zeros = np.zeros((batch, length), np.int32)
+      positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+      known = np.zeros((batch, length), bool)
+      seconds = best_time(lambda seed: sampling.decode(
+          model, params, jax.random.PRNGKey(seed), zeros, known, ids, positions,
+          mode="recompute")[0], 1)
+      per_call = seconds / calls
+      record(model=name, params=count, length=length, batch=batch, method="no_cache",
+             streams=1, calls=length, seconds=per_call * length,
+             tokens_per_second=batch * length / (per_call * length),
+             measured_calls=calls, extrapolated=calls < length)
+      # (b) cached sequential and (c) cached strided.
+      for s in [1] + streams:
+        if length % s:
+          continue
+        out = {}
+
+        def run(seed, s=s, out=out):
+          result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
+                                     length=length, streams=s)
+          out["calls"] = result.num_calls
+          return result.tokens
+
+        seconds = best_time(run, args.repeats)
+        record(model=name, params=count, length=length, batch=batch,
+               method="cached" if s == 1 else "strided", streams=s, calls=out["calls"],
+               seconds=seconds, tokens_per_second=batch * length / seconds,
+               measured_calls=out["calls"], extrapolated=False)
+
+  ratios = {}
+  for name in args.models.split(","):
+    for length in lengths:
+      rows = {(r["method"], r["streams"]): r["seconds"] for r in records
+              if r["model"] == name and r["length"] == length}
+      key = f"{name}/N={length}"
+      ratios[key] = {"cached_vs_no_cache": rows[("no_cache", 1)] / rows[("cached", 1)]}
+      for s in streams:
+        if ("strided", s) in rows:
+          ratios[key][f"strided_S{s}_vs_cached"] = rows[("cached", 1)] / rows[("strided", s)]
+  print(json.dumps(ratios, indent=1), flush=True)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump({
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "backend": jax.default_backend(), "devices": str(jax.devices()),
+                    "jax": jax.__version__, "load_average": os.getloadavg()},
+        "command": "python benchmarks/sampling_speed.py " + " ".join(
+            f"--{k}={v}" for k, v in vars(args).items()),
+        "records": records, "ratios": ratios}, f, indent=1)
+  print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
