@@ -12,7 +12,9 @@ causal flash attention. The query ids need not be sorted: ARMD's two streams
 along the query axis and share one launch; the skip test is per query tile.
 
 Layout inside the kernels: q [B, H, Nq, D], k/v [B, H, Nk, D], q ids [B, Nq, 1], key ids
-[B, nk, 1, bk] (one row per key tile), log-sum-exp and delta [B, H, Nq, 1] float32.
+[B, nk, 1, bk] (one row per key tile); the log-sum-exp and delta are [B, H, Nq] float32
+between kernels and enter each kernel as rows [B, H, Nq / t, 1, t] for its query tile t
+(lane-dense on TPU; a [.., Nq, 1] column would be padded 128-fold in HBM).
 Each program owns one query tile (forward, dq) or one key tile (dk, dv) of one (batch,
 head), holds the whole K/V (or Q/dO) row of that (batch, head) in fast memory and
 loops over the other axis' tiles. Softmax statistics and accumulators are float32.
@@ -193,14 +195,17 @@ def _forward_body(live, q_ref, k_ref, v_ref, qid_ref, kvid_ref, o_ref, lse_ref, 
   nonempty = l > 0.0  # rows with no visible key -> zeros, never NaN
   safe_l = jnp.where(nonempty, l, 1.0)
   o_ref[...] = jnp.where(nonempty, acc / safe_l, 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(nonempty, m + jnp.log(safe_l), 0.0)
+  lse = jnp.where(nonempty, m + jnp.log(safe_l), 0.0)  # [bq, 1]
+  lse_ref[...] = lse.reshape(1, bq)  # stored as a lane-dense row
 
 
 def _dq_body(live, q_ref, k_ref, v_ref, qid_ref, kvid_ref, do_ref, lse_ref, delta_ref,
              dq_ref, *, scale, block_kv, num_kv_tiles):
   """Program (b, h, i): dq of query tile i, looping over live key tiles."""
   q, do = q_ref[...], do_ref[...]
-  q_ids, lse, delta = qid_ref[...], lse_ref[...], delta_ref[...]
+  q_ids = qid_ref[...]
+  lse = lse_ref[...].reshape(q.shape[0], 1)  # row [1, bq] -> column [bq, 1]
+  delta = delta_ref[...].reshape(q.shape[0], 1)
 
   def body(j, dq):
     def compute(dq):
@@ -226,7 +231,9 @@ def _dkv_body(live, q_ref, k_ref, v_ref, qid_ref, kvid_ref, do_ref, lse_ref, del
       dk, dv = carry
       rows = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
       q, do = q_ref[rows, :], do_ref[rows, :]
-      p, ds = _probs_and_dscores(q, k, v, do, lse_ref[rows, :], delta_ref[rows, :],
+      lse = lse_ref[i].reshape(block_q, 1)  # row i of [nq, 1, bq] -> column [bq, 1]
+      delta = delta_ref[i].reshape(block_q, 1)
+      p, ds = _probs_and_dscores(q, k, v, do, lse, delta,
                                  qid_ref[rows, :], kv_ids, scale)
       return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(p.astype(do.dtype), do)
     return lax.cond(live(i, qid_ref, kv_ids), compute, lambda c: c, carry)
@@ -330,8 +337,14 @@ def _ids_layout(q_ids, kv_ids, block_kv):
           kv_ids.astype(jnp.int32).reshape(b, nk // block_kv, 1, block_kv))
 
 
+def _stat_rows(x: jax.Array, tile: int) -> jax.Array:
+  """Row statistics [B, H, Nq] float32 -> [B, H, Nq / tile, 1, tile] (one row per tile)."""
+  b, h, n = x.shape
+  return x.reshape(b, h, n // tile, 1, tile)
+
+
 def _forward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids):
-  """Runs the forward kernel. q [B,H,Nq,D] (padded); returns (out, lse [B,H,Nq,1])."""
+  """Runs the forward kernel. q [B,H,Nq,D] (padded); returns (out, lse [B,H,Nq])."""
   b, h, nq_len, d = q.shape
   nk_len = k.shape[2]
   bq, bk = opts.block_sizes.block_q, opts.block_sizes.block_kv
@@ -341,14 +354,15 @@ def _forward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids):
   in_specs = [tile(0), whole_kv, whole_kv,
               pl.BlockSpec((None, bq, 1), lambda b_, h_, i_: (b_, i_, 0)),
               pl.BlockSpec((None, nk_len // bk, 1, bk), lambda b_, h_, i_: (b_, 0, 0, 0))]
-  out_specs = [tile(0), pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i_: (b_, h_, i_, 0))]
+  out_specs = [tile(0), pl.BlockSpec((None, None, None, 1, bq),
+                                     lambda b_, h_, i_: (b_, h_, i_, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((b, h, nq_len, 1), jnp.float32)]
+               jax.ShapeDtypeStruct((b, h, nq_len // bq, 1, bq), jnp.float32)]
   out, lse = _call(backend, opts.interpret, _forward_body, "kv", (b, h, nq_len // bq), in_specs,
                    out_specs, out_shape, (q, k, v, qid3, kvid4), q_ids, kv_ids, bq, bk,
                    dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk),
                    "block_causal_fwd")
-  return out, lse
+  return out, lse.reshape(b, h, nq_len)
 
 
 def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, do):
@@ -358,7 +372,7 @@ def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, 
   bq, bk = opts.block_sizes.block_q, opts.block_sizes.block_kv
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk)
   row_tile = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i_: (b_, h_, i_, 0))
-  stat_tile = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i_: (b_, h_, i_, 0))
+  stat_tile = pl.BlockSpec((None, None, None, 1, bq), lambda b_, h_, i_: (b_, h_, i_, 0, 0))
   whole_kv = pl.BlockSpec((None, None, nk_len, d), lambda b_, h_, i_: (b_, h_, 0, 0))
   dq = _call(
       backend, opts.interpret, _dq_body, "kv", (b, h, nq_len // bq),
@@ -366,13 +380,15 @@ def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, 
        pl.BlockSpec((None, nk_len // bk, 1, bk), lambda b_, h_, i_: (b_, 0, 0, 0)),
        row_tile, stat_tile, stat_tile],
       [row_tile], [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-      (q, k, v, qid3, kvid4, do, lse, delta), q_ids, kv_ids, bq, bk,
+      (q, k, v, qid3, kvid4, do, _stat_rows(lse, bq), _stat_rows(delta, bq)), q_ids, kv_ids,
+      bq, bk,
       dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk), "block_causal_dq")[0]
 
   bq2, bk2 = opts.block_sizes.dkv
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk2)
   whole_q = pl.BlockSpec((None, None, nq_len, d), lambda b_, h_, j_: (b_, h_, 0, 0))
-  whole_stat = pl.BlockSpec((None, None, nq_len, 1), lambda b_, h_, j_: (b_, h_, 0, 0))
+  whole_stat = pl.BlockSpec((None, None, nq_len // bq2, 1, bq2),
+                            lambda b_, h_, j_: (b_, h_, 0, 0, 0))
   kv_tile = pl.BlockSpec((None, None, bk2, d), lambda b_, h_, j_: (b_, h_, j_, 0))
   dk, dv = _call(
       backend, opts.interpret, _dkv_body, "q", (b, h, nk_len // bk2),
@@ -381,7 +397,8 @@ def _backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse, delta, 
        whole_q, whole_stat, whole_stat],
       [kv_tile, kv_tile],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      (q, k, v, qid3, kvid4, do, lse, delta), q_ids, kv_ids, bq2, bk2,
+      (q, k, v, qid3, kvid4, do, _stat_rows(lse, bq2), _stat_rows(delta, bq2)), q_ids,
+      kv_ids, bq2, bk2,
       dict(scale=opts.sm_scale, block_q=bq2, num_q_tiles=nq_len // bq2), "block_causal_dkv")
   return dq, dk, dv
 
@@ -413,8 +430,7 @@ def _flash_fwd(opts, q, k, v, q_ids, kv_ids):
 
 def _flash_bwd(opts, residuals, do):
   q, k, v, q_ids, kv_ids, out, lse = residuals
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1,
-                  keepdims=True)  # [B, H, Nq, 1]
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, Nq]
   dq, dk, dv = _on_platform(opts, _backward, q, k, v, q_ids, kv_ids, lse, delta,
                             do.astype(q.dtype))
   return dq, dk, dv, None, None
