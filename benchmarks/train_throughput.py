@@ -8,7 +8,9 @@ Times the real jitted, donated `make_train_step` (forward, backward, AdamW, EMA 
   armd_l2r_1s   ARMD with left-to-right order and no two-stream layers (the stand-in
                 for a causal transformer that shares every ARMD code path).
 Trials interleave the models so that load from other processes affects them alike; the
-reported step time is the median over trials of the mean over `--steps` steps.
+reported step time is the median over trials of the mean over `--steps` steps. XLA's
+own FLOP count of each compiled step (`cost_analysis`) is reported beside it: unlike
+times on a shared CPU, it does not depend on load.
 The physical expectation for ARMD/AR is ~1.5x (the two-stream lower half runs the
 layer twice over half the depth), plus the prefix aggregation.
 
@@ -94,13 +96,16 @@ def main(argv=None):
     if s not in SIZES:
       parser.error(f"--sizes: unknown size {s!r}; known: {sorted(SIZES)}")
 
-  results = []
+  results, flops = [], {}
   for size in sizes:
     runs = {}
     for variant in VARIANTS:
       t0 = time.perf_counter()
       step, state, batch = build_step(make_config(size, variant))
-      state, metrics = step(state, batch)  # compile + warm
+      step = step.lower(state, batch).compile()
+      cost = step.cost_analysis()
+      flops[size, variant] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+      state, metrics = step(state, batch)  # warm
       jax.block_until_ready(metrics)
       runs[variant] = [step, state, batch, []]
       print(f"[{size}] {variant}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -119,6 +124,7 @@ def main(argv=None):
     for variant, run in runs.items():
       ms = statistics.median(run[3]) * 1e3
       results.append({"size": size, "model": variant, "step_ms": ms,
+                      "xla_gflop_per_step": flops[size, variant] / 1e9,
                       "tokens_per_s": batch_size * seq_len / (ms / 1e3),
                       "trial_ms": [t * 1e3 for t in run[3]],
                       "shape": dict(zip(("d_model", "num_layers", "num_heads", "mlp_dim",
@@ -127,6 +133,7 @@ def main(argv=None):
 
   by = {(r["size"], r["model"]): r for r in results}
   summary = {size: {"armd_over_ar": by[size, "armd"]["step_ms"] / by[size, "ar"]["step_ms"],
+                    "armd_over_ar_flops": flops[size, "armd"] / flops[size, "ar"],
                     "armd_over_l2r_1s": by[size, "armd"]["step_ms"] / by[size, "armd_l2r_1s"]
                     ["step_ms"]} for size in sizes}
   meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
@@ -138,12 +145,13 @@ def main(argv=None):
     json.dump({"meta": meta, "results": results, "ratios": summary}, f, indent=2)
   lines = [f"# Train-step throughput ({meta['backend']}, {meta['cpu_count']} cores, "
            f"{meta['date_utc']} UTC)", "",
-           "| size | model | step (ms) | tokens/s |", "|---|---|---|---|"]
-  lines += [f"| {r['size']} | {r['model']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} |"
-            for r in results]
-  lines += ["", "| size | ARMD / AR step time | ARMD / ARMD-l2r-no-two-stream |", "|---|---|---|"]
-  lines += [f"| {s} | {v['armd_over_ar']:.2f}x | {v['armd_over_l2r_1s']:.2f}x |"
-            for s, v in summary.items()]
+           "| size | model | step (ms) | tokens/s | XLA GFLOP/step |", "|---|---|---|---|---|"]
+  lines += [f"| {r['size']} | {r['model']} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['xla_gflop_per_step']:.1f} |" for r in results]
+  lines += ["", "| size | ARMD / AR step time | ARMD / AR FLOPs | ARMD / ARMD-l2r-no-two-stream "
+            "step time |", "|---|---|---|---|"]
+  lines += [f"| {s} | {v['armd_over_ar']:.2f}x | {v['armd_over_ar_flops']:.2f}x | "
+            f"{v['armd_over_l2r_1s']:.2f}x |" for s, v in summary.items()]
   with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

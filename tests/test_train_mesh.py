@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +85,20 @@ def test_a_2x4_mesh_gives_the_same_losses_and_params_as_one_device():
   for a, b in zip(out["loss_one"], out["loss_mesh"]):
     assert abs(a - b) <= 1e-5 * abs(a), (out["loss_one"], out["loss_mesh"])
   assert out["param_diff"] < 1e-5, out["param_diff"]
+
+
+@pytest.mark.slow
+def test_a_run_trained_on_a_2x4_mesh_loads_on_one_device(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", "--config.mesh.shape=(2, 4)", "--config.train.num_steps=4",
+       "--config.train.log_every=2", "--config.model.num_heads=4"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh {'data': 2, 'model': 4}" in result.stdout
+  from armd_jax import train  # this process has one device
+  trained = train.load_trained(str(tmp_path))
+  assert trained.step == 4
+  assert all(len(x.devices()) == 1 for x in jax.tree.leaves(trained.params))

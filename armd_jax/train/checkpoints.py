@@ -59,9 +59,11 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any, train_iter: 
 
 
 def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
-  """The raw saved state tree (numpy / single-device arrays) of a workdir, and its step.
+  """The saved state tree of a workdir on this process's first device, and its step.
 
-  Raises FileNotFoundError naming the directory when it holds no checkpoint.
+  The restore target is built from the checkpoint's own metadata, so a checkpoint
+  written on any mesh (e.g. 8 devices) loads on one device. Raises FileNotFoundError
+  naming the directory when it holds no checkpoint.
   """
   directory = workdir
   if os.path.basename(os.path.normpath(workdir)) != CHECKPOINT_DIR:
@@ -69,12 +71,18 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoint directory {directory!r}: train a model there "
                             "first (python -m armd_jax.main --workdir=...).")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True), item_names=("state", "data"))
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",),
+      item_handlers={"state": ocp.StandardCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory!r} holds no finished checkpoint.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)["state"], is_leaf=is_array)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+      target)))
   manager.close()
   return restored["state"], int(step)
 
