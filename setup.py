@@ -34,6 +34,8 @@ setup(
         "data": DATA,
         "hf": ["datasets>=2.18", "transformers>=4.40", "tokenizers>=0.15"],  # OWT, HF tokenizers
         "plot": ["matplotlib>=3.8"],
+        # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
+        "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
         "test": DATA + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]"],
     },
