@@ -182,3 +182,30 @@ def test_drawn_block_ids_are_dense_and_follow_the_schedule(order, metric):
       np.testing.assert_array_equal(ids, orders.strided(3, 16, s))
   if order.kind == "masked_diffusion":
     assert int(ids.max()) <= 4
+
+
+def test_the_train_step_compiles_once_and_advances_the_step():
+  from armd_jax.models import build_model
+  from armd_jax.train import partitioning
+  from armd_jax.train import state as state_lib
+  from armd_jax.train.typed import MeshConfig, model_config_from, settings_from
+
+  config = load_config("tiny")
+  config.model.vocab_size = 259
+  settings = settings_from(config)
+  model = build_model(model_config_from(config))
+  mesh = partitioning.make_mesh(MeshConfig(shape=(1, 1)), jax.devices()[:1])
+  rules = partitioning.DEFAULT_RULES
+  state, shardings = state_lib.create_train_state(model, settings.optim, 60, 16, 0, mesh, rules)
+  batch_shard = partitioning.batch_sharding(mesh, rules)
+  step = state_lib.make_train_step(model, config, settings.optim, 60, shardings, batch_shard)
+  rng = np.random.default_rng(0)
+  losses = []
+  for i in range(3):
+    batch = {"tokens": rng.integers(0, 259, (8, 16)).astype(np.int32),
+             "mask": np.ones((8, 16), np.int32)}
+    state, metrics = step(state, partitioning.global_batch(batch, batch_shard))
+    losses.append(float(metrics["loss"]))
+    assert int(state.step) == i + 1
+  assert step._cache_size() == 1  # no silent recompiles between steps
+  assert len(set(losses)) == 3
