@@ -66,18 +66,20 @@ def test_cached_scores_equal_one_pass_log_probs_at_shifted_positions(tiny):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_score_comparison_catches_a_cache_that_hides_the_own_block(tiny, monkeypatch):
-  # If the upper half saw only earlier blocks (strict mask), multi-token blocks differ.
+def test_score_comparison_catches_an_upper_cache_that_hides_the_own_block(tiny, monkeypatch):
+  # If the upper half never wrote a block's own rows before attending (so a target saw
+  # only earlier blocks), the scores of multi-token blocks would differ.
   model, params = tiny
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, N), 0, model.config.vocab_size)
   ids = make_order("multi_token_blocks", 1, N)
-  real = decode_lib._scatter
+  upper_rows = N + sampling.make_plan(np.asarray(ids)).max_width
+  real = decode_lib._write_rows
   monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)
 
-  def no_upper_write(array, index, values):
-    return array if array.ndim == 4 and array.shape[1] == N else real(array, index, values)
+  def no_upper_write(cache, values, start, valid, uniform):
+    return cache if cache.shape[2] == upper_rows else real(cache, values, start, valid, uniform)
 
-  monkeypatch.setattr(decode_lib, "_scatter", no_upper_write)
+  monkeypatch.setattr(decode_lib, "_write_rows", no_upper_write)
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   got = sampling.score(model, params, tokens, ids)
   assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-3
@@ -166,7 +168,7 @@ def test_repeated_generation_reuses_one_compiled_decoder(tiny):
   model, params = tiny
   for seed in range(3):
     sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2)
-  key = (model, SamplerConfig(), ((1, 2), (2, 5)), B, N, "cached")
+  key = (model, SamplerConfig(), ((1, 2), (2, 5), True), B, N, "cached")
   assert decode_lib.TRACE_COUNTS[key] == 1
 
 

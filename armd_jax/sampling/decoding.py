@@ -42,6 +42,7 @@ from armd_jax.sampling import plan as plan_lib
 from armd_jax.sampling.sampler import SamplerConfig, sample_logits
 
 MODES = ("cached", "recompute")
+_NEVER = 2**30  # block id of cache rows beyond the sequence: no query ever sees them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
   out_tokens, log_probs, calls = run(
       params, rng, jnp.asarray(tokens, jnp.int32), jnp.asarray(known, bool),
       jnp.asarray(block_ids), jnp.asarray(positions, jnp.int32),
-      tuple(jnp.asarray(p.slots) for p in plan.phases))
+      tuple((jnp.asarray(p.slots), jnp.asarray(p.starts)) for p in plan.phases))
   calls = int(calls)
   if calls != plan.num_calls:  # the loop counts its own model calls
     raise RuntimeError(f"decoder made {calls} calls, plan has {plan.num_calls}.")
@@ -109,22 +110,34 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model, sampler: SamplerConfig, structure: Tuple[Tuple[int, int], ...],
-              batch: int, length: int, mode: str):
+def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: int,
+              length: int, mode: str):
   """One jitted decoder per static signature; a retrace of it would be a bug."""
   key = (model, sampler, structure, batch, length, mode)
   TRACE_COUNTS[key] = 0
+  *phases, uniform = structure
+  max_width = max(width for width, _ in phases)
 
   def run(params, rng, tokens, known, block_ids, positions, slot_tables):
     _count_trace(key)
     bound = model.bind(params)
+    # Cache rows in generation order: their block ids are the sorted ids, then a tail of
+    # max_width rows that no query ever sees (room for fixed-width writes).
+    tail = jnp.full((block_ids.shape[0], max_width), _NEVER, jnp.int32)
+    sorted_ids = jnp.sort(block_ids, axis=1)
     inputs = dict(known=known, block_ids=block_ids, positions=positions, rng=rng,
-                  ctx_ids=jnp.pad(block_ids, ((0, 0), (1, 0))))  # [B, N+1], BOS id 0
-    state = _init_state(bound, tokens) if mode == "cached" else _init_light_state(tokens)
-    call = functools.partial(_cached_call if mode == "cached" else _recompute_call,
-                             bound, sampler, inputs)
-    for slots in slot_tables:  # one scan per phase
-      state, _ = jax.lax.scan(lambda s, sl: (call(s, sl), None), state, slots)
+                  uniform=uniform,
+                  upper_ids=jnp.concatenate([sorted_ids, tail], axis=1),  # [B, N+W]
+                  content_ids=jnp.pad(jnp.concatenate([sorted_ids, tail], axis=1),
+                                      ((0, 0), (1, 0))))  # [B, 1+N+W], BOS id 0
+    if mode == "cached":
+      state = _init_state(bound, tokens, max_width)
+      call = functools.partial(_cached_call, bound, sampler, inputs)
+    else:
+      state = _init_light_state(tokens)
+      call = functools.partial(_recompute_call, bound, sampler, inputs)
+    for table in slot_tables:  # one scan per phase
+      state, _ = jax.lax.scan(lambda s, xs: (call(s, *xs), None), state, table)
     return state["tokens"], state["log_probs"], state["calls"]
 
   return jax.jit(run)
@@ -148,35 +161,38 @@ def _init_light_state(tokens: jax.Array) -> Dict[str, Any]:
               calls=jnp.zeros((), jnp.int32))
 
 
-def _init_state(m, tokens: jax.Array) -> Dict[str, Any]:
-  """Empty caches with BOS written: content K/V slot 0, prefix state = BOS term."""
+def _init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
+  """Empty caches with BOS written: content row 0, prefix state = the BOS term.
+
+  Caches are [B, H, rows, Dh] with rows in generation order: content 1 + N + W rows
+  (row 0 = BOS), upper half N + W rows.
+  """
   cfg = m.config
   batch, length = tokens.shape
   num_lower = cfg.num_two_stream_layers
+  num_upper = cfg.num_layers - num_lower
   dtype = cfg.compute_dtype
-  cache_shape = (batch, length + 1, cfg.num_heads, cfg.head_dim)
-  upper_shape = (batch, length, cfg.num_heads, cfg.head_dim)
-  content_k = [jnp.zeros(cache_shape, dtype) for _ in range(num_lower)]
-  content_v = [jnp.zeros(cache_shape, dtype) for _ in range(num_lower)]
+  content_rows, upper_rows = 1 + length + max_width, length + max_width
+  shape = lambda rows: (batch, cfg.num_heads, rows, cfg.head_dim)  # noqa: E731
+  content_k = [jnp.zeros(shape(content_rows), dtype) for _ in range(num_lower)]
+  content_v = [jnp.zeros(shape(content_rows), dtype) for _ in range(num_lower)]
   bos_x0, bos_pe = m.bos(batch)  # [B, 1, D], [B, 1, P]
   x = bos_x0
   zeros = jnp.zeros((batch, 1), jnp.int32)
-  ctx_ids = jnp.concatenate([zeros, jnp.ones((batch, length), jnp.int32)], axis=1)
   for l in range(num_lower):
     layer = m.layers[l]
-    k, v = layer.keys_values(x, zeros)
-    content_k[l] = content_k[l].at[:, :1].set(k)
-    content_v[l] = content_v[l].at[:, :1].set(v)
+    k, v = layer.keys_values(x, zeros)  # BOS sees only itself
+    content_k[l] = _write_rows(content_k[l], k, zeros[:, 0], None, True)
+    content_v[l] = _write_rows(content_v[l], v, zeros[:, 0], None, True)
     if l + 1 < num_lower:
-      x = layer.attend(x, zeros, zeros, content_k[l], content_v[l], ctx_ids)
+      x = layer.attend(x, zeros, zeros, k, v, zeros)
   aggregate = jnp.einsum("bip,bid->bpd", bos_pe, bos_x0, preferred_element_type=jnp.float32)
-  num_upper = cfg.num_layers - num_lower
   return dict(
       tokens=tokens, log_probs=jnp.zeros(tokens.shape, jnp.float32),
       calls=jnp.zeros((), jnp.int32),
       content_k=content_k, content_v=content_v,
-      upper_k=[jnp.zeros(upper_shape, dtype) for _ in range(num_upper)],
-      upper_v=[jnp.zeros(upper_shape, dtype) for _ in range(num_upper)],
+      upper_k=[jnp.zeros(shape(upper_rows), dtype) for _ in range(num_upper)],
+      upper_v=[jnp.zeros(shape(upper_rows), dtype) for _ in range(num_upper)],
       aggregate=aggregate,  # [B, P, D] float32: sum of PE_i^T X0_i over revealed + BOS
       count=jnp.ones((batch,), jnp.int32))  # revealed tokens + BOS
 
@@ -185,6 +201,27 @@ def _scatter(array: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array
   """array[b, index[b, w]] = values[b, w]; out-of-range indices (empty slots) are dropped."""
   rows = jnp.arange(array.shape[0])[:, None]
   return array.at[rows, index].set(values.astype(array.dtype), mode="drop")
+
+
+def _write_rows(cache: jax.Array, values: jax.Array, start: jax.Array, valid,
+                uniform: bool) -> jax.Array:
+  """Writes values [B, W, H, Dh] into cache [B, H, R, Dh] at rows start[b] + [0, W).
+
+  uniform: every batch row has the same start, so one in-place dynamic_update_slice
+  writes all W rows (rows of empty slots get values that no query sees before the
+  block owning those rows overwrites them). Otherwise each valid slot is scattered.
+  """
+  if uniform:
+    values = jnp.transpose(values, (0, 2, 1, 3)).astype(cache.dtype)  # [B, H, W, Dh]
+    return jax.lax.dynamic_update_slice_in_dim(cache, values, start[0], axis=2)
+  index = jnp.where(valid, start[:, None] + jnp.arange(values.shape[1]), cache.shape[2])
+  rows = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[rows, :, index].set(values.astype(cache.dtype), mode="drop")  # [B, W, H, Dh]
+
+
+def _read(cache: jax.Array) -> jax.Array:
+  """[B, H, R, Dh] cache as the [B, R, H, Dh] keys/values `Block.attend` takes."""
+  return jnp.transpose(cache, (0, 2, 1, 3))
 
 
 def _slot_inputs(inputs, slots: jax.Array):
@@ -211,13 +248,17 @@ def _choose(state, inputs, sampler, logits, slots, index, valid):
   return state, chosen
 
 
-def _cached_call(m, sampler, inputs, state, slots: jax.Array):
-  """One model call on the cache: query stream of a block, draw, content stream."""
+def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array):
+  """One model call on the cache: query stream of a block, draw, content stream.
+
+  slots: [B, W] positions of this call's block (N = empty); start: [B] its first cache
+  row in generation order.
+  """
   cfg = m.config
   num_lower = cfg.num_two_stream_layers
+  uniform = inputs["uniform"]
   index, valid, ids, pos = _slot_inputs(inputs, slots)  # [B, W]
   rope = pos + 1  # BOS sits at RoPE position 0
-  ctx_ids = inputs["ctx_ids"]
   placeholder = jnp.take_along_axis(state["tokens"], index, axis=1)
   _, q_pe = m.embed(placeholder, pos)  # [B, W, P]
 
@@ -225,15 +266,17 @@ def _cached_call(m, sampler, inputs, state, slots: jax.Array):
   aggregate = jnp.einsum("bwp,bpd->bwd", q_pe.astype(jnp.float32), state["aggregate"])
   count = jnp.broadcast_to(state["count"][:, None], ids.shape)
   g = m.query_stream_init(aggregate.astype(cfg.compute_dtype), count, q_pe)  # [B, W, D]
-  for l in range(num_lower):
-    g = m.layers[l].attend(g, rope, ids - 1, state["content_k"][l], state["content_v"][l],
-                           ctx_ids)
+  content_ids = inputs["content_ids"]
+  for l in range(num_lower):  # strict: query id = block - 1
+    g = m.layers[l].attend(g, rope, ids - 1, _read(state["content_k"][l]),
+                           _read(state["content_v"][l]), content_ids)
   upper_k, upper_v = list(state["upper_k"]), list(state["upper_v"])
   for j, layer in enumerate(m.layers[num_lower:]):
     k, v = layer.keys_values(g, rope)  # this block's own rows join the cache first
-    upper_k[j] = _scatter(upper_k[j], slots, k)
-    upper_v[j] = _scatter(upper_v[j], slots, v)
-    g = layer.attend(g, rope, ids, upper_k[j], upper_v[j], inputs["block_ids"])
+    upper_k[j] = _write_rows(upper_k[j], k, start, valid, uniform)
+    upper_v[j] = _write_rows(upper_v[j], v, start, valid, uniform)
+    g = layer.attend(g, rope, ids, _read(upper_k[j]), _read(upper_v[j]),
+                     inputs["upper_ids"])
   logits = m.logits(g)  # [B, W, V] float32
   state, chosen = _choose(state, inputs, sampler, logits, slots, index, valid)
   state["upper_k"], state["upper_v"] = upper_k, upper_v
@@ -246,23 +289,24 @@ def _cached_call(m, sampler, inputs, state, slots: jax.Array):
   state["count"] = state["count"] + valid.sum(axis=1).astype(jnp.int32)
   content_k, content_v = list(state["content_k"]), list(state["content_v"])
   x = x0
-  cache_slots = slots + 1  # empty slots (N) become N + 1: dropped
-  for l in range(num_lower):
+  for l in range(num_lower):  # inclusive: the block sees itself
     layer = m.layers[l]
     k, v = layer.keys_values(x, rope)
-    content_k[l] = _scatter(content_k[l], cache_slots, k)
-    content_v[l] = _scatter(content_v[l], cache_slots, v)
+    content_k[l] = _write_rows(content_k[l], k, start + 1, valid, uniform)  # row 0 = BOS
+    content_v[l] = _write_rows(content_v[l], v, start + 1, valid, uniform)
     if l + 1 < num_lower:  # the last lower layer's content output is never used
-      x = layer.attend(x, rope, ids, content_k[l], content_v[l], ctx_ids)
+      x = layer.attend(x, rope, ids, _read(content_k[l]), _read(content_v[l]),
+                       content_ids)
   state["content_k"], state["content_v"] = content_k, content_v
   return state
 
 
-def _recompute_call(m, sampler, inputs, state, slots: jax.Array):
+def _recompute_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array):
   """One model call without cache: the full one-pass forward, read at the block's slots.
 
   Positions of later blocks hold placeholders; causality makes them irrelevant.
   """
+  del start  # no cache
   index, valid, _, _ = _slot_inputs(inputs, slots)
   logits = m(state["tokens"], inputs["block_ids"], inputs["positions"])  # [B, N, V]
   logits = jnp.take_along_axis(logits, index[..., None], axis=1)  # [B, W, V]

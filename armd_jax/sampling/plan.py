@@ -6,6 +6,11 @@ is narrower than the call). Consecutive calls of equal width form a *phase*; eac
 is one `lax.scan` in the decoder, so the only static structure is the tuple of
 (width, number of calls) per phase: new orders with the same structure reuse the
 compiled decoder.
+
+The decoder's caches are laid out in generation order (tokens sorted by block id), so
+the block of call t occupies the contiguous cache rows `starts[t, b] + [0, width)`.
+When every row has the same starts (`Plan.uniform`: all strided and singleton orders),
+one `dynamic_update_slice` writes a block; otherwise the decoder scatters per row.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Phase:
 
   width: int
   slots: np.ndarray  # [T, B, W] int32 positions; N marks an empty slot
+  starts: np.ndarray  # [T, B] int32 cache row of each call's first slot
 
   @property
   def num_calls(self) -> int:
@@ -40,6 +46,7 @@ class Plan:
 
   length: int
   phases: Tuple[Phase, ...]
+  uniform: bool  # every call starts at the same cache row in every batch row
 
   @property
   def num_calls(self) -> int:
@@ -48,7 +55,11 @@ class Plan:
   @property
   def structure(self) -> Tuple[Tuple[int, int], ...]:
     """Static (width, num_calls) per phase: what the compiled decoder depends on."""
-    return tuple((p.width, p.num_calls) for p in self.phases)
+    return tuple((p.width, p.num_calls) for p in self.phases) + (self.uniform,)
+
+  @property
+  def max_width(self) -> int:
+    return max(p.width for p in self.phases)
 
 
 def make_plan(block_ids: np.ndarray) -> Plan:
@@ -76,8 +87,11 @@ def make_plan(block_ids: np.ndarray) -> Plan:
       runs.append([int(w), t, t + 1])
   if len(runs) > MAX_PHASES:
     runs = [[int(widths.max()), 0, num_blocks]]
-  phases = tuple(Phase(w, np.ascontiguousarray(table[a:b, :, :w])) for w, a, b in runs)
-  return Plan(length, phases)
+  block_starts = np.ascontiguousarray(starts.T.astype(np.int32))  # [K, B]
+  phases = tuple(Phase(w, np.ascontiguousarray(table[a:b, :, :w]), block_starts[a:b])
+                 for w, a, b in runs)
+  uniform = bool((block_starts == block_starts[:, :1]).all())
+  return Plan(length, phases, uniform)
 
 
 def generation_order(known: np.ndarray, streams: int) -> np.ndarray:
