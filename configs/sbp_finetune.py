@@ -1,6 +1,6 @@
 """sbp_finetune: strided-block-permutation fine-tuning for parallel generation [paper].
 
-Starts from the parameters (EMA when kept) of a trained `owt_small` run and fine-tunes
+Starts from the parameters (and their EMA) of a trained `owt_small` run and fine-tunes
 with the strided order, S drawn uniformly from {1, 2, 4} every step, so that the model
 generates with S streams in N/S + S - 1 calls. The base workdir is
 `config.checkpoint.init_from` (default /tmp/armd_owt_small; a missing base is an error,
