@@ -99,3 +99,8 @@ def eval_metrics(model: Any, params: Any, batch: Batch) -> Dict[str, jax.Array]:
   logits = model.apply(params, tokens, block_ids, deterministic=True)
   _, metrics = losses.cross_entropy(logits, tokens, block_ids, mask=mask)
   return {k: metrics[k] for k in ("nll_sum", "correct_sum", "num_tokens")}
+
+
+def eval_description(kind: str) -> str:
+  """What `eval_metrics` measures for a model kind, for progress lines and logs."""
+  return "ELBO, an upper bound" if kind == "mdlm" else "left-to-right, exact"
