@@ -282,6 +282,21 @@ def test_zero_shot_loader_errors_name_the_problem(tmp_path):
     zero_shot.read_remote("text")
 
 
+def test_hub_loaders_without_the_datasets_package_say_what_to_install(monkeypatch):
+  import builtins  # pylint: disable=import-outside-toplevel
+  real_import = builtins.__import__
+
+  def no_datasets(name, *args, **kwargs):
+    if name == "datasets":
+      raise ImportError("No module named 'datasets'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_datasets)
+  for name in ("ptb", "wikitext2", "wikitext103", "lambada"):
+    with pytest.raises(ImportError, match="armd-jax\\[hf\\]"):
+      zero_shot.read_remote(name)
+
+
 # -- a trained evaluator on a known Markov chain -----------------------------------------
 
 
