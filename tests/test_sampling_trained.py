@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from armd_jax import losses, orders, sampling
+from armd_jax import losses, sampling
 from armd_jax.sampling import SamplerConfig
 from conftest import init_model, tiny_config
 
