@@ -349,12 +349,12 @@ def _forward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids):
   nk_len = k.shape[2]
   bq, bk = opts.block_sizes.block_q, opts.block_sizes.block_kv
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk)
-  tile = lambda i: pl.BlockSpec((None, None, bq, d), lambda b_, h_, i_: (b_, h_, i_, 0))  # noqa
+  q_tile = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i_: (b_, h_, i_, 0))
   whole_kv = pl.BlockSpec((None, None, nk_len, d), lambda b_, h_, i_: (b_, h_, 0, 0))
-  in_specs = [tile(0), whole_kv, whole_kv,
+  in_specs = [q_tile, whole_kv, whole_kv,
               pl.BlockSpec((None, bq, 1), lambda b_, h_, i_: (b_, i_, 0)),
               pl.BlockSpec((None, nk_len // bk, 1, bk), lambda b_, h_, i_: (b_, 0, 0, 0))]
-  out_specs = [tile(0), pl.BlockSpec((None, None, None, 1, bq),
+  out_specs = [q_tile, pl.BlockSpec((None, None, None, 1, bq),
                                      lambda b_, h_, i_: (b_, h_, i_, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, h, nq_len // bq, 1, bq), jnp.float32)]
