@@ -99,7 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
                                if k not in _SUMS}, **rates})
       if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
-        report_eval(writer, step, run_eval(eval_step, state, datasets, batch_shard, settings))
+        report_eval(writer, step, run_eval(eval_step, state, datasets, batch_shard, settings),
+                    model_config.kind)
       if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
         observe.check_finite(step, jax.device_get(metrics), last_good)
         checkpoints.save(manager, step, state, datasets.train_iter)
@@ -109,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     manager.close()
 
   final = run_eval(eval_step, state, datasets, batch_shard, settings)
-  report_eval(writer, int(state.step), final)
+  report_eval(writer, int(state.step), final, model_config.kind)
   if settings.sample.num_samples > 0:
     print_samples(model, state_lib.eval_params(state, settings.eval.use_ema), datasets.vocab,
                   settings)
@@ -187,13 +188,15 @@ def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
           "eval/num_tokens": sums["num_tokens"]}
 
 
-def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float]) -> None:
-  """Writes eval metrics and prints them on one line."""
+def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float],
+                kind: str = "armd") -> None:
+  """Writes eval metrics and prints them on one line ('mdlm' NLLs are ELBO bounds)."""
+  how = "negative ELBO, an upper bound" if kind == "mdlm" else "left-to-right, exact"
   writer.write(step, metrics)
   if jax.process_index() == 0:
     print(f"eval at step {step}: nll {metrics['eval/nll']:.4f}  perplexity "
           f"{metrics['eval/perplexity']:.3f}  accuracy {metrics['eval/accuracy']:.3f}  "
-          f"({metrics['eval/num_tokens']:.0f} held-out tokens, left-to-right, exact)",
+          f"({metrics['eval/num_tokens']:.0f} held-out tokens, {how})",
           flush=True)
 
 
@@ -221,16 +224,32 @@ def count_params(params: Any) -> int:
 
 
 def print_samples(model, params, vocab, settings: Settings) -> None:
-  """Generates `config.sample.num_samples` sequences and prints them decoded."""
+  """Generates `config.sample.num_samples` sequences and prints them decoded.
+
+  ARMD samples through `armd_jax.sampling.generate` (strided, KV-cached); the baselines
+  through their own samplers ('ar': one token per call; 'mdlm': length / streams
+  ancestral steps).
+  """
   from armd_jax import sampling  # pylint: disable=g-import-not-at-top
 
   sc = settings.sample
   sampler = sampling.SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
-  out = sampling.generate(model, params, jax.random.PRNGKey(sc.seed), batch_size=sc.num_samples,
-                          length=sc.length, streams=sc.streams, sampler=sampler)
+  rng = jax.random.PRNGKey(sc.seed)
+  kind = model.config.kind
+  if kind == "ar":
+    from armd_jax.sampling import ar  # pylint: disable=g-import-not-at-top
+    out = ar.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
+                      sampler=sampler)
+  elif kind == "mdlm":
+    from armd_jax.sampling import mdlm  # pylint: disable=g-import-not-at-top
+    out = mdlm.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
+                        num_steps=sc.length // sc.streams, sampler=sampler)
+  else:
+    out = sampling.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
+                            streams=sc.streams, sampler=sampler)
   tokens = np.asarray(out.tokens)
-  print(f"{sc.num_samples} samples of {sc.length} tokens, {sc.streams} stream(s), "
-        f"{out.num_calls} network calls:", flush=True)
+  print(f"{sc.num_samples} samples of {sc.length} tokens ({kind}, {sc.streams} stream(s)), "
+        f"{int(out.num_calls)} network calls:", flush=True)
   for i, row in enumerate(tokens):
     print(f"--- sample {i} ---\n{vocab.decode(row.tolist())}", flush=True)
 
