@@ -209,3 +209,19 @@ def test_the_train_step_compiles_once_and_advances_the_step():
     assert int(state.step) == i + 1
   assert step._cache_size() == 1  # no silent recompiles between steps
   assert len(set(losses)) == 3
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_command_runs_end_to_end_and_prints_samples(tmp_path):
+  # The README's command with fewer steps: same corpus (the stdlib), model and sampler.
+  result = subprocess.run(
+      [sys.executable, "-m", "armd_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path}", "--config.train.num_steps=6", "--config.train.log_every=3",
+       "--config.eval.num_batches=1", "--config.sample.length=32"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "step 6/6  loss" in out and "tokens/s" in out and "ETA" in out
+  assert "eval at step 6: nll" in out
+  assert "2 samples of 32 tokens (armd, 2 stream(s)), 17 network calls:" in out
+  assert out.count("--- sample ") == 2
