@@ -38,7 +38,9 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
-    raise app.UsageError(str(e)) if isinstance(e, ValueError) else SystemExit(f"error: {e}")
+    if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback
+      raise
+    sys.exit(f"error: {e}\n(add --verbosity=0 for the traceback)")
 
 
 def parse_flags(argv):
