@@ -9,7 +9,7 @@ trainer reads the ConfigDict directly: each section is converted here, with a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Optional, Tuple, Type, TypeVar
 
 import ml_collections
 
@@ -323,7 +323,3 @@ def _choice(section_name: str, name: str, value: Any, choices: Tuple[str, ...]) 
   if value not in choices:
     raise ValueError(f"config.{section_name}.{name}={value!r} must be one of {list(choices)}.")
 
-
-def as_dict(mapping: Mapping[str, Any]) -> dict:
-  """A plain dict copy of a ConfigDict (or mapping)."""
-  return mapping.to_dict() if hasattr(mapping, "to_dict") else dict(mapping)
