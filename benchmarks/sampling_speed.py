@@ -69,8 +69,8 @@ def main():
   parser.add_argument("--lengths", default="256,1024")
   parser.add_argument("--streams", default="2,4,8")
   parser.add_argument("--batch_size", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--nocache_calls", type=int, default=64,
+  parser.add_argument("--repeats", type=int, default=4)
+  parser.add_argument("--nocache_calls", type=int, default=32,
                       help="no-cache calls actually run per length (then scaled to N)")
   parser.add_argument("--out", default="benchmarks/results/sampling_speed.json")
   args = parser.parse_args()
