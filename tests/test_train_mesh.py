@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent("""
       state, shardings = state_lib.create_train_state(model, settings.optim, 100, 16, 0, mesh,
                                                       rules)
       bs = partitioning.batch_sharding(mesh, rules)
-      step = state_lib.make_train_step(model, config, settings.optim, 100, shardings, bs)
+      step = state_lib.make_train_step(model, config, settings.optim, 100, shardings, bs, rules)
+      hlo = step.lower(state, partitioning.global_batch(batch, bs)).as_text()
       losses = []
       for _ in range(3):
         state, metrics = step(state, partitioning.global_batch(batch, bs))
@@ -55,14 +56,15 @@ SCRIPT = textwrap.dedent("""
                "embedding": list(p["embedding"]["embedding"].sharding.spec),
                "adam_mu_mlp": list(mu[0].sharding.spec)}
       leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-      return losses, leaves, specs, list(bs.spec)
+      return losses, leaves, specs, list(bs.spec), hlo.count("sharding_constraint")
 
     one = run((1, 1), jax.devices()[:1])
     mesh = run((2, 4), jax.devices())
     diff = max(float(np.abs(a - b).max()) for a, b in zip(one[1], mesh[1]))
     print("RESULT", json.dumps({"devices": jax.device_count(), "loss_one": one[0],
                                 "loss_mesh": mesh[0], "param_diff": diff, "specs": mesh[2],
-                                "batch_spec": mesh[3]}))
+                                "batch_spec": mesh[3],
+                                "activation_constraints": mesh[4]}))
 """)
 
 
@@ -80,6 +82,7 @@ def test_a_2x4_mesh_gives_the_same_losses_and_params_as_one_device():
   assert out["specs"]["mlp"] == out["specs"]["adam_mu_mlp"] == [None, "model"]
   assert out["specs"]["embedding"] == [None, None]  # 259 % 4 != 0: replicated
   assert out["batch_spec"] == ["data", None]
+  assert out["activation_constraints"] > 10  # the modules' logical activation constraints
   # ... and three steps agree with one device up to float32 reduction order:
   # sums split over shards round differently (relative ~1e-6 per step).
   for a, b in zip(out["loss_one"], out["loss_mesh"]):

@@ -25,9 +25,21 @@ ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 HEADS_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
+class _LogicallyPartitionedKernel(nn.LogicallyPartitioned):
+  """`nn.LogicallyPartitioned` that skips its sharding constraint while the value's rank
+  differs from the names' (flax's `DenseGeneral` unboxes its kernel once in a flat 2-D
+  shape before reshaping it; under a global mesh that constraint would fail)."""
+
+  def unbox(self, apply_constraint=True):
+    if jnp.ndim(self.value) != len(self.names):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
 def dense_init(*axes: str):
   """Xavier-uniform kernel init annotated with logical axis names."""
-  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+  init = nn.initializers.xavier_uniform()
+  return lambda *args, **kwargs: _LogicallyPartitionedKernel(init(*args, **kwargs), axes)
 
 
 def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:

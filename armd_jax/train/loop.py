@@ -74,8 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           flush=True)
 
   train_step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps,
-                                         shardings, batch_shard)
-  eval_step = state_lib.make_eval_step(model, shardings.params, batch_shard)
+                                         shardings, batch_shard, rules)
+  eval_step = state_lib.make_eval_step(model, shardings.params, batch_shard, rules)
   writer = observe.Writer(workdir, tc.tensorboard)
   progress = observe.Progress(tc.num_steps, tc.global_batch_size * tc.seq_len, start)
   last_good = manager.latest_step()

@@ -10,15 +10,14 @@ A mesh axis is dropped from a parameter's spec when it does not divide that dime
 (e.g. a vocabulary of 259 bytes on a 4-way 'model' axis): the parameter is then
 replicated along that axis instead of failing.
 
-Note: the step functions are traced *without* a global mesh context: with flax 0.12 a
-global mesh makes the `DenseGeneral` shape check apply a rank-3 logical constraint to a
-rank-2 kernel. Sharding comes from the sharded parameters and batch (GSPMD propagates
-it); the modules' activation constraints are then no-ops.
+Inside the jitted steps, `activation_sharding(mesh, rules)` makes the modules'
+`nn.with_logical_constraint` calls on activations resolve through the same rule table.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+import contextlib
+from typing import Any, Iterator, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -93,6 +92,13 @@ def _fit(sharding: NamedSharding, shape: Tuple[int, ...], mesh: Mesh) -> NamedSh
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     fitted.append(axes if dim % size == 0 else None)
   return NamedSharding(mesh, PartitionSpec(*fitted))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
+  """Use inside a traced function: activation constraints follow `rules` on `mesh`."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Tuple
 
 import flax
@@ -125,24 +124,29 @@ def state_shardings(abstract: TrainState, param_shardings: Any, mesh: Mesh) -> T
 
 
 def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: OptimConfig,
-                    num_steps: int, shardings: TrainState,
-                    batch_shard: NamedSharding) -> Callable[[TrainState, Dict[str, jax.Array]],
-                                                            Tuple[TrainState, Metrics]]:
+                    num_steps: int, shardings: TrainState, batch_shard: NamedSharding,
+                    rules=None) -> Callable[[TrainState, Dict[str, jax.Array]],
+                                            Tuple[TrainState, Metrics]]:
   """The jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
   Pure: the step's rng is `fold_in(state.rng, state.step)`, so a run restored from a
-  checkpoint at step s replays exactly the same randomness from s on.
+  checkpoint at step s replays exactly the same randomness from s on. Activations are
+  constrained by the logical `rules` (default `partitioning.DEFAULT_RULES`) on the
+  batch sharding's mesh.
   """
   tx = make_optimizer(optim, num_steps)
   schedule = learning_rate_schedule(optim, num_steps)
-  replicated = partitioning.replicated(batch_shard.mesh)
+  mesh = batch_shard.mesh
+  rules = partitioning.DEFAULT_RULES if rules is None else rules
+  replicated = partitioning.replicated(mesh)
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      return objective.compute_loss(model, params, batch, rng, state.step, config,
-                                    deterministic=False)
+      with partitioning.activation_sharding(mesh, rules):
+        return objective.compute_loss(model, params, batch, rng, state.step, config,
+                                      deterministic=False)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -162,13 +166,19 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: 
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, param_shardings: Any,
-                   batch_shard: NamedSharding) -> Callable[[Any, Dict[str, jax.Array]], Metrics]:
+def make_eval_step(model: nn.Module, param_shardings: Any, batch_shard: NamedSharding,
+                   rules=None) -> Callable[[Any, Dict[str, jax.Array]], Metrics]:
   """The jitted `eval_step(params, batch) -> sums` (left-to-right, exact)."""
-  replicated = partitioning.replicated(batch_shard.mesh)
-  fn = functools.partial(objective.eval_metrics, model)
-  return jax.jit(fn, in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard}),
-                 out_shardings=replicated)
+  mesh = batch_shard.mesh
+  rules = partitioning.DEFAULT_RULES if rules is None else rules
+
+  def eval_step(params, batch):
+    with partitioning.activation_sharding(mesh, rules):
+      return objective.eval_metrics(model, params, batch)
+
+  return jax.jit(eval_step,
+                 in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard}),
+                 out_shardings=partitioning.replicated(mesh))
 
 
 def eval_params(state: TrainState, use_ema: bool) -> Any:
