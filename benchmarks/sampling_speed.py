@@ -12,7 +12,8 @@ depend on the weights), it times:
   (b) cached sequential: `generate(streams=1)`, N calls.
   (c) cached strided: `generate(streams=S)`, N/S + S - 1 calls.
 Each timing excludes compilation (one untimed warm-up run of the same shapes) and is
-the best of --repeats runs. Results go to a JSON file; `docs/sampling.md` summarises them.
+the best of --repeats runs; the cached settings of one model and length are timed
+round-robin, so load changes on a shared machine affect their ratios less. Results go to a JSON file; `docs/sampling.md` summarises them.
 """
 
 from __future__ import annotations
@@ -101,23 +102,29 @@ def main():
              streams=1, calls=length, seconds=per_call * length,
              tokens_per_second=batch * length / (per_call * length),
              measured_calls=calls, extrapolated=calls < length)
-      # (b) cached sequential and (c) cached strided.
-      for s in [1] + streams:
-        if length % s:
-          continue
-        out = {}
-
-        def run(seed, s=s, out=out):
+      # (b) cached sequential and (c) cached strided, timed round-robin so that changes
+      # in the load of the shared machine hit every setting alike.
+      settings = [st for st in [1] + streams if length % st == 0]
+      runs, calls = {}, {}
+      for st in settings:
+        def run(seed, st=st):
           result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
-                                     length=length, streams=s)
-          out["calls"] = result.num_calls
+                                     length=length, streams=st)
+          calls[st] = result.num_calls
           return result.tokens
-
-        seconds = best_time(run, args.repeats)
+        runs[st] = run
+        jax.block_until_ready(run(0))  # compile
+      best = {st: float("inf") for st in settings}
+      for seed in range(1, args.repeats + 1):
+        for st in settings:
+          start = time.perf_counter()
+          jax.block_until_ready(runs[st](seed))
+          best[st] = min(best[st], time.perf_counter() - start)
+      for st in settings:
         record(model=name, params=count, length=length, batch=batch,
-               method="cached" if s == 1 else "strided", streams=s, calls=out["calls"],
-               seconds=seconds, tokens_per_second=batch * length / seconds,
-               measured_calls=out["calls"], extrapolated=False)
+               method="cached" if st == 1 else "strided", streams=st, calls=calls[st],
+               seconds=best[st], tokens_per_second=batch * length / best[st],
+               measured_calls=calls[st], extrapolated=False)
 
   ratios = {}
   for name in args.models.split(","):
