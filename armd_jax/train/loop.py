@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from armd_jax.models import build_model
-from armd_jax.train import checkpoints, observe, partitioning
+from armd_jax.train import checkpoints, objective, observe, partitioning
 from armd_jax.train import state as state_lib
 from armd_jax.train.typed import Settings, model_config_from, settings_from
 
@@ -191,7 +191,7 @@ def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
 def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float],
                 kind: str = "armd") -> None:
   """Writes eval metrics and prints them on one line ('mdlm' NLLs are ELBO bounds)."""
-  how = "negative ELBO, an upper bound" if kind == "mdlm" else "left-to-right, exact"
+  how = objective.eval_description(kind)
   writer.write(step, metrics)
   if jax.process_index() == 0:
     print(f"eval at step {step}: nll {metrics['eval/nll']:.4f}  perplexity "
