@@ -8,7 +8,6 @@ fail with a message naming them), logs the devices, and calls
 `--jax_distributed` (or call `jax.distributed.initialize()` via the launch scripts).
 """
 
-import importlib.util
 import sys
 
 from absl import app, flags, logging
@@ -58,10 +57,8 @@ def unknown_override_message(argv) -> str:
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None:
     return ""
-  spec = importlib.util.spec_from_file_location("_armd_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from armd_jax.train.defaults import config_from_file  # pylint: disable=g-import-not-at-top
+  config = config_from_file(path)
   bad = []
   for arg in argv:
     if not arg.startswith("--config."):

@@ -10,16 +10,14 @@ Command:
   python -m armd_jax.main --config=configs/owt_medium.py --workdir=$WORKDIR
 """
 
-import importlib.util
 import os
+
+from armd_jax.train.defaults import config_from_file
 
 
 def _owt_small():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "owt_small.py")
-  spec = importlib.util.spec_from_file_location("owt_small", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "owt_small.py"))
 
 
 def get_config():

@@ -6,6 +6,8 @@ commented there). The typed view of each section lives in `armd_jax.train.typed`
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -93,3 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
   s.top_p = 1.0  # nucleus filter (1.0 = off)
   s.seed = 0  # sampling seed
   return c
+
+
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (how configs build on each other)."""
+  spec = importlib.util.spec_from_file_location("_armd_config", path)
+  if spec is None:
+    raise FileNotFoundError(f"no config file at {path!r}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
