@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 
 from armd_jax.kernels.flash import BlockSizes, block_causal_flash_attention, live_tiles
-from armd_jax.kernels.reference import block_causal_attention_reference
+from armd_jax.kernels.reference import (block_causal_attention_reference,
+                                        check_attention_inputs)
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -33,12 +34,7 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
   Returns:
     [B, Nq, H, D] in q.dtype.
   """
-  if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"block_causal_attention: expected q [B, Nq, H, D] and k, v [B, Nk, H, D] "
-                     f"with matching B, H, D; got q {q.shape}, k {k.shape}, v {v.shape}.")
-  if q_ids.shape != q.shape[:2] or kv_ids.shape != k.shape[:2]:
-    raise ValueError(f"block_causal_attention: q_ids must be {q.shape[:2]} and kv_ids "
-                     f"{k.shape[:2]}; got {q_ids.shape} and {kv_ids.shape}.")
+  check_attention_inputs("block_causal_attention", q, k, v, q_ids, kv_ids)
   if implementation == "xla":
     return block_causal_attention_reference(q, k, v, q_ids, kv_ids)
   if implementation == "pallas":

@@ -43,6 +43,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from armd_jax.kernels.reference import check_attention_inputs
+
 # Finite stand-in for -inf (as in the reference): exp(_MASKED - m) underflows to 0.
 _MASKED = -1e30
 # Ids given to padding rows: padded keys are never visible, padded queries see nothing.
@@ -501,18 +503,13 @@ def block_causal_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids
   if backend not in BACKENDS:
     raise ValueError(f"block_causal_flash_attention: backend must be one of {BACKENDS}, "
                      f"got {backend!r}.")
-  if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"block_causal_flash_attention: expected q [B, Nq, H, D] and k, v "
-                     f"[B, Nk, H, D]; got q {q.shape}, k {k.shape}, v {v.shape}.")
-  if q_ids.shape != q.shape[:2] or kv_ids.shape != k.shape[:2]:
-    raise ValueError(f"block_causal_flash_attention: q_ids must be {q.shape[:2]} and kv_ids "
-                     f"{k.shape[:2]}; got {q_ids.shape} and {kv_ids.shape}.")
+  check_attention_inputs("block_causal_flash_attention", q, k, v, q_ids, kv_ids)
   block_sizes = BlockSizes() if block_sizes is None else block_sizes
   rules = _tile_rules(backend, interpret)
   for name, value in zip(("block_q", "block_kv", "block_q_dkv", "block_kv_dkv"),
                          (block_sizes.block_q, block_sizes.block_kv) + block_sizes.dkv):
     _check_block(name, value, rules)
-  nq_len, nk_len, d = q.shape[1], k.shape[1], q.shape[-1]
+  nq_len, d = q.shape[1], q.shape[-1]
   sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   opts = _Options(block_sizes, backend, interpret, sm_scale)
 

@@ -15,6 +15,18 @@ import jax.numpy as jnp
 _MASKED = -1e30
 
 
+def check_attention_inputs(caller: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                           q_ids: jax.Array, kv_ids: jax.Array) -> None:
+  """Raises ValueError (prefixed by `caller`) unless q [B, Nq, H, D], k = v [B, Nk, H, D],
+  q_ids [B, Nq] and kv_ids [B, Nk] agree."""
+  if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"{caller}: expected q [B, Nq, H, D] and k, v [B, Nk, H, D] with matching "
+                     f"B, H, D; got q {q.shape}, k {k.shape}, v {v.shape}.")
+  if q_ids.shape != q.shape[:2] or kv_ids.shape != k.shape[:2]:
+    raise ValueError(f"{caller}: q_ids must be {q.shape[:2]} and kv_ids {k.shape[:2]}; got "
+                     f"{q_ids.shape} and {kv_ids.shape}.")
+
+
 def block_causal_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                                      q_ids: jax.Array, kv_ids: jax.Array,
                                      *, sm_scale: float | None = None) -> jax.Array:
