@@ -1,7 +1,6 @@
 """With left-to-right singleton blocks ARMD is an autoregressive LM and learns like one."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import armd_jax
 from armd_jax import kernels, orders
 from armd_jax.losses import token_log_probs
 from conftest import init_model, tiny_config

@@ -20,31 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
-
-
-def token_embedding(config: ModelConfig, num_embeddings: int) -> nn.Embed:
-  """The token table [num_embeddings, D] with ('vocab', 'embed') logical axes."""
-  return nn.Embed(num_embeddings, config.d_model, dtype=config.compute_dtype,
-                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                              ("vocab", "embed")),
-                  name="embedding")
-
-
-def vocab_logits(config: ModelConfig, h: jax.Array, embedding: nn.Embed,
-                 head: nn.Module | None) -> jax.Array:
-  """Float32 logits [B, N, vocab_size] from normalised states h [B, N, D].
-
-  With tied embeddings the first `vocab_size` rows of the table are the output
-  projection (MDLM's extra [MASK] row is an input only, never an output).
-  """
-  if config.tie_embeddings:
-    table = embedding.embedding[:config.vocab_size].astype(h.dtype)  # [V, D]
-    logits = jnp.einsum("bnd,vd->bnv", h, table, preferred_element_type=jnp.float32)
-  else:
-    logits = head(h)
-  return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                    ("activation_batch", "activation_length", "vocab"))
+from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
+                                    token_embedding, vocab_logits)
 
 
 def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -93,9 +70,7 @@ class AR(nn.Module):
         (cfg.d_model,))
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
-    self.head = None if cfg.tie_embeddings else nn.Dense(
-        cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-        kernel_init=dense_init("embed", "vocab"))
+    self.head = output_head(cfg)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Token embeddings [B, N, D]."""

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
+from armd_jax.models.layers import (ACTIVATION, Block, dense_init, layer_norm, output_head,
+                                    token_embedding, vocab_logits)
 
 
 class ARMD(nn.Module):
@@ -41,10 +42,7 @@ class ARMD(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedding = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                    ("vocab", "embed")), name="embedding")
+    self.embedding = token_embedding(cfg, cfg.vocab_size)
     self.bos_embedding = self.param(
         "bos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
         (cfg.d_model,))
@@ -58,9 +56,7 @@ class ARMD(nn.Module):
                                     kernel_init=dense_init("pe", "embed"))
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
-    if not cfg.tie_embeddings:
-      self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                           kernel_init=dense_init("embed", "vocab"))
+    self.head = output_head(cfg)
 
   # -- pieces (also used by the KV-cached sampler) ------------------------------------
 
@@ -91,14 +87,7 @@ class ARMD(nn.Module):
 
   def logits(self, g: jax.Array) -> jax.Array:
     """Float32 logits [B, N, vocab] from final query-stream states g [B, N, D]."""
-    h = self.final_norm(g)
-    if self.config.tie_embeddings:
-      table = self.embedding.embedding.astype(h.dtype)  # [V, D]
-      logits = jnp.einsum("bnd,vd->bnv", h, table, preferred_element_type=jnp.float32)
-    else:
-      logits = self.head(h)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("activation_batch", "activation_length", "vocab"))
+    return vocab_logits(self.config, self.final_norm(g), self.embedding, self.head)
 
   # -- one-pass forward --------------------------------------------------------------
 

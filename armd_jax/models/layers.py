@@ -50,6 +50,38 @@ def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
+def token_embedding(config: ModelConfig, num_embeddings: int) -> nn.Embed:
+  """The token table [num_embeddings, D] with ('vocab', 'embed') logical axes."""
+  return nn.Embed(num_embeddings, config.d_model, dtype=config.compute_dtype,
+                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                              ("vocab", "embed")),
+                  name="embedding")
+
+
+def output_head(config: ModelConfig) -> nn.Dense | None:
+  """The untied output projection D -> vocab, or None with tied embeddings."""
+  if config.tie_embeddings:
+    return None
+  return nn.Dense(config.vocab_size, use_bias=False, dtype=config.compute_dtype,
+                  kernel_init=dense_init("embed", "vocab"))
+
+
+def vocab_logits(config: ModelConfig, h: jax.Array, embedding: nn.Embed,
+                 head: nn.Module | None) -> jax.Array:
+  """Float32 logits [B, N, vocab_size] from normalised states h [B, N, D].
+
+  With tied embeddings the first `vocab_size` rows of the table are the output
+  projection (MDLM's extra [MASK] row is an input only, never an output).
+  """
+  if config.tie_embeddings:
+    table = embedding.embedding[:config.vocab_size].astype(h.dtype)  # [V, D]
+    logits = jnp.einsum("bnd,vd->bnv", h, table, preferred_element_type=jnp.float32)
+  else:
+    logits = head(h)
+  return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                    ("activation_batch", "activation_length", "vocab"))
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   """Rotary position embedding driven by (original) integer positions.
 

@@ -23,9 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from armd_jax.models.ar import check_tokens, token_embedding, vocab_logits
+from armd_jax.models.ar import check_tokens
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import ACTIVATION, Block, dense_init, layer_norm
+from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
+                                    token_embedding, vocab_logits)
 
 # t is drawn from [T_MIN, 1]: the 1/t weight stays finite and the truncated mass is
 # negligible (a token is masked with probability < T_MIN below it).
@@ -54,9 +55,7 @@ class MDLM(nn.Module):
     self.embedding = token_embedding(cfg, cfg.vocab_size + 1)
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
-    self.head = None if cfg.tie_embeddings else nn.Dense(
-        cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-        kernel_init=dense_init("embed", "vocab"))
+    self.head = output_head(cfg)
 
   def __call__(self, noisy_tokens: jax.Array, block_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
