@@ -30,7 +30,7 @@ def training_orders(rng: np.random.Generator, batch: int) -> np.ndarray:
   over the rest, so the model learns the conditionals strided decoding uses."""
   known = np.zeros((1, LENGTH), bool)
   known[0, 0] = True
-  choices = [sampling.generation_order(known, s)[0] for s in (1, 2, 4)]
+  choices = [sampling.conditional_strided_order(known, s)[0] for s in (1, 2, 4)]
   rows = []
   for _ in range(batch):
     rows.append(choices[rng.integers(3)])

@@ -10,8 +10,8 @@ See `docs/sampling.md`.
 """
 
 from armd_jax.sampling.decoding import GenerateOutput, decode, generate, score
-from armd_jax.sampling.plan import Plan, generation_order, make_plan
+from armd_jax.sampling.plan import Plan, conditional_strided_order, make_plan
 from armd_jax.sampling.sampler import SamplerConfig, filter_logits, sample_logits
 
 __all__ = ["GenerateOutput", "Plan", "SamplerConfig", "decode", "filter_logits", "generate",
-           "generation_order", "make_plan", "sample_logits", "score"]
+           "conditional_strided_order", "make_plan", "sample_logits", "score"]

@@ -380,7 +380,7 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
     if block_ids.shape[1] != length:
       raise ValueError(f"order has length {block_ids.shape[1]}, expected {length}.")
   else:
-    block_ids = plan_lib.generation_order(known, streams)
+    block_ids = plan_lib.conditional_strided_order(known, streams)
   positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
   out, log_probs, calls = decode(model, params, rng, tokens, known, block_ids, positions,
                                  sampler, mode)

@@ -94,7 +94,7 @@ def make_plan(block_ids: np.ndarray) -> Plan:
   return Plan(length, phases, uniform)
 
 
-def generation_order(known: np.ndarray, streams: int) -> np.ndarray:
+def conditional_strided_order(known: np.ndarray, streams: int) -> np.ndarray:
   """Dense block ids [B, N]: known positions first, then strided over the unknown ones.
 
   Known positions (known[b, n] true) get singleton blocks in text order, so the content
