@@ -1,13 +1,22 @@
 """armd-jax: Auto-Regressive Masked Diffusion in JAX/Flax.
 
-Public API: `ModelConfig`, `ARMD`, and the modules `orders` (block-id generators),
-`losses` (the objective) and `kernels` (block-id attention). Importing this package
-never imports TensorFlow or seqio; only `armd_jax.data` does, lazily.
+Public API:
+- `ModelConfig`, `build_model`, and the one model family built from the same blocks:
+  `ARMD`, the baselines `AR` (causal GPT) and `MDLM` (masked diffusion).
+- `orders` (block-id generators), `losses` (the objective), `kernels` (block-id
+  attention: jnp reference and Pallas flash kernels), `sampling` (KV-cached and strided
+  generation, scoring).
+- Imported on demand, since they pull in heavier dependencies: `armd_jax.train`
+  (train step, checkpoints, `train_and_evaluate`, `load_trained`), `armd_jax.data`
+  (grain pipelines; seqio/TensorFlow only lazily) and `armd_jax.eval`.
+
+Importing this package never imports TensorFlow or seqio.
 """
 
-from armd_jax import kernels, losses, orders
-from armd_jax.models import ARMD, ModelConfig, build_model
+from armd_jax import kernels, losses, orders, sampling
+from armd_jax.models import AR, ARMD, MDLM, ModelConfig, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ARMD", "ModelConfig", "build_model", "kernels", "losses", "orders", "__version__"]
+__all__ = ["AR", "ARMD", "MDLM", "ModelConfig", "build_model", "kernels", "losses", "orders",
+           "sampling", "__version__"]

@@ -68,7 +68,7 @@ def main():
   with open(args.out, "w") as f:
     json.dump({"corpus": os.path.basename(args.corpus), "cpu_count": os.cpu_count(),
                "results": results}, f, indent=1)
-  print(f"\n| case | threads | build s | reload s | ms/batch |\n|---|---|---|---|---|")
+  print("\n| case | threads | build s | reload s | ms/batch |\n|---|---|---|---|---|")
   for r in results:
     print(f"| {r['case']} ({r['global_batch']}x{r['seq_len']}) | {r['num_threads']} | "
           f"{r['build_s']} | {r['reload_s']} | {r['batch_ms']} |")
