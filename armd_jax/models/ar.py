@@ -21,7 +21,7 @@ import numpy as np
 
 from armd_jax.models.config import ModelConfig
 from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
-                                    token_embedding, vocab_logits)
+                                    start_embedding, token_embedding, vocab_logits)
 
 
 def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -65,9 +65,7 @@ class AR(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = token_embedding(cfg, cfg.vocab_size)
-    self.bos_embedding = self.param(
-        "bos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-        (cfg.d_model,))
+    self.bos_embedding = start_embedding(self, cfg)
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
     self.head = output_head(cfg)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from armd_jax.models.config import ModelConfig
 from armd_jax.models.layers import (ACTIVATION, Block, dense_init, layer_norm, output_head,
-                                    token_embedding, vocab_logits)
+                                    start_embedding, token_embedding, vocab_logits)
 
 
 class ARMD(nn.Module):
@@ -43,9 +43,7 @@ class ARMD(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = token_embedding(cfg, cfg.vocab_size)
-    self.bos_embedding = self.param(
-        "bos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-        (cfg.d_model,))
+    self.bos_embedding = start_embedding(self, cfg)
     self.pe = self.param("pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                             (None, "pe")), (cfg.max_len, cfg.d_pe))
     self.bos_pe = self.param("bos_pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),

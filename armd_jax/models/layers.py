@@ -58,6 +58,13 @@ def token_embedding(config: ModelConfig, num_embeddings: int) -> nn.Embed:
                   name="embedding")
 
 
+def start_embedding(module: nn.Module, config: ModelConfig) -> jax.Array:
+  """The learned start-token (BOS) embedding [D] of `module` (call inside its setup)."""
+  return module.param("bos_embedding",
+                      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                      (config.d_model,))
+
+
 def output_head(config: ModelConfig) -> nn.Dense | None:
   """The untied output projection D -> vocab, or None with tied embeddings."""
   if config.tie_embeddings:
