@@ -40,8 +40,7 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, block_ids: jax.Array,
                      f"block_ids {block_ids.shape}.")
   mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
   weights = mask if block_weights is None else mask * block_weights.astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = -token_log_probs(logits, tokens)  # [B, N]
   num_tokens = mask.sum()
   denom = jnp.maximum(num_tokens, 1.0)
   nll_sum = (nll * mask).sum()

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from armd_jax.losses import token_log_probs
 from armd_jax.models.ar import check_tokens
 from armd_jax.models.config import ModelConfig
 from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
@@ -97,8 +98,7 @@ def stratified_times(rng: jax.Array, batch: int) -> jax.Array:
 def elbo_terms(logits: jax.Array, tokens: jax.Array, is_masked: jax.Array,
                t: jax.Array) -> jax.Array:
   """Per-sequence negative-ELBO estimates [B]: sum over masked n of -log p(x_n) / t."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = -token_log_probs(logits, tokens)  # [B, N]
   return (nll * is_masked).sum(-1) / t
 
 
