@@ -147,9 +147,10 @@ def block_sizes_from(spec: str) -> BlockSizes:
   return BlockSizes(*(int(x) for x in spec.split(",")))
 
 
-def kernel_fn(sizes: BlockSizes, segments=None):
+def kernel_fn(sizes: BlockSizes, segments=None, backend=None):
   """attention(q, k, v, q_ids, kv_ids) through the Pallas kernel for this platform."""
-  backend = "gpu" if on_gpu() else "tpu" if jax.default_backend() == "tpu" else "auto"
+  if backend is None:
+    backend = "gpu" if on_gpu() else "tpu" if jax.default_backend() == "tpu" else "auto"
   return lambda q, k, v, qi, ki: block_causal_flash_attention(
       q, k, v, qi, ki, block_sizes=sizes, backend=backend, interpret=ARGS.smoke,
       q_segments=segments)
@@ -248,6 +249,15 @@ def kernel_check(out: dict) -> None:
           + " ".join(f"{key} {e:.1e}" for key, e in errors.items()))
       if not ok:
         RESULTS["failed_checks"].append(f"{name} {dname}")
+  # backend='auto' (what the model uses: platform_dependent at lowering) on one shape.
+  _, batch, n, heads, dim, layout = attention_shapes()[0]
+  q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, jnp.bfloat16, seed=3)
+  auto = jax.jit(value_and_vjp(kernel_fn(sizes, seg, backend="auto"), qi, ki))(q, k, v, do)
+  explicit = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))(q, k, v, do)
+  out["auto_backend_max_abs_diff"] = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+      for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(explicit)))
+  log("backend='auto' vs explicit:", out["auto_backend_max_abs_diff"])
   out["rows"] = rows
   out["tolerance_rel_l2"] = tolerance
   out["block_sizes"] = ARGS.block_sizes
