@@ -56,12 +56,17 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
   parser.add_argument("--poison", action="store_true", help="fail on grain/seqio/... imports")
   parser.add_argument("--budget_s", type=float, default=420.0)
-  parser.add_argument("--sections", default="env,kernel_check,attention,train_step,sampling")
+  parser.add_argument("--sections", default="env,tile_sweep,kernel_check,attention,train_step,"
+                      "sampling,train_step_ar_pallas")
   parser.add_argument("--lengths", default="1024,2048,4096,8192")
   parser.add_argument("--block_sizes", default="128,64,64,128",
-                      help="block_q,block_kv,block_q_dkv,block_kv_dkv of the GPU kernel")
-  parser.add_argument("--sweep", default="", help="extra block sizes timed at N=2048, "
-                      "';'-separated, e.g. '64,64;128,128'")
+                      help="block_q,block_kv,block_q_dkv,block_kv_dkv of the kernel unless "
+                      "the sweep picks others")
+  parser.add_argument("--sweep64", default="128,64,64,128;64,64,64,64;128,128,64,128;"
+                      "128,64,64,64", help="tile sizes timed (fwd+bwd, N=2048) for D=64; the "
+                      "fastest is used for every D=64 shape")
+  parser.add_argument("--sweep128", default="128,64,64,64;64,64,64,64;64,32,32,64",
+                      help="the same for D=128")
   parser.add_argument("--train_batch", type=int, default=16)
   parser.add_argument("--reps", type=int, default=10)
   return parser.parse_args()
@@ -147,6 +152,16 @@ def block_sizes_from(spec: str) -> BlockSizes:
   return BlockSizes(*(int(x) for x in spec.split(",")))
 
 
+CHOSEN = {}  # head dim -> tile spec picked by the sweep
+
+
+def sizes_for(dim: int) -> BlockSizes:
+  """Tiles for head dim `dim`: the sweep's pick, else --block_sizes (smoke: 8 x 8)."""
+  if ARGS.smoke:
+    return BlockSizes(8, 8)
+  return block_sizes_from(CHOSEN.get(dim, ARGS.block_sizes))
+
+
 def kernel_fn(sizes: BlockSizes, segments=None, backend=None):
   """attention(q, k, v, q_ids, kv_ids) through the Pallas kernel for this platform."""
   if backend is None:
@@ -181,13 +196,13 @@ def fwd_and_grad(attention):
 def attention_shapes():
   """(name, batch, N, heads, D, layout) of every benchmarked shape."""
   heads, dim = (2, 16) if ARGS.smoke else (12, 64)
-  lengths = [64] if ARGS.smoke else [int(n) for n in ARGS.lengths.split(",")]
-  tokens = 128 if ARGS.smoke else 16384
+  lengths = [40] if ARGS.smoke else [int(n) for n in ARGS.lengths.split(",")]
+  tokens = 80 if ARGS.smoke else 16384
   shapes = [(f"one_stream N={n}", max(1, tokens // n), n, heads, dim, "one") for n in lengths]
   if not ARGS.smoke:
     shapes.append(("one_stream N=2048 D=128", 8, 2048, 8, 128, "one"))
   shapes += [(f"two_stream N={n}", max(1, tokens // n), n, heads, dim, "two")
-             for n in lengths[:3]]
+             for n in lengths[:2]]
   return shapes
 
 
@@ -226,31 +241,44 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def check_one(sizes, batch, n, heads, dim, layout, dtype) -> dict:
+  """Relative L2 errors of the kernel's out, dq, dk, dv against the float32 reference."""
+  q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, dtype, seed=n + dim)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  kernel = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))
+  ref = jax.jit(value_and_vjp(reference_fn, qi, ki))
+  with jax.default_matmul_precision("highest"):
+    ref_out, ref_grads = ref(f32(q), f32(k), f32(v), f32(do))
+  got_out, got_grads = kernel(q, k, v, do)
+  return {key: rel_err(a, b) for key, a, b in zip(
+      ("out", "dq", "dk", "dv"), (got_out,) + tuple(got_grads), (ref_out,) + tuple(ref_grads))}
+
+
 def kernel_check(out: dict) -> None:
-  sizes = block_sizes_from(ARGS.block_sizes)
   tolerance = {"bfloat16": 2e-2, "float32": 5e-3}  # f32: Triton dots may use tf32
   rows = []
-  for name, batch, n, heads, dim, layout in attention_shapes():
-    for dtype in (jnp.bfloat16, jnp.float32):
-      q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, dtype, seed=n + dim)
-      f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-      kernel = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))
-      ref = jax.jit(value_and_vjp(reference_fn, qi, ki))
-      with jax.default_matmul_precision("highest"):
-        ref_out, ref_grads = ref(f32(q), f32(k), f32(v), f32(do))
-      got_out, got_grads = kernel(q, k, v, do)
-      errors = {key: rel_err(a, b) for key, a, b in zip(
-          ("out", "dq", "dk", "dv"), (got_out,) + tuple(got_grads), (ref_out,) + tuple(ref_grads))}
+  shapes = attention_shapes()
+  f32_shapes = {shapes[0][0], next(s[0] for s in shapes if s[-1] == "two")}
+  for name, batch, n, heads, dim, layout in shapes:
+    sizes = sizes_for(dim)
+    dtypes = (jnp.bfloat16, jnp.float32) if name in f32_shapes else (jnp.bfloat16,)
+    if ARGS.smoke:  # CPU: one dtype per layout
+      dtypes = (jnp.bfloat16,) if layout == "one" else (jnp.float32,)
+    for dtype in dtypes:
       dname = jnp.dtype(dtype).name
-      ok = all(e <= tolerance[dname] for e in errors.values())
+      try:
+        errors = check_one(sizes, batch, n, heads, dim, layout, dtype)
+      except Exception as error:  # pylint: disable=broad-except  (recorded, run goes on)
+        errors = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+      ok = "error" not in errors and all(e <= tolerance[dname] for e in errors.values())
       rows.append(dict(shape=name, batch=batch, heads=heads, dim=dim, dtype=dname, ok=ok,
-                       **{f"rel_err_{key}": e for key, e in errors.items()}))
-      log(f"check {name} B={batch} {dname}: {'ok' if ok else 'MISMATCH'} "
-          + " ".join(f"{key} {e:.1e}" for key, e in errors.items()))
+                       block_sizes=str(sizes), **{f"rel_err_{key}": e for key, e in errors.items()}))
+      log(f"check {name} B={batch} {dname}: {'ok' if ok else 'MISMATCH'} {errors}")
       if not ok:
         RESULTS["failed_checks"].append(f"{name} {dname}")
   # backend='auto' (what the model uses: platform_dependent at lowering) on one shape.
-  _, batch, n, heads, dim, layout = attention_shapes()[0]
+  _, batch, n, heads, dim, layout = shapes[0]
+  sizes = sizes_for(dim)
   q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, jnp.bfloat16, seed=3)
   auto = jax.jit(value_and_vjp(kernel_fn(sizes, seg, backend="auto"), qi, ki))(q, k, v, do)
   explicit = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))(q, k, v, do)
@@ -260,53 +288,68 @@ def kernel_check(out: dict) -> None:
   log("backend='auto' vs explicit:", out["auto_backend_max_abs_diff"])
   out["rows"] = rows
   out["tolerance_rel_l2"] = tolerance
-  out["block_sizes"] = ARGS.block_sizes
+
+
+def time_attention(fn, q, k, v, do, qi, ki, prefix: str, row: dict) -> None:
+  """Adds {prefix}_fwd_ms and {prefix}_fwd_bwd_ms (or {prefix}_error) to row."""
+  forward, both = fwd_and_grad(fn)
+  try:
+    row[f"{prefix}_fwd_ms"] = median_ms(forward, q, k, v, qi, ki)
+    row[f"{prefix}_fwd_bwd_ms"] = median_ms(both, q, k, v, qi, ki, do)
+  except Exception as error:  # pylint: disable=broad-except  (e.g. OOM, no cuDNN)
+    row[f"{prefix}_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def tile_sweep(out: dict) -> None:
+  """Times the kernel's tile choices at N=2048 (fwd+bwd) and keeps the fastest per D."""
+  rows = []
+  for dim, heads, specs in ((64, 12, ARGS.sweep64), (128, 8, ARGS.sweep128)):
+    if ARGS.smoke:
+      break
+    q, k, v, do, qi, ki, _ = make_inputs(8, 2048, heads, dim, "one", jnp.bfloat16, seed=9)
+    best = None
+    for spec in [s for s in specs.split(";") if s]:
+      if left_s() < 300:
+        break
+      row = dict(dim=dim, n=2048, batch=8, heads=heads, block_sizes=spec)
+      time_attention(kernel_fn(block_sizes_from(spec)), q, k, v, do, qi, ki, "kernel", row)
+      rows.append(row)
+      log("sweep", row)
+      if "kernel_fwd_bwd_ms" in row and (best is None or row["kernel_fwd_bwd_ms"] < best[0]):
+        best = (row["kernel_fwd_bwd_ms"], spec)
+    if best:
+      CHOSEN[dim] = best[1]
+  out.update(rows=rows, chosen={str(k): v for k, v in CHOSEN.items()},
+             note="block_q,block_kv,block_q_dkv,block_kv_dkv; the fastest fwd+bwd is used for "
+             "every shape of that head dim (checks and timings)")
 
 
 def attention(out: dict) -> None:
-  sizes = block_sizes_from(ARGS.block_sizes)
   rows = []
   cudnn_name = "cudnn_causal" if on_gpu() else "xla_causal_dpa"
-  for name, batch, n, heads, dim, layout in attention_shapes():
+  for name, batch, n, heads, dim, layout in attention_shapes()[:1 if ARGS.smoke else None]:
     if left_s() < 60:
       rows.append(dict(shape=name, skipped="budget"))
       continue
     q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, jnp.bfloat16, seed=7)
-    contenders = {"kernel": kernel_fn(sizes, seg), "xla_reference": reference_fn}
+    sizes = sizes_for(dim)
+    row = dict(shape=name, batch=batch, n=n, heads=heads, dim=dim, layout=layout,
+               block_sizes=str(sizes))
+    time_attention(kernel_fn(sizes, seg), q, k, v, do, qi, ki, "kernel", row)
+    time_attention(reference_fn, q, k, v, do, qi, ki, "xla_reference", row)
     if layout == "one":
-      contenders[cudnn_name] = cudnn_fn
-    row = dict(shape=name, batch=batch, n=n, heads=heads, dim=dim, layout=layout)
-    for cname, fn in contenders.items():
-      forward, both = fwd_and_grad(fn)
-      try:
-        row[f"{cname}_fwd_ms"] = median_ms(forward, q, k, v, qi, ki)
-        row[f"{cname}_fwd_bwd_ms"] = median_ms(both, q, k, v, qi, ki, do)
-      except Exception as error:  # pylint: disable=broad-except  (e.g. OOM, no cuDNN)
-        row[f"{cname}_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+      time_attention(cudnn_fn, q, k, v, do, qi, ki, cudnn_name, row)
     for other in ("xla_reference", cudnn_name):
-      if f"{other}_fwd_bwd_ms" in row and "kernel_fwd_bwd_ms" in row:
-        row[f"kernel_speedup_vs_{other}_fwd_bwd"] = (row[f"{other}_fwd_bwd_ms"]
-                                                     / row["kernel_fwd_bwd_ms"])
+      for kind in ("fwd", "fwd_bwd"):
+        if f"{other}_{kind}_ms" in row and f"kernel_{kind}_ms" in row:
+          row[f"kernel_over_{other}_{kind}"] = row[f"kernel_{kind}_ms"] / row[f"{other}_{kind}_ms"]
     log(name, {key: round(val, 3) if isinstance(val, float) else val for key, val in row.items()
-               if key.endswith("ms") or key.startswith("kernel_speedup") or key.endswith("error")})
+               if key.endswith("ms") or key.startswith("kernel_over") or key.endswith("error")})
     rows.append(row)
-  for spec in [s for s in ARGS.sweep.split(";") if s] if not ARGS.smoke else []:
-    if left_s() < 60:
-      break
-    q, k, v, do, qi, ki, _ = make_inputs(8, 2048, 12, 64, "one", jnp.bfloat16, seed=9)
-    forward, both = fwd_and_grad(kernel_fn(block_sizes_from(spec)))
-    try:
-      rows.append(dict(shape="sweep one_stream N=2048", block_sizes=spec,
-                       kernel_fwd_ms=median_ms(forward, q, k, v, qi, ki),
-                       kernel_fwd_bwd_ms=median_ms(both, q, k, v, qi, ki, do)))
-    except Exception as error:  # pylint: disable=broad-except
-      rows.append(dict(shape="sweep one_stream N=2048", block_sizes=spec,
-                       error=f"{type(error).__name__}: {str(error)[:300]}"))
-    log("sweep", rows[-1])
   out["rows"] = rows
-  out["block_sizes"] = ARGS.block_sizes
   out["dtype"] = "bfloat16"
   out["ids"] = "left-to-right (block-id mask == causal mask)"
+  out["ratios"] = "kernel_over_X = kernel ms / X ms (below 1: the kernel is faster)"
 
 
 # -- train steps -------------------------------------------------------------------
@@ -319,7 +362,7 @@ def gpt2_small(kind: str, attention_impl: str) -> ModelConfig:
                        pallas_block_q=8, pallas_block_kv=8, pallas_interpret=True)
   return ModelConfig(vocab_size=50257, kind=kind, d_model=768, num_layers=12, num_heads=12,
                      mlp_dim=3072, max_len=1024, dtype="bfloat16", attention=attention_impl,
-                     pallas_block_q=64, pallas_block_kv=64)
+                     pallas_block_q=sizes_for(64).block_q, pallas_block_kv=sizes_for(64).block_kv)
 
 
 def train_step_fn(config: ModelConfig, batch: int, length: int):
@@ -354,8 +397,8 @@ def time_train_step(config, batch, length, reps):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  for _ in range(2):
-    params, opt_state, loss = compiled(params, opt_state)
+  params, opt_state, first_loss = compiled(params, opt_state)
+  params, opt_state, loss = compiled(params, opt_state)
   jax.block_until_ready(loss)
   times = []
   for _ in range(reps):
@@ -364,49 +407,67 @@ def time_train_step(config, batch, length, reps):
     jax.block_until_ready(loss)
     times.append((time.perf_counter() - begin) * 1e3)
   return dict(ms=statistics.median(times), xla_flops=flops, compile_s=round(compile_s, 1),
-              loss=float(loss))
+              first_loss=float(first_loss), loss=float(loss))
 
 
-def train_step(out: dict) -> None:
+TRAIN_ROWS = {}
+
+
+def train_variants(out: dict, variants) -> None:
+  """Times (kind, attention) train steps into TRAIN_ROWS; ratios and MFU into out."""
   length = 32 if ARGS.smoke else 1024
   batch = 2 if ARGS.smoke else ARGS.train_batch
   reps = 2 if ARGS.smoke else 5
   peak = RESULTS["sections"].get("env", {}).get("peak_bf16_flops")
-  rows = {}
-  for kind, impl in (("armd", "xla"), ("ar", "xla"), ("armd", "pallas"), ("ar", "pallas")):
+  for kind, impl in variants:
     if left_s() < 45:
-      rows[f"{kind}_{impl}"] = dict(skipped="budget")
+      TRAIN_ROWS[f"{kind}_{impl}"] = dict(skipped="budget")
       continue
     try:
-      rows[f"{kind}_{impl}"] = time_train_step(gpt2_small(kind, impl), batch, length, reps)
+      TRAIN_ROWS[f"{kind}_{impl}"] = time_train_step(gpt2_small(kind, impl), batch, length,
+                                                     reps)
     except Exception as error:  # pylint: disable=broad-except
-      rows[f"{kind}_{impl}"] = dict(error=f"{type(error).__name__}: {str(error)[:500]}")
-    log(kind, impl, rows[f"{kind}_{impl}"])
+      TRAIN_ROWS[f"{kind}_{impl}"] = dict(error=f"{type(error).__name__}: {str(error)[:500]}")
+    log(kind, impl, TRAIN_ROWS[f"{kind}_{impl}"])
   for kind in ("armd", "ar"):  # model FLOPs of the XLA-attention program for both impls
-    flops = rows.get(f"{kind}_xla", {}).get("xla_flops")
+    flops = TRAIN_ROWS.get(f"{kind}_xla", {}).get("xla_flops")
     for impl in ("xla", "pallas"):
-      row = rows.get(f"{kind}_{impl}", {})
+      row = TRAIN_ROWS.get(f"{kind}_{impl}", {})
       if flops and "ms" in row and peak:
         row["mfu"] = flops / (row["ms"] * 1e-3) / peak
-  armd, ar = rows.get("armd_xla", {}), rows.get("ar_xla", {})
+  armd, ar = TRAIN_ROWS.get("armd_xla", {}), TRAIN_ROWS.get("ar_xla", {})
   if armd.get("xla_flops") and ar.get("xla_flops"):
     out["flop_ratio_armd_over_ar"] = armd["xla_flops"] / ar["xla_flops"]
     for impl in ("xla", "pallas"):
-      a, b = rows.get(f"armd_{impl}", {}), rows.get(f"ar_{impl}", {})
+      a, b = TRAIN_ROWS.get(f"armd_{impl}", {}), TRAIN_ROWS.get(f"ar_{impl}", {})
       if "ms" in a and "ms" in b:
         out[f"time_ratio_armd_over_ar_{impl}"] = a["ms"] / b["ms"]
-  out.update(rows=rows, batch=batch, length=length, model="GPT-2-small size: 12 layers "
+  out.update(rows=TRAIN_ROWS, batch=batch, length=length, model="GPT-2-small size: 12 layers "
              "(6 two-stream for ARMD), d=768, 12 heads, MLP 3072, vocab 50257, bf16 compute, "
-             "f32 params, AdamW", flops_source="XLA cost_analysis of the XLA-attention step "
-             "(the masked reference computes full N x N attention; Pallas calls are not "
-             "counted by XLA, so the same model FLOPs serve both implementations)")
+             "f32 params, AdamW; ARMD ids: progressive permutation with 16 shuffled tokens; "
+             "AR ids: left to right", pallas_tiles=str(sizes_for(64)),
+             flops_source="XLA cost_analysis of the XLA-attention step (the masked reference "
+             "computes full N x N attention; Pallas calls are not counted by XLA, so the same "
+             "model FLOPs serve both implementations)")
+
+
+def train_step(out: dict) -> None:
+  variants = (("armd", "xla"), ("ar", "xla"), ("armd", "pallas"))
+  train_variants(out, variants[:2] if ARGS.smoke else variants)  # CPU: no interpreted model
+
+
+def train_step_ar_pallas(out: dict) -> None:
+  if ARGS.smoke:  # CPU: the interpreted kernel inside a model is tested in tests/
+    out["skipped"] = "smoke"
+    return
+  train_variants(out, (("ar", "pallas"),))
 
 
 # -- sampling -----------------------------------------------------------------------
 
 
 def sampling_speed(out: dict) -> None:
-  length = 32 if ARGS.smoke else 1024
+  length = 16 if ARGS.smoke else 1024
   config = gpt2_small("armd", "xla")
   model = build_model(config)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
@@ -444,10 +505,12 @@ def env(out: dict) -> None:
 
 def main() -> int:
   section("env", env, 0)
+  section("tile_sweep", tile_sweep, 300)
   section("kernel_check", kernel_check, 30)
   section("attention", attention, 60)
   section("train_step", train_step, 60)
   section("sampling", sampling_speed, 40)
+  section("train_step_ar_pallas", train_step_ar_pallas, 45)
   RESULTS["total_seconds"] = round(time.time() - START, 1)
   save()
   summary()
@@ -466,7 +529,8 @@ def summary() -> None:
   for row in sections.get("attention", {}).get("rows", []):
     print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
                  if k.endswith("ms") or "speedup" in k or k in ("shape", "block_sizes")})
-  train = sections.get("train_step", {})
+  print("   tiles:", sections.get("tile_sweep", {}).get("chosen"))
+  train = sections.get("train_step_ar_pallas", sections.get("train_step", {}))
   for name, row in train.get("rows", {}).items():
     print("  ", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
   print("  ", {k: v for k, v in train.items() if "ratio" in k})

@@ -127,12 +127,17 @@ def tile_visibility(q_ids: jax.Array, kv_ids: jax.Array, block_q: int,
   Returns:
     (live, full), bool [B, nq, nk]: live iff some key of tile j is visible to some
     query of tile i (min key id <= max query id); full iff every key of tile j is
-    visible to every query of tile i (max key id <= min query id). full implies live.
+    visible to every query of tile i (max key id <= min query id; padding query rows,
+    id -2**30, left out). full implies live.
   """
-  q_min, q_max = _tile_min_max(q_ids, block_q)
+  q_max = _tile_min_max(q_ids, block_q)[1]
+  # Padding query rows do not decide fullness: their outputs are dropped, and their zero
+  # cotangents add exactly nothing to dk, dv even when a tile runs without the mask.
+  q_min = _tile_min_max(jnp.where(q_ids == _Q_PAD_ID, jnp.iinfo(jnp.int32).max, q_ids),
+                        block_q)[0]
   kv_min, kv_max = _tile_min_max(kv_ids, block_kv)
   live = kv_min[:, None, :] <= q_max[:, :, None]
-  full = kv_max[:, None, :] <= q_min[:, :, None]
+  full = (kv_max[:, None, :] <= q_min[:, :, None]) & live
   return live, full
 
 
@@ -424,6 +429,22 @@ def _gpu_dkv_kernel(r_ref, q_ref, k_ref, v_ref, qid_ref, kvid_ref, do_ref, lse_r
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _gpu_tiles(opts: _Options, q: jax.Array) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
+  """(fwd/dq tiles, dk/dv tiles, num_stages) of the Triton launch for q's dtype and head dim.
+
+  Wide rows (float32 with head dim > 64, or head dim > 128) halve every tile of 32 rows
+  or more (the padded lengths stay multiples) and use one pipeline stage, so that the tiles
+  fit the H100's 227 KiB of shared memory (seen: float32, D=128, 128 x 64 tiles asked for
+  289 KiB).
+  """
+  sizes = opts.block_sizes
+  if q.dtype.itemsize * q.shape[-1] <= 256:
+    return (sizes.block_q, sizes.block_kv), sizes.dkv, 2
+  half = lambda t: t // 2 if t >= 32 else t  # noqa: E731
+  return ((half(sizes.block_q), half(sizes.block_kv)),
+          (half(sizes.dkv[0]), half(sizes.dkv[1])), 1)
+
+
 def _gpu_call(kernel, grid, in_specs, out_specs, out_shapes, operands, head_dim, interpret,
               name, num_stages=2):
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
@@ -439,7 +460,7 @@ def _gpu_forward(opts: _Options, q, k, v, q_ids, kv_ids):
   """q [B, Nq, H, D], k/v [B, Nk, H, D] (padded) -> (out, lse [B, H, Nq])."""
   b, nq_len, h, d = q.shape
   nk_len = k.shape[1]
-  bq, bk = opts.block_sizes.block_q, opts.block_sizes.block_kv
+  (bq, bk), _, stages = _gpu_tiles(opts, q)
   ranges = query_tile_ranges(q_ids, kv_ids, bq, bk)
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
@@ -454,7 +475,8 @@ def _gpu_forward(opts: _Options, q, k, v, q_ids, kv_ids):
                 jax.ShapeDtypeStruct((b, h, nq_len // bq, 1, bq), jnp.float32)]
   kernel = functools.partial(_gpu_forward_kernel, scale=opts.sm_scale, block_kv=bk)
   out, lse = _gpu_call(kernel, (nq_len // bq, b, h), in_specs, out_specs, out_shapes,
-                       (ranges, q, k, v, qid3, kvid4), d, opts.interpret, "block_causal_fwd")
+                       (ranges, q, k, v, qid3, kvid4), d, opts.interpret, "block_causal_fwd",
+                       stages)
   return out, lse.reshape(b, h, nq_len)
 
 
@@ -462,7 +484,7 @@ def _gpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
   """dq, dk, dv (input dtypes) on the native layout; lse, delta [B, H, Nq] float32."""
   b, nq_len, h, d = q.shape
   nk_len = k.shape[1]
-  bq, bk = opts.block_sizes.block_q, opts.block_sizes.block_kv
+  (bq, bk), (bq2, bk2), stages = _gpu_tiles(opts, q)
   ranges = query_tile_ranges(q_ids, kv_ids, bq, bk)
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
@@ -477,9 +499,8 @@ def _gpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
        q_tile, stat_tile, stat_tile],
       [q_tile], [jax.ShapeDtypeStruct(q.shape, q.dtype)],
       (ranges, q, k, v, qid3, kvid4, do, _stat_rows(lse, bq), _stat_rows(delta, bq)), d,
-      opts.interpret, "block_causal_dq")[0]
+      opts.interpret, "block_causal_dq", stages)[0]
 
-  bq2, bk2 = opts.block_sizes.dkv
   ranges = key_tile_ranges(q_ids, kv_ids, bq2, bk2)
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk2)
   whole_q = pl.BlockSpec((None, nq_len, None, d), lambda j, b_, h_: (b_, 0, h_, 0))
@@ -496,7 +517,7 @@ def _gpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
       [kv_tile, kv_tile],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       (ranges, q, k, v, qid3, kvid4, do, _stat_rows(lse, bq2), _stat_rows(delta, bq2)), d,
-      opts.interpret, "block_causal_dkv")
+      opts.interpret, "block_causal_dkv", stages)
   return dq, dk, dv
 
 

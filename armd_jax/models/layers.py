@@ -133,9 +133,11 @@ class Attention(nn.Module):
             nn.with_logical_constraint(v, HEADS_ACTIVATION))
 
   def attend(self, h: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
-             v: jax.Array, kv_ids: jax.Array) -> jax.Array:
+             v: jax.Array, kv_ids: jax.Array,
+             q_segments: Tuple[int, ...] | None = None) -> jax.Array:
     """Queries from h [B, Nq, D] at `positions`, `ids` attend to k, v with `kv_ids`.
 
+    `q_segments`: lengths of the sorted query runs (the kernel pads each to a tile).
     Returns [B, Nq, D].
     """
     q = apply_rope(self.query(h), positions, self.config.rope_base)  # [B, Nq, H, Dh]
@@ -143,7 +145,8 @@ class Attention(nn.Module):
     cfg = self.config
     y = kernels.block_causal_attention(
         q, k, v, ids, kv_ids, implementation=cfg.attention, interpret=cfg.pallas_interpret,
-        block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
+        block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv),
+        q_segments=q_segments)
     return self.out(y)
 
 
@@ -198,7 +201,9 @@ class Block(nn.Module):
     kv_len = x.shape[1] if kv_len is None else kv_len
     h = self.ln_attn(x)
     k, v = self.attn.keys_values(h[:, :kv_len], positions[:, :kv_len])
-    y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len])
+    # Two streams (content rows, then query rows): two sorted runs for the kernel.
+    segments = None if kv_len == x.shape[1] else (kv_len, x.shape[1] - kv_len)
+    y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len], q_segments=segments)
     return self._finish(x, y, deterministic)
 
   def _finish(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
