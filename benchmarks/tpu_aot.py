@@ -10,7 +10,11 @@ merely installing it makes every jax process probe for a TPU):
 or unpack the libtpu wheel somewhere and put that folder on PYTHONPATH. Then:
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --topology v5e:2x2
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --smoke   # small shapes only
-Writes a markdown table to --out (default benchmarks/results/tpu_aot.md).
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --memory_scaling \
+      --out=benchmarks/results/tpu_aot_memory_scaling.md
+      # peak per-chip memory of the full train step (small model) at N = 8K, 16K, 32K
+Writes a markdown table to --out (default benchmarks/results/tpu_aot.md), and with
+--memory_scaling also a json beside it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--kernel_shapes", default=None,
                       help="kernel shapes 'B,N,H,D;...' (global; default: the standard table)")
   parser.add_argument("--skip_model", action="store_true", help="kernel rows only")
+  parser.add_argument("--memory_scaling", action="store_true",
+                      help="train-step peak memory of a small model at N = 8K..32K only")
+  parser.add_argument("--lengths", default="8192,16384,32768")
+  parser.add_argument("--attentions", default="pallas")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "tpu_aot.md"))
   return parser.parse_args()
@@ -87,9 +95,17 @@ def kernel_rows(mesh: Mesh, shapes):
   return rows
 
 
-def model_rows(mesh: Mesh, smoke: bool):
-  """A data-parallel AdamW train step of ARMD (loss fwd+bwd + update) in shard_map."""
-  if smoke:
+def model_rows(mesh: Mesh, smoke: bool, length: int | None = None,
+               attentions=("pallas", "xla")):
+  """A data-parallel AdamW train step of ARMD (loss fwd+bwd + update) in shard_map.
+
+  With `length`: a small model (d=256, 4 layers) at that length, batch 1 per device.
+  """
+  if length is not None:
+    fields = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+                  max_len=length, dtype="bfloat16")
+    per_device_batch = 1
+  elif smoke:
     fields = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
                   max_len=512, dtype="bfloat16")
     per_device_batch, length = 2, 512
@@ -100,7 +116,9 @@ def model_rows(mesh: Mesh, smoke: bool):
   data_size = mesh.devices.size
   flat = Mesh(mesh.devices.reshape(-1), ("data",))
   rows = []
-  for name, attention in (("pallas (Mosaic)", "pallas"), ("xla reference", "xla")):
+  names = {"pallas": "pallas (Mosaic)", "xla": "xla reference"}
+  for attention in attentions:
+    name = names[attention]
     config = armd_jax.ModelConfig(attention=attention, **fields)
     model = armd_jax.build_model(config)
     optimizer = optax.adamw(3e-4)
@@ -170,12 +188,33 @@ def main() -> None:
   devices = topology.devices
   mesh = Mesh(np.array(devices).reshape(2, -1), ("data", "model"))
   print(f"{len(devices)} devices: {devices[0].device_kind}; mesh {dict(mesh.shape)}", flush=True)
+  if args.memory_scaling:
+    return memory_scaling(args, mesh, devices)
   shapes = [(4, 1024, 4, 128)] if args.smoke else [
       (8, n, 8, d) for n in (1024, 2048, 4096) for d in (64, 128)]
   if args.kernel_shapes:
     shapes = [tuple(int(x) for x in spec.split(",")) for spec in args.kernel_shapes.split(";")]
   rows = kernel_rows(mesh, shapes) + ([] if args.skip_model else model_rows(mesh, args.smoke))
   print(write_table(rows, args.out, args.topology, devices))
+
+
+def memory_scaling(args, mesh: Mesh, devices) -> None:
+  """Peak per-chip memory of the small-model train step over lengths; table + json."""
+  import json  # pylint: disable=import-outside-toplevel
+  rows, records = [], []
+  for length in (int(n) for n in args.lengths.split(",")):
+    for row in model_rows(mesh, False, length, tuple(args.attentions.split(","))):
+      rows.append(row)
+      label, name, seconds, mem, calls = row
+      records.append({"length": length, "attention": name, "compile_s": seconds,
+                      "mosaic_calls": calls, "peak_mib": mem.peak_memory_in_bytes / MIB,
+                      "temp_mib": mem.temp_size_in_bytes / MIB,
+                      "args_mib": mem.argument_size_in_bytes / MIB})
+      write_table(rows, args.out, args.topology, devices)
+      with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
+        json.dump({"topology": args.topology, "jax": jax.__version__,
+                   "command": " ".join(sys.argv), "rows": records}, f, indent=2)
+  print(open(args.out, encoding="utf-8").read())
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.max_len = 1024  # PE table size (>= train.seq_len and sample.length)
   m.dropout_rate = 0.0  # residual dropout
   m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-  m.attention = "xla"  # attention implementation ('xla' reference)
+  m.attention = "xla"  # 'xla' reference, 'pallas' kernel, 'auto' (Pallas on TPU/GPU)
+  m.pallas_block_q = 128  # Pallas query tile (x128 on TPU, power of two >= 16 on GPU)
+  m.pallas_block_kv = 128  # Pallas key tile (same constraints)
+  m.pallas_interpret = False  # run the Pallas kernel under the interpreter (CPU tests)
+  m.prefix_aggregation = "auto"  # 'dense', 'chunked' (O(N) memory) or 'auto' (chunked on Pallas)
+  m.prefix_chunk = 256  # rows per chunk of the chunked prefix aggregation
   m.d_pe = 64  # prefix-aggregation PE width
   m.query_init = "prefix_plus_position"  # query-stream init ('prefix' = plain spec)
   m.tie_embeddings = True  # share input embedding and output projection
