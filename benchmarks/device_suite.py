@@ -157,9 +157,9 @@ CHOSEN = {}  # head dim -> tile spec picked by the sweep
 
 def sizes_for(dim: int) -> BlockSizes:
   """Tiles for head dim `dim`: the sweep's pick, else --block_sizes (smoke: 8 x 8)."""
-  if ARGS.smoke:
-    return BlockSizes(8, 8)
-  return block_sizes_from(CHOSEN.get(dim, ARGS.block_sizes))
+  if dim in CHOSEN:
+    return block_sizes_from(CHOSEN[dim])
+  return BlockSizes(8, 8) if ARGS.smoke else block_sizes_from(ARGS.block_sizes)
 
 
 def kernel_fn(sizes: BlockSizes, segments=None, backend=None):
@@ -303,15 +303,16 @@ def time_attention(fn, q, k, v, do, qi, ki, prefix: str, row: dict) -> None:
 def tile_sweep(out: dict) -> None:
   """Times the kernel's tile choices at N=2048 (fwd+bwd) and keeps the fastest per D."""
   rows = []
-  for dim, heads, specs in ((64, 12, ARGS.sweep64), (128, 8, ARGS.sweep128)):
-    if ARGS.smoke:
-      break
-    q, k, v, do, qi, ki, _ = make_inputs(8, 2048, heads, dim, "one", jnp.bfloat16, seed=9)
+  n, batch = (40, 2) if ARGS.smoke else (2048, 8)
+  sweeps = (((16, 2, "8,8;16,8"),) if ARGS.smoke else
+            ((64, 12, ARGS.sweep64), (128, 8, ARGS.sweep128)))
+  for dim, heads, specs in sweeps:
+    q, k, v, do, qi, ki, _ = make_inputs(batch, n, heads, dim, "one", jnp.bfloat16, seed=9)
     best = None
     for spec in [s for s in specs.split(";") if s]:
       if left_s() < 300:
         break
-      row = dict(dim=dim, n=2048, batch=8, heads=heads, block_sizes=spec)
+      row = dict(dim=dim, n=n, batch=batch, heads=heads, block_sizes=spec)
       time_attention(kernel_fn(block_sizes_from(spec)), q, k, v, do, qi, ki, "kernel", row)
       rows.append(row)
       log("sweep", row)
@@ -366,7 +367,7 @@ def gpt2_small(kind: str, attention_impl: str) -> ModelConfig:
 
 
 def train_step_fn(config: ModelConfig, batch: int, length: int):
-  """(jitted step, initial (params, opt_state), inputs) of one AdamW train step."""
+  """(jitted step, initial (params, opt_state), (tokens, ids)) of one AdamW train step."""
   model = build_model(config)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, config.vocab_size)
   if config.kind == "armd":
@@ -377,33 +378,33 @@ def train_step_fn(config: ModelConfig, batch: int, length: int):
   optimizer = optax.adamw(3e-4, weight_decay=0.1)
   opt_state = optimizer.init(params)
 
-  def loss_fn(params):
+  def loss_fn(params, tokens, ids):
     logits = model.apply(params, tokens, ids)
     return losses.cross_entropy(logits, tokens, ids)[0]
 
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+  def step(params, opt_state, tokens, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, ids)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1)), (params, opt_state)
+  return jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), (tokens, ids)
 
 
 def time_train_step(config, batch, length, reps):
-  step, (params, opt_state) = train_step_fn(config, batch, length)
+  step, (params, opt_state), data = train_step_fn(config, batch, length)
   begin = time.time()
-  compiled = step.lower(params, opt_state).compile()
+  compiled = step.lower(params, opt_state, *data).compile()
   compile_s = time.time() - begin
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  params, opt_state, first_loss = compiled(params, opt_state)
-  params, opt_state, loss = compiled(params, opt_state)
+  params, opt_state, first_loss = compiled(params, opt_state, *data)
+  params, opt_state, loss = compiled(params, opt_state, *data)
   jax.block_until_ready(loss)
   times = []
   for _ in range(reps):
     begin = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state)
+    params, opt_state, loss = compiled(params, opt_state, *data)
     jax.block_until_ready(loss)
     times.append((time.perf_counter() - begin) * 1e3)
   return dict(ms=statistics.median(times), xla_flops=flops, compile_s=round(compile_s, 1),

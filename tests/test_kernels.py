@@ -4,6 +4,8 @@ Shapes are tiny and tiles are 8 or 16 rows: the interpreter runs every grid step
 CPU, and several tiles per axis are needed for padding and skipping to be exercised.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,7 +310,12 @@ def test_gpu_kernel_lowers_to_triton_for_cuda():
       jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           shape, shape, shape, ids, ids)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+  module = exported.mlir_module()
+  assert module.count("__gpu$xla.gpu.triton") == 3
+  # Native [B, N, H, D] layout: no transpose of q, k, v, o or their gradients (only the
+  # [B, nq, nk] tile tables are transposed, for the dk/dv ranges).
+  transposed = re.findall(r"stablehlo\.transpose .*?: \(tensor<([0-9x]+)x[a-z0-9]+>\)", module)
+  assert transposed and all(shape.count("x") < 3 for shape in transposed), transposed
 
 
 def test_tpu_kernel_lowers_to_mosaic_for_tpu():
