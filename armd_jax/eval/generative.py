@@ -83,8 +83,8 @@ class ModelEvaluator:
   def __init__(self, model, params, vocab=None, name: str = "in-memory model"):
     if not registry.kind_of(model).exact_scorer:
       scorers = [k for k, v in registry.KINDS.items() if v.exact_scorer]
-      raise ValueError(f"an evaluator must be a model with an exact likelihood {scorers}, "
-                       f"got kind {model.config.kind!r}; MDLM has no exact likelihood.")
+      raise ValueError(f"an evaluator must be a left-to-right model with an exact likelihood "
+                       f"{scorers}, got kind {model.config.kind!r}.")
     self.model, self.params, self.vocab = model, params, vocab
     self.name = f"{name} [{model.config.kind}, exact left-to-right]"
 
