@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--skip_model", action="store_true", help="kernel rows only")
   parser.add_argument("--memory_scaling", action="store_true",
                       help="train-step peak memory of a small model at N = 8K..32K only")
+  parser.add_argument("--prefix_scaling", action="store_true",
+                      help="with --memory_scaling: the prefix aggregation alone (fwd+bwd, "
+                      "chunked vs dense) instead of the whole train step")
   parser.add_argument("--lengths", default="8192,16384,32768")
   parser.add_argument("--attentions", default="pallas")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
@@ -198,12 +201,45 @@ def main() -> None:
   print(write_table(rows, args.out, args.topology, devices))
 
 
+def prefix_rows(mesh: Mesh, smoke: bool, length: int, attentions=()):
+  """Prefix aggregation fwd+bwd (d_pe 64, D 768, bf16, 1 sequence per device), chunked
+  (the Pallas path's) and dense; `smoke` and `attentions` are unused."""
+  del smoke, attentions
+  from armd_jax.models import prefix  # pylint: disable=import-outside-toplevel
+  flat = Mesh(mesh.devices.reshape(-1), ("data",))
+  batch = flat.devices.size
+  rows = []
+  for name in ("chunked", "dense"):
+    def aggregate(pe, x, ids, name=name):
+      if name == "chunked":
+        out, _ = prefix.prefix_aggregate_chunked(pe, x, ids, 256)
+      else:
+        out, _ = prefix.prefix_aggregate_dense(pe, ids, pe, x, ids)
+      return out
+
+    sharded = jax.shard_map(aggregate, mesh=flat, in_specs=(P("data"),) * 3,
+                            out_specs=P("data"))
+
+    def loss(pe, x, ids, sharded=sharded):
+      return sharded(pe, x, ids).astype(jnp.float32).sum()
+
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=NamedSharding(flat, P("data")))
+    seconds, mem, calls = compile_stats(jax.grad(loss, argnums=(0, 1)), spec(
+        batch, length, 64), spec(batch, length, 768), spec(batch, length, dtype=jnp.int32))
+    rows.append((f"prefix aggregation fwd+bwd N={length} d_pe=64 D=768 1/device bf16",
+                 name, seconds, mem, calls))
+    print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB", flush=True)
+  return rows
+
+
 def memory_scaling(args, mesh: Mesh, devices) -> None:
   """Peak per-chip memory of the small-model train step over lengths; table + json."""
   import json  # pylint: disable=import-outside-toplevel
   rows, records = [], []
   for length in (int(n) for n in args.lengths.split(",")):
-    for row in model_rows(mesh, False, length, tuple(args.attentions.split(","))):
+    make_rows = prefix_rows if args.prefix_scaling else model_rows
+    for row in make_rows(mesh, False, length, tuple(args.attentions.split(","))):
       rows.append(row)
       label, name, seconds, mem, calls = row
       records.append({"length": length, "attention": name, "compile_s": seconds,
