@@ -38,20 +38,23 @@ def test_device_suite_smoke_mode_runs_every_section_on_cpu(tmp_path):
   """SMOKE=1: tiny shapes, Pallas interpreter; grain/seqio/ml-collections/clu/TF imports
   are refused (--poison), as on the GPU machine."""
   env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu", SUITE_TIMEOUT_S="900")
+             JAX_PLATFORMS="cpu", SUITE_TIMEOUT_S="2400")
   result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"),
-                           "--budget_s=900"], capture_output=True, text=True, timeout=1000,
+                           "--budget_s=2400"], capture_output=True, text=True, timeout=2500,
                           check=False, env=env)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
     results = json.load(f)
   assert (tmp_path / "log.txt").exists()
   sections = results["sections"]
-  for name in ("env", "kernel_check", "attention", "train_step", "sampling"):
+  for name in ("env", "tile_sweep", "kernel_check", "attention", "train_step", "sampling",
+               "train_flops"):
     assert sections[name]["ok"], (name, sections[name])
   assert results["failed_checks"] == []
   assert sections["env"]["forbidden_modules_loaded"] == []
   assert all(row["ok"] for row in sections["kernel_check"]["rows"])
   assert {row["dtype"] for row in sections["kernel_check"]["rows"]} == {"bfloat16", "float32"}
   assert sections["train_step"]["flop_ratio_armd_over_ar"] > 1.0
+  assert sections["train_flops"]["ratio_armd_over_ar"] > 1.0
+  assert sections["tile_sweep"]["chosen"] == {"16": "16,8"}
   assert sections["sampling"]["rows"]["S=4"]["calls"] < sections["sampling"]["rows"]["S=1"]["calls"]
