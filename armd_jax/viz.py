@@ -336,8 +336,10 @@ def plot_fill_steps(block_ids, tokens=None, decode=None, title: Optional[str] = 
     toks = _row(tokens, "tokens")
     for t, where in enumerate(steps):
       for n in where:
-        char = decode([int(toks[n])]).replace("\n", "\u21b5") or "?"
-        ax.text(n, t, char[:1], ha="center", va="center", fontsize=6)
+        char = decode([int(toks[n])]).replace("\n", "\u21b5")[:1]
+        ax.text(n, t, char if char.isprintable() and char != "\ufffd" else "\u00b7",
+                ha="center", va="center", fontsize=6)
+  ax.set_yticks(range(len(steps)), [str(t + 1) for t in range(len(steps))], fontsize=6)
   ax.set_xlabel("text position")
   ax.set_ylabel("network call")
   ax.set_title(title or f"{length} tokens in {len(steps)} calls", fontsize=9)
@@ -389,7 +391,6 @@ def plot_tradeoff(results: Sequence[Mapping[str, Any]], evaluator: str = ""):
     ax.set_xlabel("network calls per sample")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  left.set_yscale("log")
   left.legend(fontsize=7)
   if evaluator:
     fig.text(0.5, 0.01, f"scored by {evaluator}", ha="center", fontsize=7)

@@ -118,7 +118,7 @@ if SMALL:  # CI-sized
   config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 2, 2
   config.model.mlp_dim, config.model.d_pe = 64, 16
   config.model.max_len = config.train.seq_len = 64
-  config.train.num_steps, config.train.global_batch_size, config.eval.num_batches = 20, 8, 2
+  config.train.num_steps, config.train.global_batch_size, config.eval.num_batches = 10, 8, 1
   config.train.log_every = 10
 workdir = tempfile.mkdtemp(prefix="armd_anatomy_")
 final = train.train_and_evaluate(config, workdir)

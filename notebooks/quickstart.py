@@ -38,7 +38,7 @@ if importlib.util.find_spec("armd_jax") is None:
 
 # %% tags=["parameters"]
 # CI runs this notebook with ARMD_NOTEBOOK_SMALL=1: the same cells with a smaller model
-# and fewer steps. Set SMALL = True here for a one-minute tour.
+# and fewer steps. Set SMALL = True here for a quick tour.
 SMALL = os.environ.get("ARMD_NOTEBOOK_SMALL", "0") == "1"
 
 # %% [markdown]
@@ -83,10 +83,10 @@ def find_config(name):
 config = config_from_file(find_config("quickstart"))
 config.sample.num_samples = 0  # we sample below
 config.train.log_every = 10
-if SMALL:  # CI-sized: a narrower model, shorter sequences, 30 steps (same code path)
+if SMALL:  # CI-sized: a narrower model, shorter sequences, 20 steps (same code path)
   config.model.d_model, config.model.mlp_dim, config.model.d_pe = 64, 128, 32
   config.model.max_len = config.train.seq_len = 64
-  config.train.num_steps, config.train.global_batch_size = 30, 8
+  config.train.num_steps, config.train.global_batch_size = 20, 8
   config.train.log_every, config.train.eval_every, config.eval.num_batches = 5, 0, 2
 workdir = tempfile.mkdtemp(prefix="armd_quickstart_")
 print(f"{config.train.num_steps} steps of {config.train.global_batch_size} x "

@@ -64,3 +64,5 @@ def test_notebook_runs_and_draws_its_figures(name):
   missing = sorted(f for f in FIGURES[name] if not drawn.get(f))
   assert not missing, f"{name} drew no image for figure(s) {missing}"
   print(f"{name}: executed in {seconds:.1f} s")
+  if os.environ.get("ARMD_NOTEBOOK_FIGURES"):  # e.g. =docs/img to refresh the README's
+    run_notebooks.save_figures(name, drawn, os.environ["ARMD_NOTEBOOK_FIGURES"])
