@@ -338,7 +338,7 @@ def plot_fill_steps(block_ids, tokens=None, decode=None, title: Optional[str] = 
       for n in where:
         char = decode([int(toks[n])]).replace("\n", "\u21b5")[:1]
         ax.text(n, t, char if char.isprintable() and char != "\ufffd" else "\u00b7",
-                ha="center", va="center", fontsize=6)
+                ha="center", va="center", fontsize=8 if length <= 48 else 6)
   ax.set_yticks(range(len(steps)), [str(t + 1) for t in range(len(steps))], fontsize=6)
   ax.set_xlabel("text position")
   ax.set_ylabel("network call")
