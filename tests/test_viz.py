@@ -19,7 +19,7 @@ def tiny():
   model = armd_jax.build_model(config)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 12), 0, 11)
   ids = orders.progressive_permutation(jax.random.PRNGKey(1), 1, 12, 12)
-  return model, model.init(jax.random.PRNGKey(2), tokens, ids), tokens, ids
+  return model, jax.jit(model.init)(jax.random.PRNGKey(2), tokens, ids), tokens, ids
 
 
 def test_attention_masks_are_the_id_comparisons_with_bos_always_visible():
