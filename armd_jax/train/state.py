@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, Tuple
 
 import chex
@@ -17,6 +18,7 @@ from armd_jax.train import objective, partitioning
 from armd_jax.train.typed import OptimConfig, OrderConfig
 
 Metrics = Dict[str, jax.Array]
+_STEP_IDS = itertools.count()  # names each train step for its recompile guard
 
 
 @flax.struct.dataclass
@@ -169,6 +171,9 @@ def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
     return new_state, metrics
 
   batch_shardings = {"tokens": batch_shard, "mask": batch_shard}
+  # chex counts traces per function footprint (its source and name): a unique name gives
+  # every step made here its own counter (a process may build several steps in turn).
+  train_step.__name__ = f"train_step_{next(_STEP_IDS)}"
   train_step = chex.assert_max_traces(train_step, n=max_traces)
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))

@@ -155,7 +155,7 @@ class MeshConfig:
     shape: mesh shape, one entry per axis; one -1 takes the remaining devices.
     axis_names: mesh axis names ('data' shards the batch, 'model' the parameters).
     rules: (logical axis, mesh axis or None) pairs mapping the modules' logical names
-      to mesh axes (see `armd_jax.train.partitioning`).
+      to mesh axes; () (the default) = `armd_jax.train.partitioning.DEFAULT_RULES`.
   """
 
   shape: Tuple[int, ...] = (-1, 1)
