@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--poison", action="store_true", help="fail on grain/seqio/... imports")
   parser.add_argument("--budget_s", type=float, default=420.0)
   parser.add_argument("--sections", default="env,tile_sweep,kernel_check,attention,train_step,"
-                      "sampling,train_step_ar_pallas")
+                      "sampling,train_step_ar_pallas,train_flops")
   parser.add_argument("--lengths", default="1024,2048,4096,8192")
   parser.add_argument("--block_sizes", default="128,64,64,128",
                       help="block_q,block_kv,block_q_dkv,block_kv_dkv of the kernel unless "
@@ -540,7 +540,7 @@ def main() -> int:
   section("train_step", train_step, 60)
   section("sampling", sampling_speed, 40)
   section("train_step_ar_pallas", train_step_ar_pallas, 45)
-  section("train_flops", train_flops, 0)
+  section("train_flops", train_flops, 30)
   RESULTS["total_seconds"] = round(time.time() - START, 1)
   save()
   summary()
