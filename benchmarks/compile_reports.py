@@ -1,0 +1,145 @@
+"""Compile reports of the paper configs on TPU pod slices (`armd_jax.compile_check`).
+
+Runs `python -m armd_jax.compile_check` once per case, one at a time (each compile of
+a GPT-2-size step for 64-128 chips takes minutes and GiBs of host memory), each niced
+and under a timeout, writing its JSON report as soon as it finishes; cases whose report
+exists are skipped, so a killed run resumes. Then gathers every report into
+benchmarks/results/compile_reports.json and a markdown table (compile_reports.md).
+
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/compile_reports.py [--only=NAME_SUBSTRING]
+  python benchmarks/compile_reports.py --gather    # tables only, from the reports present
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+REPORTS = os.path.join(RESULTS, "compile")
+TOPOLOGIES = {"v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x8"}
+GIB = 2.0 ** 30
+
+
+def cases():
+  """(name, config file, topology, overrides) for every report in docs/scaling.md."""
+  out = []
+  for config in ("owt_small", "owt_medium"):
+    for attention in ("xla", "pallas"):
+      for slice_name, topology in TOPOLOGIES.items():
+        out.append((f"{config}_{slice_name}_{attention}", f"configs/{config}.py", topology,
+                    [f"--config.model.attention={attention}"]))
+  return out
+
+
+def extra_cases():
+  """Meshes and remat policies tried where the config's own mesh does not fit."""
+  return []
+
+
+def run_case(name: str, config: str, topology: str, overrides, timeout_s: int) -> None:
+  """Runs one compile_check (niced, with a timeout) and writes REPORTS/name.json (+ .log)."""
+  os.makedirs(REPORTS, exist_ok=True)
+  out = os.path.join(REPORTS, f"{name}.json")
+  cmd = ["nice", "-n", "10", "timeout", str(timeout_s), sys.executable, "-m",
+         "armd_jax.compile_check", f"--config={config}", f"--topology={topology}",
+         f"--out={out}", *overrides]
+  print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[4:])}", flush=True)
+  start = time.time()
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  with open(os.path.join(REPORTS, f"{name}.log"), "w", encoding="utf-8") as log:
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+  seconds = time.time() - start
+  if os.path.exists(out):
+    with open(out, encoding="utf-8") as f:
+      report = json.load(f)
+    report.update(name=name, command=" ".join(["python -m armd_jax.compile_check"] + cmd[7:]),
+                  exit_status=rc, wall_s=seconds)
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
+  else:  # compile failed or timed out: keep the reason
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump(dict(name=name, exit_status=rc, wall_s=seconds, failed=True,
+                     command=" ".join(["python -m armd_jax.compile_check"] + cmd[7:]),
+                     log_tail=_tail(os.path.join(REPORTS, f"{name}.log"))), f, indent=1)
+  print(f"  exit {rc} after {seconds:.0f} s", flush=True)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return "".join(f.readlines()[-lines:])
+
+
+def gather() -> str:
+  """Writes compile_reports.json and .md from every report present; returns the table."""
+  reports = []
+  for file in sorted(os.listdir(REPORTS)) if os.path.isdir(REPORTS) else []:
+    if file.endswith(".json"):
+      with open(os.path.join(REPORTS, file), encoding="utf-8") as f:
+        report = json.load(f)
+      report.setdefault("name", file[:-len(".json")])
+      reports.append(report)
+  with open(os.path.join(RESULTS, "compile_reports.json"), "w", encoding="utf-8") as f:
+    json.dump(reports, f, indent=1)
+  lines = ["| case | mesh | remat | train step GiB/chip (args + temp + out - alias + code) | "
+           "HBM GiB | fits | TFLOP/chip/step | roofline step ms | tokens/s/chip (roofline) | "
+           "decode GiB/chip | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in reports:
+    if r.get("failed"):
+      lines.append(f"| {r['name']} | | | compile failed (exit {r['exit_status']}) | | | | | | | "
+                   f"{r['wall_s']:.0f} |")
+      continue
+    t = r["train_step"]
+    rl = t.get("roofline", {})
+    dec = r.get("decode")
+    lines.append(
+        f"| {r['name']} | {r['mesh']} | {r.get('remat', 'none')} | {t['total_bytes'] / GIB:.2f} "
+        f"({t['argument_bytes'] / GIB:.2f} + {t['temp_bytes'] / GIB:.2f} + "
+        f"{t['output_bytes'] / GIB:.2f} - {t['alias_bytes'] / GIB:.2f} + "
+        f"{t['code_bytes'] / GIB:.3f}) | {r['chip']['hbm_bytes'] / GIB:.2f} | "
+        f"{'yes' if r['fits'] else 'NO'} | {t['flops'] / 1e12:.2f} | "
+        f"{rl.get('step_s', 0) * 1e3:.0f} | {rl.get('tokens_per_s_per_chip', 0):.0f} | "
+        f"{dec['total_bytes'] / GIB if dec else float('nan'):.2f} | {t['seconds']:.0f} + "
+        f"{dec['seconds'] if dec else 0:.0f} |")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(RESULTS, "compile_reports.md"), "w", encoding="utf-8") as f:
+    f.write(table)
+  return table
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="run the cases whose name contains this")
+  parser.add_argument("--gather", action="store_true", help="only rebuild the tables")
+  parser.add_argument("--timeout_s", type=int, default=5400, help="per compile_check run")
+  parser.add_argument("--redo", action="store_true", help="rerun cases that have a report")
+  args = parser.parse_args()
+  if not args.gather:
+    for name, config, topology, overrides in cases() + extra_cases():
+      if args.only not in name:
+        continue
+      if os.path.exists(os.path.join(REPORTS, f"{name}.json")) and not args.redo:
+        print(f"{name}: report exists, skipped", flush=True)
+        continue
+      lock = os.path.join(REPORTS, f"{name}.lock")
+      try:  # several drivers may share the list: each case is taken once
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+      except FileExistsError:
+        print(f"{name}: running elsewhere ({lock}), skipped", flush=True)
+        continue
+      try:
+        run_case(name, config, topology, overrides, args.timeout_s)
+      finally:
+        os.remove(lock)
+      gather()
+  print(gather())
+
+
+if __name__ == "__main__":
+  main()
