@@ -12,7 +12,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from armd_jax import data as data_lib
-from armd_jax.train import partitioning
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.max_len = 1024  # PE table size (>= train.seq_len and sample.length)
   m.dropout_rate = 0.0  # residual dropout
   m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-  m.attention = "xla"  # attention implementation ('xla' reference)
+  m.attention = "xla"  # attention implementation ('xla' reference, 'pallas' kernel)
+  m.remat = "none"  # block rematerialisation: 'none' | 'full' | 'save_dots'
   m.d_pe = 64  # prefix-aggregation PE width
   m.query_init = "prefix_plus_position"  # query-stream init ('prefix' = plain spec)
   m.tie_embeddings = True  # share input embedding and output projection
@@ -73,9 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.tensorboard = True  # TensorBoard summaries via CLU when installed
 
   c.mesh = h = ml_collections.ConfigDict()
-  h.shape = (-1, 1)  # mesh shape; -1 = the remaining devices
-  h.axis_names = ("data", "model")  # 'data' shards the batch, 'model' the weights
-  h.rules = partitioning.DEFAULT_RULES  # logical axis -> mesh axis
+  h.shape = (-1, 1, 1)  # sizes of the mesh axes (data, fsdp, tensor); -1 = the rest
+  h.rule_table = "fsdp_tensor"  # data_parallel | fsdp | fsdp_tensor (partitioning.RULE_TABLES)
+  h.rules = ()  # explicit (logical, mesh axes) pairs replacing the table (() = the table)
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.max_to_keep = 3  # checkpoints kept
