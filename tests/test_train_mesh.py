@@ -96,7 +96,7 @@ def test_every_rule_table_gives_the_same_losses_and_state_as_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.split("RESULT ", 1)[1])
   print(json.dumps(out, indent=1))

@@ -169,7 +169,7 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   mesh = jax.sharding.get_abstract_mesh()
   if cfg.attention != "pallas" or mesh.empty or mesh.size == 1:
     return call(q, k, v, q_ids, kv_ids)
-  spec = _divisible_spec(nn.logical_to_mesh_axes(HEADS_ACTIVATION), q.shape, mesh)
+  spec = divisible_spec(nn.logical_to_mesh_axes(HEADS_ACTIVATION), q.shape, mesh)
   id_spec = P(spec[0], None)
   # The Pallas interpreter (always used on CPU) slices blocks with unvarying indices,
   # which the varying-axes check rejects; compiled kernels keep the check.
@@ -179,8 +179,11 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   return sharded(q, k, v, q_ids, kv_ids)
 
 
-def _divisible_spec(spec: P, shape: Tuple[int, ...], mesh) -> P:
-  """`spec` without the mesh axes that do not divide their dimension (those replicate)."""
+def divisible_spec(spec: P, shape: Tuple[int, ...], mesh) -> P:
+  """`spec` without the mesh axes that do not divide their dimension (those replicate).
+
+  `mesh` is a `Mesh` or `AbstractMesh` (anything with a `shape` {axis: size} mapping).
+  """
   entries = list(spec) + [None] * (len(shape) - len(spec))
   out = []
   for dim, axes in zip(shape, entries):

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from armd_jax.models.layers import divisible_spec
 from armd_jax.train.typed import MeshConfig
 
 MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -140,13 +141,7 @@ def shardings_of(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
 
 def _fit(sharding: NamedSharding, shape: Tuple[int, ...], mesh: Mesh) -> NamedSharding:
   """Drops mesh axes that do not divide the dimension they shard."""
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  fitted = []
-  for dim, axes in zip(shape, spec):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    fitted.append(axes if dim % size == 0 else None)
-  return NamedSharding(mesh, PartitionSpec(*fitted))
+  return NamedSharding(mesh, divisible_spec(sharding.spec, shape, mesh))
 
 
 @contextlib.contextmanager
