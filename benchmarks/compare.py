@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 from armd_jax import data as data_lib  # noqa: E402
 from armd_jax import eval as ev  # noqa: E402
-from armd_jax import sampling, train  # noqa: E402
+from armd_jax import registry, sampling, train  # noqa: E402
 from armd_jax.train import observe  # noqa: E402
 from armd_jax.train.defaults import base_config  # noqa: E402
 
@@ -154,15 +154,16 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
   """Generative PPL / entropy / calls / seconds per sample for the run's sampler(s)."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
-  streams = (1,) if kind == "ar" else STREAMS
+  spec = registry.get_kind(kind)
+  streams = STREAMS if spec.parallel_streams else (1,)
   rows = []
   for s in streams:
+    # 'mdlm' runs the registry's matched step count for S.
     samples = ev.generate_samples(trained.model, trained.params, jax.random.PRNGKey(100 + s),
-                                  batch_size=batch, length=length, streams=s if kind == "armd"
-                                  else 1, num_steps=length // s + s - 1,
+                                  batch_size=batch, length=length, streams=s,
                                   sampler=sampling.SamplerConfig())
     result = ev.generative_perplexity(samples.tokens, evaluator)
-    row = {"run": name, "sampler": _sampler_name(kind, s, length), "streams": s,
+    row = {"run": name, "sampler": _sampler_name(name, kind, s, length), "streams": s,
            "num_calls": samples.num_calls, "seconds_per_sample": samples.seconds / batch,
            **result.as_dict(), "example": trained.vocab.decode(samples.tokens[0].tolist())}
     print(f"  {name} {row['sampler']}: {result}; {samples.num_calls} calls, "
@@ -171,12 +172,9 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
   return rows
 
 
-def _sampler_name(kind: str, s: int, length: int) -> str:
-  if kind == "ar":
-    return "sequential (self-scored)"
-  if kind == "mdlm":
-    return f"ancestral T={length // s + s - 1} (matches S={s})"
-  return "sequential" if s == 1 else f"strided S={s}"
+def _sampler_name(run: str, kind: str, s: int, length: int) -> str:
+  name = registry.get_kind(kind).sampler_name(length, s)
+  return f"{name} (self-scored)" if run == "ar" else name  # the 'ar' run is the evaluator
 
 
 def plot(results: Dict, path: str) -> None:
@@ -189,7 +187,7 @@ def plot(results: Dict, path: str) -> None:
     curve = np.asarray(run["val_curve"])
     if not len(curve):
       continue
-    bound = run["kind"] == "mdlm"
+    bound = not registry.get_kind(run["kind"]).default_is_exact
     ax.plot(curve[:, 0], np.exp(curve[:, 1]), "--" if bound else "-", marker="o", ms=3,
             label=f"{name} ({'ELBO bound' if bound else 'exact, left to right'})")
   ax.set_xlabel("training step")

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-MODEL_KINDS = ("armd", "ar", "mdlm")
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 QUERY_INITS = ("prefix", "prefix_plus_position")
+REMAT_POLICIES = ("none", "full", "save_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -47,6 +47,10 @@ class ModelConfig:
     pallas_block_kv: key tile of the Pallas kernel (same constraints).
     pallas_interpret: run the Pallas kernel under the Pallas interpreter (CPU tests;
       on CPU 'pallas' is always interpreted).
+    remat: activation rematerialisation of every transformer block (`jax.checkpoint`):
+      'none' (keep every activation for the backward pass), 'full' (keep only each
+      block's input, recompute the rest) or 'save_dots' (keep the outputs of the
+      weight matmuls, recompute the rest: attention scores, softmax, GELU, norms).
     d_pe: width of the prefix-aggregation position table.
     query_init: how the query stream starts. 'prefix' is the spec's prefix aggregation
       (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
@@ -70,6 +74,7 @@ class ModelConfig:
   pallas_block_q: int = 128
   pallas_block_kv: int = 128
   pallas_interpret: bool = False
+  remat: str = "none"
   d_pe: int = 64
   query_init: str = "prefix_plus_position"
   tie_embeddings: bool = True
@@ -92,11 +97,14 @@ class ModelConfig:
                        f"be in [0, num_layers={self.num_layers}].")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
-    if self.kind not in MODEL_KINDS:
-      raise ValueError(f"ModelConfig.kind must be one of {MODEL_KINDS}, got {self.kind!r}.")
+    from armd_jax.registry import KINDS  # pylint: disable=import-outside-toplevel
+    if self.kind not in KINDS:
+      raise ValueError(f"ModelConfig.kind must be one of {tuple(KINDS)}, got {self.kind!r}.")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
     if self.query_init not in QUERY_INITS:
       raise ValueError(f"ModelConfig.query_init must be one of {QUERY_INITS}, "
                        f"got {self.query_init!r}.")
