@@ -161,22 +161,23 @@ def compile_train_step(config, devices: Sequence[Any]) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from armd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from armd_jax import registry  # pylint: disable=g-import-not-at-top
   from armd_jax.train import partitioning  # pylint: disable=g-import-not-at-top
   from armd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from armd_jax.train.typed import model_config_from, settings_from  # pylint: disable=g-import-not-at-top
 
   settings = settings_from(config)
   tc = settings.train
-  model = build_model(model_config_from(config))
+  model = registry.build_model(model_config_from(config))
   mesh = partitioning.make_mesh(settings.mesh, devices)
   rules = partitioning.rules_of(settings.mesh)
+  partitioning.check_mesh(mesh, rules)
   partitioning.check_batch_size(tc.global_batch_size, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
   _, abstract, shardings = state_lib.train_state_layout(
       model, settings.optim, tc.num_steps, tc.seq_len, tc.seed, mesh, rules)
-  step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps, shardings,
-                                   batch_shard, rules)
+  step = state_lib.make_train_step(model, settings.order, settings.optim, tc.num_steps,
+                                   shardings, batch_shard, rules)
   batch = {k: jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), jnp.int32,
                                    sharding=batch_shard) for k in ("tokens", "mask")}
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -252,12 +253,13 @@ def check(config, topology: str) -> Dict[str, Any]:
       topology=topology, chips=len(devices), device_kind=kind,
       chip=dataclasses.asdict(chip) if chip else None, mesh=train["mesh"],
       params=train["params"], attention=config.model.attention,
-      remat=config.model.get("remat", "none"), global_batch=int(tc.global_batch_size),
+      rule_table=config.mesh.get("rule_table"), remat=config.model.get("remat", "none"),
+      global_batch=int(tc.global_batch_size),
       seq_len=int(tc.seq_len), train_step=dict(dataclasses.asdict(step),
                                                total_bytes=step.total_bytes))
   print(f"model {config.model.kind} {train['params'] / 1e6:.1f}M parameters, attention "
-        f"{report['attention']}, mesh {train['mesh']}, batch {tc.global_batch_size} x "
-        f"{tc.seq_len}", flush=True)
+        f"{report['attention']}, remat {report['remat']}, mesh {train['mesh']} "
+        f"({report['rule_table']}), batch {tc.global_batch_size} x {tc.seq_len}", flush=True)
   for line in _memory_lines("train step", step, chip):
     print(line, flush=True)
   fits = [chip is None or step.total_bytes <= chip.hbm_bytes]

@@ -30,22 +30,30 @@ LAYERS = {"owt_small": 12, "owt_medium": 24}  # num_layers of each config (half 
 SHALLOW = (2, 4)  # the shallow copies compiled for the extrapolation in depth
 
 
+# Variants beside each config's own mesh (the suffix of a case name, and its overrides).
+VARIANTS = {
+    "": [],  # the config's mesh and rule table as shipped
+    "_dp": ["--config.mesh.shape=(-1,1,1)", "--config.mesh.rule_table=data_parallel"],
+}
+
+
 def cases():
   """(name, config file, topology, overrides) for every report in docs/scaling.md.
 
-  Each config is compiled as shipped (name without suffix) and as shallow copies with 2
-  and 4 layers (suffix _L2, _L4; half two-stream as in the config), from which `gather`
-  extrapolates linearly in depth: every per-chip figure (memory, FLOPs, bytes) is
-  a + b * layers. On this shared 2-core host a full-depth compile takes hours, the
-  shallow ones minutes; the full-depth compiles that did finish check the extrapolation.
+  Each config is compiled as shipped (name without a layer suffix) and as shallow copies
+  with 2 and 4 layers (suffix _L2, _L4; half two-stream as in the config), from which
+  `gather` extrapolates linearly in depth: every per-chip figure (memory, FLOPs, bytes)
+  is a + b * layers. On the shared 2-core host a full-depth compile takes an hour or
+  more, the shallow ones less; full-depth compiles that finished check the extrapolation.
+  Listed in the order they matter: the configs' own meshes with XLA attention first.
   """
   out = []
-  for attention in ("xla", "pallas"):
+  for variant, attention in (("", "xla"), ("", "pallas"), ("_dp", "xla")):
     for layers in SHALLOW + (None,):
-      for config in ("owt_small", "owt_medium"):
+      for config in ("owt_medium", "owt_small"):
         for slice_name, topology in TOPOLOGIES.items():
-          overrides = [f"--config.model.attention={attention}"]
-          name = f"{config}_{slice_name}_{attention}"
+          overrides = [f"--config.model.attention={attention}", *VARIANTS[variant]]
+          name = f"{config}_{slice_name}_{attention}{variant}"
           if layers:
             overrides += [f"--config.model.num_layers={layers}",
                           f"--config.model.num_two_stream_layers={layers // 2}"]
@@ -55,7 +63,7 @@ def cases():
 
 
 def extra_cases():
-  """Meshes and remat policies tried where the config's own mesh does not fit."""
+  """Remat policies tried where the config's own mesh does not fit (none needed so far)."""
   return []
 
 
