@@ -24,6 +24,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REPORTS = os.path.join(RESULTS, "compile")
 TOPOLOGIES = {"v5e-64": "v5e:8x8", "v5p-128": "v5p:4x4x8"}
 GIB = 2.0 ** 30
+PAPER_STEPS = 400_000  # owt_small / owt_medium train.num_steps
 
 
 LAYERS = {"owt_small": 12, "owt_medium": 24}  # num_layers of each config (half two-stream)
@@ -167,7 +168,7 @@ def gather() -> str:
     rl = t.get("roofline", {})
     dec = r.get("decode")
     lines.append(
-        f"| {r['name']} | {r['mesh']} | {r.get('remat', 'none')} | {t['total_bytes'] / GIB:.2f} "
+        f"| {r['name']} | {_mesh(r)} | {r.get('remat', 'none')} | {t['total_bytes'] / GIB:.2f} "
         f"({t['argument_bytes'] / GIB:.2f} + {t['temp_bytes'] / GIB:.2f} + "
         f"{t['output_bytes'] / GIB:.2f} - {t['alias_bytes'] / GIB:.2f} + "
         f"{t['code_bytes'] / GIB:.3f}) | {r['chip']['hbm_bytes'] / GIB:.2f} | "
@@ -175,10 +176,26 @@ def gather() -> str:
         f"{rl.get('step_s', 0) * 1e3:.0f} | {rl.get('tokens_per_s_per_chip', 0):.0f} | "
         f"{dec['total_bytes'] / GIB if dec else float('nan'):.2f} | "
         f"{_secs(t)} + {_secs(dec)} |")
+  lines += ["", "Roofline estimates of the paper's 400K steps (upper bounds on speed: "
+            "communication between chips ignored):", "",
+            "| case | fits | roofline step s | days for 400K steps | chip-hours |",
+            "|---|---|---|---|---|"]
+  for r in reports:
+    rl = r.get("train_step", {}).get("roofline")
+    if not rl:
+      continue
+    hours = PAPER_STEPS * rl["step_s"] / 3600
+    lines.append(f"| {r['name']} | {'yes' if r['fits'] else 'NO'} | {rl['step_s']:.3f} | "
+                 f"{hours / 24:.1f} | {hours * r['chips']:.0f} |")
   table = "\n".join(lines) + "\n"
   with open(os.path.join(RESULTS, "compile_reports.md"), "w", encoding="utf-8") as f:
     f.write(table)
   return table
+
+
+def _mesh(report) -> str:
+  axes = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
+  return f"{axes} ({report.get('rule_table') or 'data/model rules'})"
 
 
 def _secs(part) -> str:
