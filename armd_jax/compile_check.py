@@ -142,6 +142,17 @@ def abstract_like(tree: Any, sharding) -> Any:
                       tree)
 
 
+def state_bytes_per_chip(abstract_state) -> int:
+  """Bytes of the train state (params, optimiser moments, EMA) on the fullest chip.
+
+  Exact from the shardings alone (no compile): each array's shard shape times its item
+  size, summed. The compiled step's `argument_bytes` adds the batch to this.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract_state))
+
+
 def default_vocab_size(config) -> int:
   """config.model.vocab_size, else the size the config's vocabulary is known to have."""
   if config.model.get("vocab_size") is not None:
@@ -181,8 +192,11 @@ def compile_train_step(config, devices: Sequence[Any]) -> Dict[str, Any]:
   batch = {k: jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), jnp.int32,
                                    sharding=batch_shard) for k in ("tokens", "mask")}
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  state_bytes = state_bytes_per_chip(abstract)
+  print(f"train state (params, optimiser, EMA) per chip: {state_bytes / GIB:.3f} GiB; "
+        "compiling the train step ...", flush=True)
   return dict(mesh=dict(mesh.shape), params=num_params, abstract=abstract, model=model,
-              compiled=compile_program(step, abstract, batch))
+              state_bytes=state_bytes, compiled=compile_program(step, abstract, batch))
 
 
 def compile_decode(config, model, abstract_state, devices: Sequence[Any]) -> Optional[Compiled]:
@@ -252,7 +266,8 @@ def check(config, topology: str) -> Dict[str, Any]:
   report: Dict[str, Any] = dict(
       topology=topology, chips=len(devices), device_kind=kind,
       chip=dataclasses.asdict(chip) if chip else None, mesh=train["mesh"],
-      params=train["params"], attention=config.model.attention,
+      params=train["params"], state_bytes=train["state_bytes"],
+      attention=config.model.attention,
       rule_table=config.mesh.get("rule_table"), remat=config.model.get("remat", "none"),
       global_batch=int(tc.global_batch_size),
       seq_len=int(tc.seq_len), train_step=dict(dataclasses.asdict(step),

@@ -36,6 +36,18 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
   assert (rl["step_s"], rl["bound"]) == (3.0, "memory")
 
 
+def test_state_bytes_per_chip_sums_shard_sizes():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  split = NamedSharding(mesh, PartitionSpec("fsdp"))
+  tree = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=split),
+          "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=split)}
+  assert compile_check.state_bytes_per_chip(tree) == 8 * 4 * 4 + 3 * 2
+
+
 def test_published_chip_figures():
   v5e, v5p = compile_check.CHIPS["TPU v5 lite"], compile_check.CHIPS["TPU v5"]
   assert (v5e.peak_flops, v5e.hbm_bytes, v5e.hbm_bandwidth) == (197e12, 16e9, 819e9)
@@ -49,18 +61,22 @@ def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
   out = tmp_path / "report.json"
   run = subprocess.run(
       [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
-       "--topology=v5e:2x2", "--config.sample.num_samples=2", f"--out={out}"],
+       "--topology=v5e:2x2", "--config.sample.num_samples=2", "--config.mesh.shape=(1,2,2)",
+       "--config.mesh.rule_table=fsdp_tensor", f"--out={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=900,
       env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert "FITS" in run.stdout and "tokens/s per chip" in run.stdout
   report = json.loads(out.read_text())
   assert (report["chips"], report["device_kind"], report["fits"]) == (4, "TPU v5 lite", True)
-  assert report["mesh"] == {"data": 4, "model": 1}
+  assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert report["rule_table"] == "fsdp_tensor"
   step = report["train_step"]
-  # tiny: 8 x 16 tokens per step; every chip does real work and holds params + Adam state.
+  # tiny: 8 x 16 tokens per step; every chip does real work.
   assert step["flops"] > 6 * report["params"] * 8 * 16 / 4
-  assert step["argument_bytes"] >= 4 * report["params"] * 3  # params + two Adam moments
+  # float32 params, two Adam moments and the EMA: 16 bytes per parameter unsharded; split
+  # over fsdp x tensor each chip holds between a quarter and less than all of it.
+  assert 16 * report["params"] / 4 <= step["argument_bytes"] < 16 * report["params"]
   assert 0 < step["total_bytes"] < report["chip"]["hbm_bytes"]
   assert step["roofline"]["tokens_per_s_per_chip"] > 0
   assert report["decode"]["total_bytes"] > 0 and report["decode"]["num_samples"] == 2
