@@ -252,6 +252,10 @@ def _memory_lines(name: str, c: Compiled, chip: Optional[Chip]) -> List[str]:
 def check(config, topology: str) -> Dict[str, Any]:
   """Compiles the train step and one decode call of `config` for `topology`; the report."""
   config.model.vocab_size = default_vocab_size(config)
+  if config.model.get("attention") == "auto":  # 'auto' follows the backend: on TPU, Pallas
+    config.model.attention = "pallas"
+    print("config.model.attention='auto' compiles as 'pallas' (what it resolves to on TPU).",
+          flush=True)
   devices = tpu_devices(topology)
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
