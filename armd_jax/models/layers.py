@@ -163,11 +163,11 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   Each device then runs the kernel on its own rows and heads; no communication.
   """
   call = functools.partial(
-      kernels.block_causal_attention, implementation=cfg.attention,
+      kernels.block_causal_attention, implementation=cfg.attention_implementation,
       interpret=cfg.pallas_interpret,
       block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
   mesh = jax.sharding.get_abstract_mesh()
-  if cfg.attention != "pallas" or mesh.empty or mesh.size == 1:
+  if cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1:
     return call(q, k, v, q_ids, kv_ids)
   spec = divisible_spec(nn.logical_to_mesh_axes(HEADS_ACTIVATION), q.shape, mesh)
   id_spec = P(spec[0], None)

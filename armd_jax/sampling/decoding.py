@@ -265,7 +265,7 @@ def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array):
   # Query stream: G0 from the running prefix state, O(1) in the length.
   aggregate = jnp.einsum("bwp,bpd->bwd", q_pe.astype(jnp.float32), state["aggregate"])
   count = jnp.broadcast_to(state["count"][:, None], ids.shape)
-  g = m.query_stream_init(aggregate.astype(cfg.compute_dtype), count, q_pe)  # [B, W, D]
+  g = m.query_stream_init(aggregate, count, q_pe)  # [B, W, D]; mean in float32
   content_ids = inputs["content_ids"]
   for l in range(num_lower):  # strict: query id = block - 1
     g = m.layers[l].attend(g, rope, ids - 1, _read(state["content_k"][l]),
