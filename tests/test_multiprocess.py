@@ -26,8 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
 KILL_AFTER = 9  # process 0's progress line of this step triggers the SIGKILL
 TIMEOUT_S = 600
-# Same program on the same 8-device mesh either way; only the cross-process all-reduces
-# (gloo) may add in another order than the in-process ones. Measured: identical.
+# Same program on the same 8-device mesh and the same global batches either way; only
+# the cross-process all-reduces (gloo) add in another order than the in-process ones.
+# Measured: 7 of 12 steps bitwise equal, the others within 1.7e-7 relative.
 LOSS_RTOL = 1e-6
 
 

@@ -63,11 +63,18 @@ SCRIPT = textwrap.dedent("""
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]
       manager.close()
-      got = jax.tree_util.tree_leaves_with_path(state)
-      want = jax.tree.leaves(saved)
-      assert len(got) == len(want)
-      mismatches = [jax.tree_util.keystr(p) for (p, x), y in zip(got, want)
-                    if not np.array_equal(np.asarray(x), np.asarray(y))]
+      # `saved` is a dict (sorted keys); the TrainState flattens in field order, so
+      # compare field by field (inside a field both flatten alike).
+      pairs = []
+      for field in ("step", "rng", "params", "ema_params", "opt_state"):
+        got = jax.tree_util.tree_leaves_with_path(getattr(state, field))
+        want = jax.tree.leaves(saved[field])
+        assert len(got) == len(want), field
+        pairs += [(field + jax.tree_util.keystr(p), x, y) for (p, x), y in zip(got, want)]
+      got = pairs
+      mismatches = [name for name, x, y in pairs
+                    if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x),
+                                                                         np.asarray(y))]
       layouts = [x.sharding == t.sharding for x, t in zip(jax.tree.leaves(state),
                                                           jax.tree.leaves(abstract))]
       wi = state.params["params"]["layer_0"]["mlp"]["wi"]["kernel"]
