@@ -182,7 +182,7 @@ def gather() -> str:
             "|---|---|---|---|---|"]
   for r in reports:
     rl = r.get("train_step", {}).get("roofline")
-    if not rl:
+    if not rl or r["name"].endswith(tuple(f"_L{n}" for n in SHALLOW)):  # shallow copies: no
       continue
     hours = PAPER_STEPS * rl["step_s"] / 3600
     lines.append(f"| {r['name']} | {'yes' if r['fits'] else 'NO'} | {rl['step_s']:.3f} | "
