@@ -50,7 +50,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("gen_length", 128, "Tokens per sample.")
   flags.DEFINE_integer("gen_streams", 1, "ARMD strided streams S.")
   flags.DEFINE_integer("gen_num_steps", None, "MDLM reverse steps (default: N/S + S - 1 "
-                       "with N = gen_length, S = gen_streams: ARMD's call count).")
+                       "with N = gen_length, S = gen_streams: ARMD's call count; "
+                       "armd_jax.registry.matched_mdlm_steps).")
   flags.DEFINE_string("evaluator", None, "An ar/armd workdir, or hf:NAME.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_integer("seed", 0, "Seed for random orders, ELBO draws and samples.")
@@ -77,8 +78,10 @@ def make_evaluator(spec: Optional[str], workdir: str, trained, use_ema: bool = T
     return ev.HFEvaluator.from_pretrained(spec[3:])
   if spec:
     return ev.ModelEvaluator.from_workdir(spec, use_ema=use_ema)
-  if trained.model_config.kind == "mdlm":
-    raise ValueError("an 'mdlm' workdir cannot score its own samples: pass --evaluator="
+  from armd_jax import registry  # pylint: disable=g-import-not-at-top
+  kind = trained.model_config.kind
+  if not registry.get_kind(kind).exact_scorer:
+    raise ValueError(f"an {kind!r} workdir cannot score its own samples: pass --evaluator="
                      "AR_WORKDIR (or hf:NAME).")
   return ev.ModelEvaluator(trained.model, trained.params, trained.vocab,
                            name=f"checkpoint {workdir} (step {trained.step}; the generator "

@@ -3,7 +3,9 @@
 With singleton blocks the per-token mean is the exact NLL of that order (per token).
 With multi-token blocks from a T-step masking schedule and weight gamma = 1 it is an
 unbiased estimate of an upper bound on the NLL of the block sampler (Jensen over
-reveal trajectories): report it as a bound (spec section 3).
+reveal trajectories): report it as a bound (spec section 3). The spec's per-block
+weight gamma is fixed at 1 here (no config sets another; an unused weights argument was
+removed).
 """
 
 from __future__ import annotations
@@ -15,23 +17,19 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits: jax.Array, tokens: jax.Array, block_ids: jax.Array,
-                  mask: Optional[jax.Array] = None,
-                  block_weights: Optional[jax.Array] = None
-                  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Weighted per-token cross-entropy with metrics.
+                  mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Per-token cross-entropy (gamma = 1) with metrics.
 
   Args:
     logits: [B, N, V] float logits; logits[b, n] predicts tokens[b, n].
     tokens: [B, N] int targets.
-    block_ids: [B, N] int block ids (kept in the signature so weights can depend on
-      blocks and so the loss cannot be called with logits of a different order).
+    block_ids: [B, N] int block ids (checked against the shape so the loss cannot be
+      called with logits of a different order).
     mask: optional [B, N] {0, 1}; 0 marks padding, which is never a target.
-    block_weights: optional [B, N] float gamma for each token (the weight of its
-      block); default 1.
 
   Returns:
-    loss: scalar, sum(w * m * nll) / sum(m).
-    metrics: 'loss', 'nll' (unweighted mean per counted token), 'accuracy',
+    loss: scalar, sum(m * nll) / sum(m).
+    metrics: 'loss', 'nll' (= loss, the mean per counted token), 'accuracy',
       'num_tokens', and the sums 'nll_sum', 'correct_sum' for exact aggregation.
   """
   if logits.ndim != 3 or logits.shape[:2] != tokens.shape or block_ids.shape != tokens.shape:
@@ -39,16 +37,15 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, block_ids: jax.Array,
                      f"got logits {logits.shape}, tokens {tokens.shape}, "
                      f"block_ids {block_ids.shape}.")
   mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  weights = mask if block_weights is None else mask * block_weights.astype(jnp.float32)
   nll = -token_log_probs(logits, tokens)  # [B, N]
   num_tokens = mask.sum()
   denom = jnp.maximum(num_tokens, 1.0)
   nll_sum = (nll * mask).sum()
   correct_sum = ((jnp.argmax(logits, axis=-1) == tokens) * mask).sum()
-  loss = (nll * weights).sum() / denom
+  loss = nll_sum / denom
   metrics = {
       "loss": loss,
-      "nll": nll_sum / denom,
+      "nll": loss,
       "accuracy": correct_sum / denom,
       "num_tokens": num_tokens,
       "nll_sum": nll_sum,

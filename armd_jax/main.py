@@ -36,7 +36,7 @@ def main(argv):
         f"process {jax.process_index()} of {jax.process_count()}.", flush=True)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteError, train.WorkdirBusyError) as e:
     if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback
       raise
     sys.exit(f"error: {e}\n(add --verbosity=0 for the traceback)")

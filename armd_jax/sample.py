@@ -16,8 +16,10 @@ after a warm-up run that compiles the decoder (--nowarmup times the first run,
 compilation included). A workdir without a checkpoint, a length beyond the model's
 max_len, or S not dividing the generated length is a clear error.
 
-Baselines trained by the same code sample through the same command: kind 'ar' decodes
-one token per call (--streams must be 1); kind 'mdlm' runs --num_steps ancestral steps.
+Baselines trained by the same code sample through the same command (each kind's
+generator comes from `armd_jax.registry`): kind 'ar' decodes one token per call
+(--streams must be 1); kind 'mdlm' runs --num_steps ancestral steps, by default
+N/S + S - 1 for N generated tokens (ARMD's call count at the same S).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "Use EMA parameters when present.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "MDLM only: reverse steps (default: "
-                                  "length / streams).")
+                                  "N/S + S - 1, ARMD's call count at S = --streams).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with an untimed run before timing.")
 _ORDER = flags.DEFINE_enum("order", "strided", ["strided", "confidence"],
                            "ARMD generation order: strided streams or confidence-ordered.")
@@ -98,33 +100,21 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
     if len(prompt_ids) >= length:
       raise ValueError(f"--prompt is {len(prompt_ids)} tokens long; --length={length} leaves "
                        "nothing to generate.")
-  if order == "confidence" and (cfg.kind != "armd" or streams != 1):
-    raise ValueError("--order=confidence needs an 'armd' model and --streams=1.")
+  if order == "confidence" and streams != 1:
+    raise ValueError("--order=confidence takes --streams=1.")
   if order == "strided" and (length - (0 if prompt_ids is None else len(prompt_ids))) % streams:
     raise ValueError(f"--streams={streams} must divide the number of generated tokens "
                      f"(--length minus the prompt: "
                      f"{length - (0 if prompt_ids is None else len(prompt_ids))}).")
 
+  from armd_jax import registry  # pylint: disable=g-import-not-at-top
+  generate = registry.get_kind(cfg.kind).generate
+
   def run(rng):
-    if cfg.kind == "armd":
-      return sampling.generate(trained.model, trained.params, rng, batch_size=num_samples,
-                               length=length, streams=streams, prompt=prompt_ids,
-                               sampler=sampler,
-                               order="confidence" if order == "confidence" else None,
-                               k=per_call, criterion=criterion, stop_at_eos=stop_at_eos,
-                               eos_id=trained.vocab.eos_id, pad_id=trained.vocab.pad_id)
-    if cfg.kind == "ar":
-      from armd_jax.sampling import ar  # pylint: disable=g-import-not-at-top
-      if streams != 1:
-        raise ValueError("--streams must be 1 for an 'ar' model (one token per call).")
-      return ar.generate(trained.model, trained.params, rng, batch_size=num_samples,
-                         length=length, prompt=prompt_ids, sampler=sampler)
-    if cfg.kind == "mdlm":
-      from armd_jax.sampling import mdlm  # pylint: disable=g-import-not-at-top
-      return mdlm.generate(trained.model, trained.params, rng, batch_size=num_samples,
-                           length=length, num_steps=num_steps or length // streams,
-                           prompt=prompt_ids, sampler=sampler)
-    raise ValueError(f"the sample command cannot generate from model kind {cfg.kind!r}.")
+    options = {} if order == "strided" else dict(order=order, k=per_call, criterion=criterion)
+    return generate(trained.model, trained.params, rng, batch_size=num_samples, length=length,
+                    streams=streams, prompt=prompt_ids, sampler=sampler, num_steps=num_steps,
+                    **options)
 
   rng = jax.random.PRNGKey(seed)
   if warmup:

@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from armd_jax import data as data_lib  # noqa: E402
 from armd_jax import eval as ev  # noqa: E402
-from armd_jax import sampling, train  # noqa: E402
+from armd_jax import registry, sampling, train  # noqa: E402
 from armd_jax.train import observe  # noqa: E402
 from armd_jax.train.defaults import base_config  # noqa: E402
 
@@ -170,10 +170,12 @@ def bootstrap_interval(nll: np.ndarray, counts: np.ndarray, entropy: np.ndarray,
 
 
 def _armd_samples(trained, key, batch: int, length: int, k: int):
-  """Confidence-ordered ARMD samples (timed after a warm-up)."""
+  """Confidence-ordered ARMD samples (timed after a warm-up), through the registry."""
+  generate = registry.get_kind(trained.model_config.kind).generate
+
   def run(rng):
-    return sampling.generate(trained.model, trained.params, rng, batch_size=batch,
-                             length=length, order="confidence", k=k)
+    return generate(trained.model, trained.params, rng, batch_size=batch, length=length,
+                    order="confidence", k=k)
   jax.block_until_ready(run(jax.random.fold_in(key, 1)).tokens)
   start = time.perf_counter()
   out = run(key)
@@ -186,7 +188,8 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
   for the run's samplers."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
-  settings = [("streams", s) for s in ((1,) if kind == "ar" else STREAMS)]
+  spec = registry.get_kind(kind)
+  settings = [("streams", s) for s in (STREAMS if spec.parallel_streams else (1,))]
   if kind == "armd":
     settings += [("confidence", k) for k in CONFIDENCE_K if k <= length]
   rows = []
@@ -194,16 +197,14 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
     key = jax.random.PRNGKey(100 + s + (1000 if how == "confidence" else 0))
     if how == "confidence":
       samples = _armd_samples(trained, key, batch, length, s)
-    else:
+    else:  # 'mdlm' runs the registry's matched step count for S.
       samples = ev.generate_samples(trained.model, trained.params, key, batch_size=batch,
-                                    length=length, streams=s if kind == "armd" else 1,
-                                    num_steps=length // s + s - 1,
-                                    sampler=sampling.SamplerConfig())
+                                    length=length, streams=s, sampler=sampling.SamplerConfig())
     result = ev.generative_perplexity(samples.tokens, evaluator)
     nll, counts = evaluator.score_tokens(samples.tokens)
     entropy = ev.unigram_entropy(samples.tokens)
-    name_ = f"confidence k={s} (max prob)" if how == "confidence" else _sampler_name(kind, s,
-                                                                                    length)
+    name_ = (f"confidence k={s} (max prob)" if how == "confidence"
+             else _sampler_name(name, kind, s, length))
     row = {"run": name, "sampler": name_, "streams": s if how == "streams" else None,
            "per_call": s if how == "confidence" else None,
            "num_calls": samples.num_calls, "seconds_per_sample": samples.seconds / batch,
@@ -218,12 +219,9 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
   return rows
 
 
-def _sampler_name(kind: str, s: int, length: int) -> str:
-  if kind == "ar":
-    return "sequential (self-scored)"
-  if kind == "mdlm":
-    return f"ancestral T={length // s + s - 1} (matches S={s})"
-  return "sequential" if s == 1 else f"strided S={s}"
+def _sampler_name(run: str, kind: str, s: int, length: int) -> str:
+  name = registry.get_kind(kind).sampler_name(length, s)
+  return f"{name} (self-scored)" if run == "ar" else name  # the 'ar' run is the evaluator
 
 
 def plot(results: Dict, path: str) -> None:
@@ -236,7 +234,7 @@ def plot(results: Dict, path: str) -> None:
     curve = np.asarray(run["val_curve"])
     if not len(curve):
       continue
-    bound = run["kind"] == "mdlm"
+    bound = not registry.get_kind(run["kind"]).default_is_exact
     ax.plot(curve[:, 0], np.exp(curve[:, 1]), "--" if bound else "-", marker="o", ms=3,
             label=f"{name} ({'ELBO bound' if bound else 'exact, left to right'})")
   ax.set_xlabel("training step")

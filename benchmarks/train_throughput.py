@@ -78,7 +78,7 @@ def build_step(config):
   state, shardings = state_lib.create_train_state(model, settings.optim, 10_000, tc.seq_len,
                                                   0, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, config, settings.optim, 10_000, shardings,
+  step = state_lib.make_train_step(model, settings.order, settings.optim, 10_000, shardings,
                                    batch_shard)
   rng = np.random.default_rng(0)
   local = {"tokens": rng.integers(0, VOCAB, (tc.global_batch_size, tc.seq_len), np.int32),

@@ -68,7 +68,7 @@ def test_config_validates_and_its_train_step_traces(name):
   _, abstract, shardings = state_lib.train_state_layout(
       model, settings.optim, tc.num_steps, tc.seq_len, tc.seed, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps, shardings,
+  step = state_lib.make_train_step(model, settings.order, settings.optim, tc.num_steps, shardings,
                                    batch_shard)
   batch = {k: jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), jnp.int32)
            for k in ("tokens", "mask")}

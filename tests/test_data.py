@@ -367,7 +367,8 @@ def test_global_batch_holds_the_local_rows_on_a_one_device_mesh(tmp_path):
   ds = make(synthetic_config(), tmp_path)
   batch = next(ds.train_iter)
   mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-  arrays = data.make_global_batch(batch, NamedSharding(mesh, PartitionSpec("data", None)))
+  from armd_jax.train import partitioning  # the one global-batch helper
+  arrays = partitioning.global_batch(batch, NamedSharding(mesh, PartitionSpec("data", None)))
   for key in batch:
     assert arrays[key].shape == batch[key].shape
     np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])

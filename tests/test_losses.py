@@ -28,18 +28,6 @@ def test_padding_is_never_a_target():
   assert float(m["num_tokens"]) == 8 and float(loss) == float(loss2)
 
 
-def test_block_weights_scale_each_tokens_term():
-  logits = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 5))
-  tokens = jnp.array([[1, 2, 3, 4]])
-  ids = orders.left_to_right(1, 4)
-  _, m = losses.cross_entropy(logits, tokens, ids)
-  nll = -losses.token_log_probs(logits, tokens)
-  w = jnp.array([[2.0, 0.0, 1.0, 0.5]])
-  loss, m_w = losses.cross_entropy(logits, tokens, ids, block_weights=w)
-  np.testing.assert_allclose(loss, (nll * w).sum() / 4, rtol=1e-6)
-  np.testing.assert_allclose(m_w["nll"], m["nll"], rtol=1e-6)  # nll stays unweighted
-
-
 def test_mismatched_shapes_raise():
   with pytest.raises(ValueError, match="must match"):
     losses.cross_entropy(jnp.zeros((1, 3, 4)), jnp.zeros((1, 4), jnp.int32),

@@ -79,7 +79,7 @@ def test_greedy_decoding_reproduces_the_trained_sequences(memorised, streams):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A workdir trained by TRAIN's tiny config (a few steps), ending with printed samples."""
-  train = pytest.importorskip("armd_jax.train")
+  from armd_jax import train  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("tiny_config_file",
                                                 os.path.join(root, "configs", "tiny.py"))

@@ -12,7 +12,7 @@ import pytest
 
 from armd_jax import orders, train
 from armd_jax.train import checkpoints, objective, observe
-from armd_jax.train.typed import OrderConfig
+from armd_jax.train.typed import OrderConfig, order_config_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +99,8 @@ def test_a_nonfinite_loss_stops_training_naming_the_step_and_keeps_the_last_chec
     tmp_path, monkeypatch):
   real = objective.compute_loss
 
-  def poisoned(model, params, batch, rng, step, config, deterministic):
-    loss, metrics = real(model, params, batch, rng, step, config, deterministic)
+  def poisoned(model, params, batch, rng, step, order, deterministic):
+    loss, metrics = real(model, params, batch, rng, step, order, deterministic)
     loss = jnp.where(step >= 24, jnp.nan, loss)  # state.step 24 = the 25th step
     return loss, {**metrics, "loss": loss}
 
@@ -157,8 +157,8 @@ def test_left_to_right_training_loss_equals_the_exact_eval_nll(tiny_run):
   batch = {"tokens": jnp.asarray(rng.integers(0, 259, (2, 16)), jnp.int32),
            "mask": jnp.asarray([[1] * 16, [1] * 10 + [0] * 6], jnp.int32)}
   loss, _ = objective.compute_loss(trained.model, trained.params, batch, jax.random.PRNGKey(0),
-                                   jnp.int32(0), config, deterministic=True)
-  sums = objective.eval_metrics(trained.model, trained.params, batch)
+                                   jnp.int32(0), order_config_from(config), deterministic=True)
+  sums = objective.eval_metrics(trained.model, trained.params, batch, jax.random.PRNGKey(0))
   assert float(sums["num_tokens"]) == 26
   np.testing.assert_allclose(loss, sums["nll_sum"] / sums["num_tokens"], rtol=1e-6)
 
@@ -198,7 +198,7 @@ def test_the_train_step_compiles_once_and_advances_the_step():
   rules = partitioning.DEFAULT_RULES
   state, shardings = state_lib.create_train_state(model, settings.optim, 60, 16, 0, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, config, settings.optim, 60, shardings, batch_shard)
+  step = state_lib.make_train_step(model, settings.order, settings.optim, 60, shardings, batch_shard)
   rng = np.random.default_rng(0)
   losses = []
   for i in range(3):

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
       state, shardings = state_lib.create_train_state(model, settings.optim, 100, 16, 0, mesh,
                                                       rules)
       bs = partitioning.batch_sharding(mesh, rules)
-      step = state_lib.make_train_step(model, config, settings.optim, 100, shardings, bs, rules)
+      step = state_lib.make_train_step(model, settings.order, settings.optim, 100, shardings, bs, rules)
       hlo = step.lower(state, partitioning.global_batch(batch, bs)).as_text()
       losses = []
       for _ in range(3):

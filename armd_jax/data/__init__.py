@@ -1,7 +1,9 @@
 """Data: corpora, vocabularies, packing and the grain pipeline (spec: issue 3, item 1).
 
 The only package that touches seqio / TensorFlow / Hugging Face, and only lazily, inside
-the functions of the tasks that need them: `import armd_jax.data` stays light.
+the functions of the tasks that need them: `import armd_jax.data` stays light, and its
+names are imported on first use (PEP 562), so `armd_jax.data.config` (which config files
+reach through `armd_jax.train.defaults`) does not import grain.
 
 Public API:
   default_config()            the `config.data` ConfigDict, every field documented.
@@ -11,14 +13,17 @@ Public API:
   make_seqio_task(...)        the seqio Task of a config (imports seqio).
 """
 
-from armd_jax.data.config import DataConfig, default_config
-from armd_jax.data.pipeline import Datasets, Examples, create_datasets, make_global_batch
-from armd_jax.data.tasks import make_seqio_task
-from armd_jax.data.vocab import (ByteVocabulary, HuggingFaceVocabulary, SentencePieceVocabulary,
-                                 Vocabulary, load_vocab)
+from armd_jax._lazy import lazy_exports
 
-__all__ = [
-    "ByteVocabulary", "DataConfig", "Datasets", "Examples", "HuggingFaceVocabulary",
-    "SentencePieceVocabulary", "Vocabulary", "create_datasets", "default_config",
-    "load_vocab", "make_global_batch", "make_seqio_task",
-]
+_EXPORTS = {
+    "DataConfig": "config", "default_config": "config",
+    "Datasets": "pipeline", "Examples": "pipeline", "create_datasets": "pipeline",
+    "make_seqio_task": "tasks",
+    "ByteVocabulary": "vocab", "HuggingFaceVocabulary": "vocab",
+    "SentencePieceVocabulary": "vocab", "Vocabulary": "vocab", "load_vocab": "vocab",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

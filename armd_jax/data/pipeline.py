@@ -224,13 +224,3 @@ def make_iterator(dataset: grain.MapDataset, config: DataConfig) -> grain.Datase
   options = grain.ReadOptions(num_threads=config.num_threads,
                               prefetch_buffer_size=config.prefetch_buffer_size)
   return iter(dataset.to_iter_dataset(options))
-
-
-def make_global_batch(batch: Batch, sharding) -> dict:
-  """Per-process numpy batch -> global jax.Arrays laid out by `sharding` (batch-sharded).
-
-  `sharding` is e.g. `NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), None))`; each
-  process passes its own local rows.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

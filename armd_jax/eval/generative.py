@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from armd_jax import registry
 from armd_jax.eval import perplexity as ppl_lib
 
 
@@ -80,9 +81,10 @@ class ModelEvaluator:
   """
 
   def __init__(self, model, params, vocab=None, name: str = "in-memory model"):
-    if model.config.kind not in ("ar", "armd"):
-      raise ValueError(f"an evaluator must be a left-to-right model ('ar' or 'armd'), got "
-                       f"kind {model.config.kind!r}; MDLM has no exact likelihood.")
+    if not registry.kind_of(model).exact_scorer:
+      scorers = [k for k, v in registry.KINDS.items() if v.exact_scorer]
+      raise ValueError(f"an evaluator must be a left-to-right model with an exact likelihood "
+                       f"{scorers}, got kind {model.config.kind!r}.")
     self.model, self.params, self.vocab = model, params, vocab
     self.name = f"{name} [{model.config.kind}, exact left-to-right]"
 
@@ -232,33 +234,19 @@ def generate_samples(model, params, rng: jax.Array, *, batch_size: int, length: 
                      warmup: bool = True) -> Samples:
   """Unconditional samples from a model of any kind, timed after an optional warm-up.
 
-  'armd': KV-cached strided decoding with S = `streams` (N/S + S - 1 calls); 'ar':
-  KV-cached left to right (N calls; streams must be 1); 'mdlm': ancestral sampling with
-  `num_steps` reverse steps (default N/S + S - 1, the ARMD call count for the same S,
-  so the two are compared at matched numbers of network calls).
+  Each kind's generator comes from `armd_jax.registry`: 'armd': KV-cached strided
+  decoding with S = `streams` (N/S + S - 1 calls); 'ar': KV-cached left to right (N
+  calls; streams must be 1); 'mdlm': ancestral sampling with `num_steps` reverse steps
+  (default `registry.matched_mdlm_steps` = N/S + S - 1, the ARMD call count for the same
+  S, so the two are compared at matched numbers of network calls).
   """
   import time  # pylint: disable=import-outside-toplevel
 
-  from armd_jax import sampling  # pylint: disable=import-outside-toplevel
-  from armd_jax.sampling import ar as ar_sampling  # pylint: disable=import-outside-toplevel
-  from armd_jax.sampling import mdlm as mdlm_sampling  # pylint: disable=import-outside-toplevel
-
-  sampler = sampling.SamplerConfig() if sampler is None else sampler
-  kind = model.config.kind
-  if kind == "ar" and streams != 1:
-    raise ValueError(f"an 'ar' model generates one token per call: streams must be 1, got "
-                     f"{streams}.")
+  generate = registry.kind_of(model).generate
 
   def run(key):
-    if kind == "armd":
-      return sampling.generate(model, params, key, batch_size=batch_size, length=length,
-                               streams=streams, sampler=sampler)
-    if kind == "ar":
-      return ar_sampling.generate(model, params, key, batch_size=batch_size, length=length,
-                                  sampler=sampler)
-    steps = num_steps or length // streams + streams - 1
-    return mdlm_sampling.generate(model, params, key, batch_size=batch_size, length=length,
-                                  num_steps=steps, sampler=sampler)
+    return generate(model, params, key, batch_size=batch_size, length=length,
+                    streams=streams, sampler=sampler, num_steps=num_steps)
 
   if warmup:
     jax.block_until_ready(run(jax.random.fold_in(rng, 1)).tokens)

@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from armd_jax import losses, orders
-from armd_jax.models import mdlm as mdlm_lib
+from armd_jax import orders, registry
+from armd_jax.registry import BOUND, EXACT
 
-EXACT, BOUND = "exact", "bound"
-ORDER_NAMES = ("left_to_right", "strided", "random", "masked_diffusion", "elbo")
+ORDER_NAMES = registry.EVAL_ORDERS  # the evaluation orders of `armd_jax.registry.ORDERS`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +52,7 @@ class EvalOrder:
   schedule: str = "linear"
 
   def __post_init__(self):
-    if self.name not in ORDER_NAMES:
+    if self.name not in registry.EVAL_ORDERS:
       raise ValueError(f"EvalOrder.name must be one of {ORDER_NAMES}, got {self.name!r}.")
     if self.streams < 1 or self.num_steps < 1:
       raise ValueError(f"EvalOrder.streams and num_steps must be >= 1, got {self.streams}, "
@@ -69,20 +68,14 @@ class EvalOrder:
 
 
 def default_order(kind: str) -> EvalOrder:
-  """The order whose perplexity a model of `kind` reports by default."""
-  return EvalOrder("elbo") if kind == "mdlm" else EvalOrder("left_to_right")
+  """The order whose perplexity a model of `kind` reports by default (its first
+  `eval_orders` entry in `armd_jax.registry.KINDS`)."""
+  return EvalOrder(registry.get_kind(kind).eval_orders[0])
 
 
 def likelihood_label(kind: str, order: EvalOrder) -> str:
   """'exact' or 'bound' for a model kind evaluated under `order`; ValueError if unsupported."""
-  allowed = {"ar": ("left_to_right",), "mdlm": ("elbo",),
-             "armd": ("left_to_right", "strided", "random", "masked_diffusion")}
-  if kind not in allowed:
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(allowed)}.")
-  if order.name not in allowed[kind]:
-    raise ValueError(f"a {kind!r} model cannot be evaluated under order {order.name!r}; "
-                     f"supported: {allowed[kind]}.")
-  return EXACT if order.name in ("left_to_right", "strided") else BOUND
+  return registry.likelihood_label(kind, order.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,18 +109,9 @@ class PerplexityResult:
 
 
 def armd_block_ids(rng: jax.Array, order: EvalOrder, mask: jax.Array) -> jax.Array:
-  """Block ids [B, N] of an evaluation order for ARMD, padding moved to the last block."""
-  batch, length = mask.shape
-  if order.name == "left_to_right":
-    ids = orders.left_to_right(batch, length)
-  elif order.name == "strided":
-    ids = orders.strided(batch, length, order.streams)
-  elif order.name == "random":
-    ids = orders.progressive_permutation(rng, batch, length, length)
-  elif order.name == "masked_diffusion":
-    ids = orders.masked_diffusion(rng, batch, length, order.num_steps, order.schedule)
-  else:
-    raise ValueError(f"ARMD cannot be evaluated under order {order.name!r}.")
+  """Block ids [B, N] of an evaluation order (`armd_jax.registry.ORDERS`), padding moved
+  to the last block."""
+  ids, _ = registry.draw_block_ids(order, rng, jnp.zeros((), jnp.int32), *mask.shape)
   return orders.padding_last(ids, mask)
 
 
@@ -137,24 +121,16 @@ def sequence_nll(model: nn.Module, params, batch: Dict[str, jax.Array], rng: jax
   """Per-sequence NLL sums [B] (nats) of a batch {'tokens', 'mask'} [B, N].
 
   Exact or a one-sample-per-draw bound according to `likelihood_label`; Monte Carlo
-  orders average `num_samples` independent draws.
+  orders average `num_samples` independent draws. The kind's `sequence_nll` comes from
+  `armd_jax.registry`.
   """
-  kind = model.config.kind
-  likelihood_label(kind, order)
+  kind = registry.kind_of(model)
+  likelihood_label(kind.name, order)
   tokens = batch["tokens"].astype(jnp.int32)
   mask = batch.get("mask", jnp.ones_like(tokens)).astype(jnp.int32)
 
   def one_draw(key):
-    if kind == "ar":
-      logits = model.apply(params, tokens)
-    elif kind == "armd":
-      logits = model.apply(params, tokens, armd_block_ids(key, order, mask))
-    else:
-      t = mdlm_lib.stratified_times(jax.random.fold_in(key, 0), tokens.shape[0])
-      noisy, is_masked = mdlm_lib.corrupt(jax.random.fold_in(key, 1), tokens, t,
-                                          model.config, mask)
-      return mdlm_lib.elbo_terms(model.apply(params, noisy), tokens, is_masked, t)
-    return -(losses.token_log_probs(logits, tokens) * mask).sum(-1)
+    return kind.sequence_nll(model, params, tokens, mask, key, order)
 
   draws = jax.lax.map(one_draw, jax.random.split(rng, num_samples))  # [S, B]
   return draws.mean(0)

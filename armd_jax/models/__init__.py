@@ -9,14 +9,9 @@ from armd_jax.models.mdlm import MDLM
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-  """The Flax module that `config.kind` names."""
-  if config.kind == "armd":
-    return ARMD(config)
-  if config.kind == "ar":
-    return AR(config)
-  if config.kind == "mdlm":
-    return MDLM(config)
-  raise ValueError(f"build_model: unknown ModelConfig.kind {config.kind!r}.")
+  """The Flax module that `config.kind` names (through `armd_jax.registry.KINDS`)."""
+  from armd_jax import registry  # pylint: disable=import-outside-toplevel
+  return registry.build_model(config)
 
 
 __all__ = ["AR", "ARMD", "MDLM", "ModelConfig", "build_model"]

@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-MODEL_KINDS = ("armd", "ar", "mdlm")
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 QUERY_INITS = ("prefix", "prefix_plus_position")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -92,8 +91,9 @@ class ModelConfig:
                        f"be in [0, num_layers={self.num_layers}].")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
-    if self.kind not in MODEL_KINDS:
-      raise ValueError(f"ModelConfig.kind must be one of {MODEL_KINDS}, got {self.kind!r}.")
+    from armd_jax.registry import KINDS  # pylint: disable=import-outside-toplevel
+    if self.kind not in KINDS:
+      raise ValueError(f"ModelConfig.kind must be one of {tuple(KINDS)}, got {self.kind!r}.")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")

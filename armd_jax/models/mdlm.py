@@ -116,7 +116,8 @@ def diffusion_loss(model: nn.Module, params, tokens: jax.Array, rng: jax.Array,
     loss: scalar sum_b NELBO_b / sum(mask) (nats per token).
     metrics: the keys of `armd_jax.losses.cross_entropy` ('loss', 'nll' (= loss, a
       bound), 'accuracy' (argmax on masked tokens), 'num_tokens', 'nll_sum' (the summed
-      negative ELBO), 'correct_sum') plus 'masked_fraction'.
+      negative ELBO), 'correct_sum' (hits on masked tokens)) plus 'num_masked' (the
+      denominator of 'accuracy') and 'masked_fraction'.
   """
   t_rng, mask_rng = jax.random.split(rng)
   t = stratified_times(t_rng, tokens.shape[0])  # [B]
@@ -131,5 +132,6 @@ def diffusion_loss(model: nn.Module, params, tokens: jax.Array, rng: jax.Array,
   correct_sum = ((jnp.argmax(logits, -1) == tokens) & is_masked).sum().astype(jnp.float32)
   metrics = {"loss": loss, "nll": loss, "accuracy": correct_sum / num_masked,
              "num_tokens": num_tokens, "nll_sum": elbo.sum(), "correct_sum": correct_sum,
+             "num_masked": is_masked.sum().astype(jnp.float32),
              "masked_fraction": is_masked.sum() / denom}
   return loss, metrics

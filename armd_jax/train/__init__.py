@@ -4,21 +4,27 @@ Public API:
   `train_and_evaluate(config, workdir)`: the one call `python -m armd_jax.main` makes.
   `load_trained(workdir, use_ema=True) -> Trained`: a trained model back from a workdir.
   `model_config_from(config) -> ModelConfig`: the typed model config of `config.model`.
-  `compute_loss` (in `objective`): the loss of one batch under `config.order`.
+  `compute_loss` (in `objective`): the loss of one batch under the typed order settings.
   `TrainState`, `train_state_layout`, `create_train_state`, `make_train_step`: the step.
+
+The names are imported on first use (PEP 562), so `armd_jax.train.defaults` and
+`armd_jax.train.typed`, which config files import, stay light (no orbax, grain, optax).
 """
 
-from armd_jax.train.loading import Trained, load_trained
-from armd_jax.train.loop import train_and_evaluate
-from armd_jax.train.objective import compute_loss, draw_block_ids
-from armd_jax.train.observe import NonFiniteError, read_metrics
-from armd_jax.train.state import (TrainState, create_train_state, make_eval_step,
-                                  make_optimizer, make_train_step, train_state_layout)
-from armd_jax.train.typed import model_config_from, order_config_from, settings_from
+from armd_jax._lazy import lazy_exports
 
-__all__ = [
-    "NonFiniteError", "Trained", "TrainState", "compute_loss", "create_train_state",
-    "draw_block_ids", "load_trained", "make_eval_step", "make_optimizer", "make_train_step",
-    "model_config_from", "order_config_from", "read_metrics", "settings_from",
-    "train_and_evaluate", "train_state_layout",
-]
+_EXPORTS = {
+    "Trained": "loading", "load_trained": "loading",
+    "train_and_evaluate": "loop",
+    "compute_loss": "objective", "draw_block_ids": "objective",
+    "WorkdirBusyError": "checkpoints",
+    "NonFiniteError": "observe", "read_metrics": "observe",
+    "TrainState": "state", "create_train_state": "state", "make_eval_step": "state",
+    "make_optimizer": "state", "make_train_step": "state", "train_state_layout": "state",
+    "model_config_from": "typed", "order_config_from": "typed", "settings_from": "typed",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -7,22 +7,34 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}`; `state` is the `TrainState`
 
 Resume order (`train_and_evaluate`): the latest checkpoint in the workdir (state and
 data iterator), else `config.checkpoint.init_from` (parameters and EMA only; fresh
-optimiser, step 0, fresh data order), else scratch.
+optimiser, step 0, fresh data order), else scratch. A checkpoint that fails to restore
+(e.g. truncated array files) is reported by step, moved aside to
+`<workdir>/checkpoints_damaged/<step>` and the next older one is tried
+(`restore_newest_good`).
+
+One trainer per workdir: `WorkdirLock` holds `<workdir>/train.lock` (pid, host, start
+time) for the run; a second trainer stops with `WorkdirBusyError` naming the holder. A
+lock left by a dead process on this host is taken over (stale); a lock from another
+host cannot be checked and must be removed by hand.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import shutil
+import socket
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+LOCK_FILE = "train.lock"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -123,6 +135,102 @@ def _tuples(value: Any) -> Any:
   return value
 
 
-def tree_to_numpy(tree: Any) -> Any:
-  """Host copies of every array leaf."""
-  return jax.tree.map(np.asarray, tree)
+def restore_newest_good(manager: ocp.CheckpointManager, workdir: str,
+                        restore_step: Callable[[int], Any],
+                        log: Callable[[str], None] = print) -> Optional[Any]:
+  """`restore_step(step)` of the newest checkpoint that restores, or None if none does.
+
+  A checkpoint whose restore raises is reported by step (with the error), moved to
+  `<workdir>/checkpoints_damaged/<step>` (process 0; the others wait for it), and the
+  next older one is tried.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_step(step)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore errors vary)
+      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR, str(step))
+      log(f"checkpoint at step {step} is damaged ({type(e).__name__}: {first_line}); "
+          f"moved aside to {target}, trying the previous one")
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+          target = f"{target}.{int(time.time())}"
+        shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), target)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"armd_damaged_checkpoint_{step}")
+      manager.reload()
+  return None
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live trainer holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """`<workdir>/train.lock` held for one training run (process 0 only; a context manager).
+
+  The file holds {'pid', 'host', 'started'}. Taking a lock that exists raises
+  `WorkdirBusyError` naming its holder, unless the holder is a dead process on this
+  host (a stale lock, which is taken over with a note).
+  """
+
+  def __init__(self, workdir: str, log: Callable[[str], None] = print):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.log = log
+    self.held = False
+
+  def __enter__(self) -> "WorkdirLock":
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = _read_lock(self.path)
+        if not _is_stale(holder):
+          raise WorkdirBusyError(
+              f"{os.path.dirname(self.path)} is in use by another trainer (pid "
+              f"{holder.get('pid')} on host {holder.get('host')!r}, lock {self.path}). "
+              "Wait for it, use another --workdir, or delete the lock file if that trainer "
+              "is gone.") from None
+        self.log(f"removing a stale lock {self.path} (pid {holder.get('pid')} on this host "
+                 "is not running)")
+        os.remove(self.path)
+        continue
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(mine, f)
+      self.held = True
+      return self
+    raise WorkdirBusyError(f"could not take the lock {self.path}.")
+
+  def __exit__(self, *exc) -> None:
+    if self.held and _read_lock(self.path).get("pid") == os.getpid():
+      os.remove(self.path)
+    self.held = False
+
+
+def _read_lock(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _is_stale(holder: dict) -> bool:
+  """True when the lock's process is known to be gone (same host, pid not running)."""
+  if not holder:
+    return True  # unreadable / half-written lock
+  if holder.get("host") != socket.gethostname():
+    return False  # cannot check another host's processes
+  try:
+    os.kill(int(holder["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, KeyError, ValueError, TypeError):
+    return False
+  return False

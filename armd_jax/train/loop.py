@@ -8,14 +8,14 @@ left-to-right validation and checkpoints -> final evaluation -> optional samples
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from armd_jax.models import build_model
+from armd_jax import registry
 from armd_jax.train import checkpoints, objective, observe, partitioning
 from armd_jax.train import state as state_lib
 from armd_jax.train.typed import Settings, model_config_from, settings_from
@@ -36,11 +36,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ValueError: a bad config value (the message names `config.<section>.<field>`).
     observe.NonFiniteError: loss or grad norm became NaN/inf (names the step; the last
       good checkpoint is kept).
+    checkpoints.WorkdirBusyError: another live trainer holds `workdir`.
   """
-  from armd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy, references resolved
   settings = settings_from(config)
+  with checkpoints.WorkdirLock(workdir):  # one trainer per workdir
+    return _train(config, settings, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, settings: Settings,
+           workdir: str) -> Dict[str, float]:
+  """The body of `train_and_evaluate`, run while holding the workdir lock."""
+  from armd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   tc = settings.train
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
@@ -54,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if tc.seq_len > model_config.max_len:
     raise ValueError(f"config.train.seq_len={tc.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}.")
-  model = build_model(model_config)
+  model = registry.build_model(model_config)
 
   mesh = partitioning.make_mesh(settings.mesh)
   rules = partitioning.rules_of(settings.mesh)
@@ -73,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           f"mesh {dict(mesh.shape)}; training steps {start + 1}..{tc.num_steps} in {workdir}",
           flush=True)
 
-  train_step = state_lib.make_train_step(model, config, settings.optim, tc.num_steps,
+  train_step = state_lib.make_train_step(model, settings.order, settings.optim, tc.num_steps,
                                          shardings, batch_shard, rules)
   eval_step = state_lib.make_eval_step(model, shardings.params, batch_shard, rules)
   writer = observe.Writer(workdir, tc.tensorboard)
@@ -118,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return {**{f"train/{k}": v for k, v in train_metrics.items() if k not in _SUMS}, **final}
 
 
-_SUMS = ("nll_sum", "correct_sum", "num_tokens")  # aggregation helpers, not logged
+_SUMS = ("nll_sum", "correct_sum", "num_tokens", "num_scored", "num_masked")  # not logged
 
 
 def fill_vocab_size(config: ml_collections.ConfigDict, data_vocab_size: int) -> None:
@@ -132,12 +140,19 @@ def fill_vocab_size(config: ml_collections.ConfigDict, data_vocab_size: int) -> 
 
 def resume_or_init(manager, init, abstract, train_iter, settings: Settings,
                    workdir: str) -> state_lib.TrainState:
-  """Resume order: the workdir's latest checkpoint, else `init_from`, else scratch."""
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s at step %d.", checkpoints.checkpoint_dir(workdir), latest)
-    print(f"resuming from step {latest}", flush=True)
-    return checkpoints.restore(manager, latest, abstract, train_iter)
+  """Resume order: the workdir's newest checkpoint that restores (damaged ones are
+  reported and moved aside), else `init_from`, else scratch."""
+
+  def restore(step):
+    state = checkpoints.restore(manager, step, abstract, train_iter)
+    logging.info("Resumed from %s at step %d.", checkpoints.checkpoint_dir(workdir), step)
+    print(f"resuming from step {step}", flush=True)
+    return state
+
+  log = print if jax.process_index() == 0 else logging.warning
+  restored = checkpoints.restore_newest_good(manager, workdir, restore, log)
+  if restored is not None:
+    return restored
   state = init()
   source = settings.checkpoint.init_from
   if source:
@@ -169,13 +184,19 @@ def _put_like(saved: Any, target: Any, name: str, source: str) -> Any:
 
 def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
              settings: Settings) -> Dict[str, float]:
-  """Exact left-to-right validation NLL (nats/token), perplexity and accuracy."""
+  """Validation NLL (nats/token), perplexity and accuracy over `config.eval.num_batches`.
+
+  Exact left-to-right for 'ar'/'armd'; an ELBO bound for 'mdlm', whose accuracy is over
+  masked tokens. Batch i draws from `fold_in(PRNGKey(train.seed), i)`: every batch gets
+  its own keys (so more batches lower the variance) and every evaluation of a run the
+  same ones (so evaluations at different steps compare like with like).
+  """
   params = state_lib.eval_params(state, settings.eval.use_ema)
-  local_batch = settings.train.global_batch_size // jax.process_count()
-  sums = {"nll_sum": 0.0, "correct_sum": 0.0, "num_tokens": 0.0}
-  for i, local in enumerate(_limit(datasets.eval_batches(), settings.eval.num_batches)):
-    out = jax.device_get(eval_step(params, partitioning.global_batch(
-        pad_rows(local, local_batch), batch_shard)))
+  base = jax.random.PRNGKey(settings.train.seed)
+  sums = {"nll_sum": 0.0, "correct_sum": 0.0, "num_tokens": 0.0, "num_scored": 0.0}
+  for i, local in enumerate(datasets.eval_batches(settings.eval.num_batches or None)):
+    out = jax.device_get(eval_step(params, partitioning.global_batch(local, batch_shard),
+                                   jax.random.fold_in(base, i)))
     for k in sums:
       sums[k] += float(out[k])
   if sums["num_tokens"] == 0:
@@ -184,7 +205,7 @@ def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
   nll = sums["nll_sum"] / sums["num_tokens"]
   return {"eval/nll": nll, "eval/perplexity": float(np.exp(min(nll, 50.0))),
           "eval/bits_per_token": nll / np.log(2.0),
-          "eval/accuracy": sums["correct_sum"] / sums["num_tokens"],
+          "eval/accuracy": sums["correct_sum"] / max(sums["num_scored"], 1.0),
           "eval/num_tokens": sums["num_tokens"]}
 
 
@@ -200,53 +221,22 @@ def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float],
           flush=True)
 
 
-def _limit(batches: Iterable, num: int) -> Iterable:
-  for i, batch in enumerate(batches):
-    if num and i >= num:
-      return
-    yield batch
-
-
-def pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
-  """Pads a short final batch with masked rows (mask 0, never scored) up to `rows`."""
-  have = len(batch["tokens"])
-  if have == rows:
-    return batch
-  if have > rows:
-    raise ValueError(f"eval batch has {have} rows, more than the per-process batch {rows}.")
-  return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}
-
-
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter tree."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def print_samples(model, params, vocab, settings: Settings) -> None:
-  """Generates `config.sample.num_samples` sequences and prints them decoded.
-
-  ARMD samples through `armd_jax.sampling.generate` (strided, KV-cached); the baselines
-  through their own samplers ('ar': one token per call; 'mdlm': length / streams
-  ancestral steps).
-  """
+  """Generates `config.sample.num_samples` sequences with the kind's generator
+  (`armd_jax.registry`; 'mdlm' runs the matched step count) and prints them decoded."""
   from armd_jax import sampling  # pylint: disable=g-import-not-at-top
 
   sc = settings.sample
   sampler = sampling.SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
-  rng = jax.random.PRNGKey(sc.seed)
   kind = model.config.kind
-  if kind == "ar":
-    from armd_jax.sampling import ar  # pylint: disable=g-import-not-at-top
-    out = ar.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
-                      sampler=sampler)
-  elif kind == "mdlm":
-    from armd_jax.sampling import mdlm  # pylint: disable=g-import-not-at-top
-    out = mdlm.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
-                        num_steps=sc.length // sc.streams, sampler=sampler)
-  else:
-    out = sampling.generate(model, params, rng, batch_size=sc.num_samples, length=sc.length,
-                            streams=sc.streams, sampler=sampler)
+  out = registry.get_kind(kind).generate(model, params, jax.random.PRNGKey(sc.seed),
+                                         batch_size=sc.num_samples, length=sc.length,
+                                         streams=sc.streams, sampler=sampler)
   tokens = np.asarray(out.tokens)
   print(f"{sc.num_samples} samples of {sc.length} tokens ({kind}, {sc.streams} stream(s)), "
         f"{int(out.num_calls)} network calls:", flush=True)

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, Tuple
 
+import chex
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from armd_jax import orders
 from armd_jax.train import objective, partitioning
-from armd_jax.train.typed import OptimConfig
+from armd_jax.train.typed import OptimConfig, OrderConfig
 
 Metrics = Dict[str, jax.Array]
+_STEP_IDS = itertools.count()  # names each train step for its recompile guard
 
 
 @flax.struct.dataclass
@@ -123,17 +125,24 @@ def state_shardings(abstract: TrainState, param_shardings: Any, mesh: Mesh) -> T
                     rng=replicated)
 
 
-def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: OptimConfig,
+def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
                     num_steps: int, shardings: TrainState, batch_shard: NamedSharding,
-                    rules=None) -> Callable[[TrainState, Dict[str, jax.Array]],
-                                            Tuple[TrainState, Metrics]]:
+                    rules=None, max_traces: int = 1
+                    ) -> Callable[[TrainState, Dict[str, jax.Array]],
+                                  Tuple[TrainState, Metrics]]:
   """The jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
   Pure: the step's rng is `fold_in(state.rng, state.step)`, so a run restored from a
-  checkpoint at step s replays exactly the same randomness from s on. Activations are
+  checkpoint at step s replays exactly the same randomness from s on. `order` is the
+  typed order settings (`settings.order`), fixed before tracing. Activations are
   constrained by the logical `rules` (default `partitioning.DEFAULT_RULES`) on the
-  batch sharding's mesh.
+  batch sharding's mesh. Recompile guard: the step may be traced at most `max_traces`
+  times (`chex.assert_max_traces`); a batch of another shape or dtype, which would
+  silently recompile, raises an AssertionError instead.
   """
+  if not isinstance(order, OrderConfig):
+    raise TypeError(f"make_train_step takes the typed order settings (an OrderConfig, e.g. "
+                    f"settings_from(config).order), got {type(order).__name__}.")
   tx = make_optimizer(optim, num_steps)
   schedule = learning_rate_schedule(optim, num_steps)
   mesh = batch_shard.mesh
@@ -145,7 +154,7 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: 
 
     def loss_fn(params):
       with partitioning.activation_sharding(mesh, rules):
-        return objective.compute_loss(model, params, batch, rng, state.step, config,
+        return objective.compute_loss(model, params, batch, rng, state.step, order,
                                       deterministic=False)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -162,23 +171,30 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict, optim: 
     return new_state, metrics
 
   batch_shardings = {"tokens": batch_shard, "mask": batch_shard}
+  # chex counts traces per function footprint (its source and name): a unique name gives
+  # every step made here its own counter (a process may build several steps in turn).
+  train_step.__name__ = f"train_step_{next(_STEP_IDS)}"
+  train_step = chex.assert_max_traces(train_step, n=max_traces)
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(model: nn.Module, param_shardings: Any, batch_shard: NamedSharding,
-                   rules=None) -> Callable[[Any, Dict[str, jax.Array]], Metrics]:
-  """The jitted `eval_step(params, batch) -> sums` (left-to-right, exact)."""
+                   rules=None) -> Callable[[Any, Dict[str, jax.Array], jax.Array], Metrics]:
+  """The jitted `eval_step(params, batch, rng) -> sums` (`objective.eval_metrics`: exact
+  left-to-right for 'ar'/'armd'; for 'mdlm' an ELBO whose draws come from `rng`)."""
   mesh = batch_shard.mesh
   rules = partitioning.DEFAULT_RULES if rules is None else rules
+  replicated = partitioning.replicated(mesh)
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, rng):
     with partitioning.activation_sharding(mesh, rules):
-      return objective.eval_metrics(model, params, batch)
+      return objective.eval_metrics(model, params, batch, rng)
 
   return jax.jit(eval_step,
-                 in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard}),
-                 out_shardings=partitioning.replicated(mesh))
+                 in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard},
+                               replicated),
+                 out_shardings=replicated)
 
 
 def eval_params(state: TrainState, use_ema: bool) -> Any:

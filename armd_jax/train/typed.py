@@ -13,10 +13,9 @@ from typing import Any, Optional, Tuple, Type, TypeVar
 
 import ml_collections
 
-from armd_jax import orders
+from armd_jax import orders, registry
 from armd_jax.models import ModelConfig
 
-ORDER_KINDS = ("left_to_right", "progressive_permutation", "strided", "masked_diffusion")
 LR_SCHEDULES = ("cosine", "constant")
 SECTIONS = ("model", "data", "order", "optim", "train", "mesh", "checkpoint", "eval", "sample")
 
@@ -28,10 +27,11 @@ class OrderConfig:
   """The training order schedule (spec section 3), drawn inside the train step.
 
   Attributes:
-    kind: 'left_to_right' (an AR model), 'progressive_permutation' (k(step) tokens'
-      slots shuffled, k ramping 1 -> rho between i_ar and i_perm), 'strided' (SBP with S
-      drawn uniformly from `streams` each step) or 'masked_diffusion' (multi-token blocks
-      from a `num_steps`-step schedule).
+    kind: a training order of `armd_jax.registry.ORDERS` ('left_to_right' (an AR
+      model), 'progressive_permutation' (k(step) tokens' slots shuffled, k ramping
+      1 -> rho between i_ar and i_perm), 'strided' (SBP with S drawn uniformly from
+      `streams` each step) or 'masked_diffusion' (multi-token blocks from a
+      `num_steps`-step schedule)). Read by kinds whose `uses_config_order` is True.
     i_ar: progressive_permutation: last step of pure left-to-right training.
     i_perm: progressive_permutation: step at which k reaches rho.
     rho: progressive_permutation: final number of shuffled tokens (seq_len = uniform order).
@@ -49,7 +49,7 @@ class OrderConfig:
   schedule: str = "linear"
 
   def __post_init__(self):
-    _choice("order", "kind", self.kind, ORDER_KINDS)
+    _choice("order", "kind", self.kind, registry.TRAIN_ORDERS)
     _choice("order", "schedule", self.schedule, orders.SCHEDULES)
     object.__setattr__(self, "streams", tuple(int(s) for s in self.streams))
     if not self.streams or min(self.streams) < 1:
@@ -155,7 +155,7 @@ class MeshConfig:
     shape: mesh shape, one entry per axis; one -1 takes the remaining devices.
     axis_names: mesh axis names ('data' shards the batch, 'model' the parameters).
     rules: (logical axis, mesh axis or None) pairs mapping the modules' logical names
-      to mesh axes (see `armd_jax.train.partitioning`).
+      to mesh axes; () (the default) = `armd_jax.train.partitioning.DEFAULT_RULES`.
   """
 
   shape: Tuple[int, ...] = (-1, 1)
