@@ -20,6 +20,13 @@ DATA = [  # imported lazily by armd_jax.data only
     "tensorflow-datasets>=4.9",
     "sentencepiece>=0.2",
 ]
+NOTEBOOKS = [  # executing the notebooks (tests/test_notebooks.py) and editing their pairs
+    "matplotlib>=3.8",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+    "jupytext>=1.16",
+]
 
 setup(
     name="armd-jax",
@@ -34,9 +41,10 @@ setup(
         "data": DATA,
         "hf": ["datasets>=2.18", "transformers>=4.40", "tokenizers>=0.15"],  # OWT, HF tokenizers
         "plot": ["matplotlib>=3.8"],
+        "notebooks": NOTEBOOKS,  # run the notebooks (notebooks/run_notebooks.py)
         # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
-        "test": DATA + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+        "test": DATA + NOTEBOOKS + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5"],
         "tpu": ["jax[tpu]"],
     },
 )

@@ -10,7 +10,11 @@ merely installing it makes every jax process probe for a TPU):
 or unpack the libtpu wheel somewhere and put that folder on PYTHONPATH. Then:
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --topology v5e:2x2
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --smoke   # small shapes only
-Writes a markdown table to --out (default benchmarks/results/tpu_aot.md).
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/tpu_aot.py --memory_scaling \
+      --out=benchmarks/results/tpu_aot_memory_scaling.md
+      # peak per-chip memory of the full train step (small model) at N = 8K, 16K, 32K
+Writes a markdown table to --out (default benchmarks/results/tpu_aot.md), and with
+--memory_scaling also a json beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--topology", default="v5e:2x2", help="TPU topology name, e.g. v5e:2x2")
   parser.add_argument("--smoke", action="store_true", help="one small kernel shape and a "
                       "small model only")
+  parser.add_argument("--memory_scaling", action="store_true",
+                      help="train-step peak memory of a small model at N = 8K..32K only")
+  parser.add_argument("--prefix_scaling", action="store_true",
+                      help="with --memory_scaling: the prefix aggregation alone (fwd+bwd, "
+                      "chunked vs dense) instead of the whole train step")
+  parser.add_argument("--lengths", default="8192,16384,32768")
+  parser.add_argument("--attentions", default="pallas")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "tpu_aot.md"))
   return parser.parse_args()
@@ -81,9 +92,17 @@ def kernel_rows(mesh: Mesh, shapes):
   return rows
 
 
-def model_rows(mesh: Mesh, smoke: bool):
-  """A data-parallel AdamW train step of ARMD (loss fwd+bwd + update) in shard_map."""
-  if smoke:
+def model_rows(mesh: Mesh, smoke: bool, length: int | None = None,
+               attentions=("pallas", "xla")):
+  """A data-parallel AdamW train step of ARMD (loss fwd+bwd + update) in shard_map.
+
+  With `length`: a small model (d=256, 4 layers) at that length, batch 1 per device.
+  """
+  if length is not None:
+    fields = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+                  max_len=length, dtype="bfloat16")
+    per_device_batch = 1
+  elif smoke:
     fields = dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
                   max_len=512, dtype="bfloat16")
     per_device_batch, length = 2, 512
@@ -94,7 +113,9 @@ def model_rows(mesh: Mesh, smoke: bool):
   data_size = mesh.devices.size
   flat = Mesh(mesh.devices.reshape(-1), ("data",))
   rows = []
-  for name, attention in (("pallas (Mosaic)", "pallas"), ("xla reference", "xla")):
+  names = {"pallas": "pallas (Mosaic)", "xla": "xla reference"}
+  for attention in attentions:
+    name = names[attention]
     config = armd_jax.ModelConfig(attention=attention, **fields)
     model = armd_jax.build_model(config)
     optimizer = optax.adamw(3e-4)
@@ -164,10 +185,64 @@ def main() -> None:
   devices = topology.devices
   mesh = Mesh(np.array(devices).reshape(2, -1), ("data", "model"))
   print(f"{len(devices)} devices: {devices[0].device_kind}; mesh {dict(mesh.shape)}", flush=True)
+  if args.memory_scaling:
+    return memory_scaling(args, mesh, devices)
   shapes = [(4, 1024, 4, 128)] if args.smoke else [
       (8, n, 8, d) for n in (1024, 2048, 4096) for d in (64, 128)]
   rows = kernel_rows(mesh, shapes) + model_rows(mesh, args.smoke)
   print(write_table(rows, args.out, args.topology, devices))
+
+
+def prefix_rows(mesh: Mesh, smoke: bool, length: int, attentions=()):
+  """Prefix aggregation fwd+bwd (d_pe 64, D 768, bf16, 1 sequence per device), chunked
+  (the Pallas path's) and dense; `smoke` and `attentions` are unused."""
+  del smoke, attentions
+  from armd_jax.models import prefix  # pylint: disable=import-outside-toplevel
+  flat = Mesh(mesh.devices.reshape(-1), ("data",))
+  batch = flat.devices.size
+  rows = []
+  for name in ("chunked", "dense"):
+    def aggregate(pe, x, ids, name=name):
+      if name == "chunked":
+        out, _ = prefix.prefix_aggregate_chunked(pe, x, ids, 256)
+      else:
+        out, _ = prefix.prefix_aggregate_dense(pe, ids, pe, x, ids)
+      return out
+
+    sharded = jax.shard_map(aggregate, mesh=flat, in_specs=(P("data"),) * 3,
+                            out_specs=P("data"))
+
+    def loss(pe, x, ids, sharded=sharded):
+      return sharded(pe, x, ids).astype(jnp.float32).sum()
+
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=NamedSharding(flat, P("data")))
+    seconds, mem, calls = compile_stats(jax.grad(loss, argnums=(0, 1)), spec(
+        batch, length, 64), spec(batch, length, 768), spec(batch, length, dtype=jnp.int32))
+    rows.append((f"prefix aggregation fwd+bwd N={length} d_pe=64 D=768 1/device bf16",
+                 name, seconds, mem, calls))
+    print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB", flush=True)
+  return rows
+
+
+def memory_scaling(args, mesh: Mesh, devices) -> None:
+  """Peak per-chip memory of the small-model train step over lengths; table + json."""
+  import json  # pylint: disable=import-outside-toplevel
+  rows, records = [], []
+  for length in (int(n) for n in args.lengths.split(",")):
+    make_rows = prefix_rows if args.prefix_scaling else model_rows
+    for row in make_rows(mesh, False, length, tuple(args.attentions.split(","))):
+      rows.append(row)
+      label, name, seconds, mem, calls = row
+      records.append({"length": length, "attention": name, "compile_s": seconds,
+                      "mosaic_calls": calls, "peak_mib": mem.peak_memory_in_bytes / MIB,
+                      "temp_mib": mem.temp_size_in_bytes / MIB,
+                      "args_mib": mem.argument_size_in_bytes / MIB})
+      write_table(rows, args.out, args.topology, devices)
+      with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
+        json.dump({"topology": args.topology, "jax": jax.__version__,
+                   "command": " ".join(sys.argv), "rows": records}, f, indent=2)
+  print(open(args.out, encoding="utf-8").read())
 
 
 if __name__ == "__main__":

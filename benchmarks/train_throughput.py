@@ -18,6 +18,11 @@ layer twice over half the depth), plus the prefix aggregation.
 
   python benchmarks/train_throughput.py                 # two CPU sizes, ~5 minutes
   python benchmarks/train_throughput.py --trials=2 --sizes=small   # smoke
+  python benchmarks/train_throughput.py --flops_only --sizes=d256_l8_n512   # FLOP ratio only
+      (compiles, no timing: deterministic; writes train_throughput_flops.{json,md})
+
+The layer-work floor of ARMD / AR is (1.5 L - 1) / L with L/2 two-stream layers (the
+last two-stream layer runs only the query stream plus the content K/V).
 
 Writes benchmarks/results/train_throughput.{json,md}.
 """
@@ -47,6 +52,7 @@ from armd_jax.train.typed import MeshConfig, model_config_from, settings_from  #
 SIZES = {  # name: (d_model, num_layers, num_heads, mlp_dim, seq_len, batch)
     "small": (128, 4, 4, 512, 128, 16),
     "medium": (256, 6, 4, 1024, 256, 8),
+    "d256_l8_n512": (256, 8, 4, 1024, 512, 4),  # issue 12's FLOP-ratio configuration
 }
 VARIANTS = {  # name: (model overrides, order overrides)
     "armd": ({}, {"kind": "progressive_permutation", "i_ar": 0, "i_perm": 1, "rho": 16}),
@@ -91,8 +97,13 @@ def main(argv=None):
   parser.add_argument("--sizes", default="small,medium")
   parser.add_argument("--steps", type=int, default=1, help="steps per timed trial")
   parser.add_argument("--trials", type=int, default=15, help="interleaved trials per model")
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput"))
+  parser.add_argument("--flops_only", action="store_true",
+                      help="compile and report XLA FLOP counts only (no timing)")
+  parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = os.path.join(HERE, "results", "train_throughput" + (
+        "_flops" if args.flops_only else ""))
   sizes = args.sizes.split(",")
   for s in sizes:
     if s not in SIZES:
@@ -107,10 +118,17 @@ def main(argv=None):
       step = step.lower(state, batch).compile()
       cost = step.cost_analysis()
       flops[size, variant] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+      if args.flops_only:
+        print(f"[{size}] {variant}: {flops[size, variant] / 1e9:.2f} GFLOP "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        del step, state, batch
+        continue
       state, metrics = step(state, batch)  # warm
       jax.block_until_ready(metrics)
       runs[variant] = [step, state, batch, []]
       print(f"[{size}] {variant}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+    if args.flops_only:
+      continue
     for trial in range(args.trials):
       for variant, run in runs.items():
         step, state, batch, times = run
@@ -134,6 +152,8 @@ def main(argv=None):
                                          "seq_len", "batch"), SIZES[size]))})
     del runs
 
+  if args.flops_only:
+    return write_flops(args, sizes, flops)
   by = {(r["size"], r["model"]): r for r in results}
 
   def ratio(size, a, b):  # median over trials of the within-trial ratio
@@ -160,6 +180,36 @@ def main(argv=None):
             "| ARMD / ARMD-l2r-no-two-stream step time |", "|---|---|---|---|"]
   lines += [f"| {s} | {v['armd_over_ar']:.2f}x | {v['armd_over_ar_flops']:.2f}x | "
             f"{v['armd_over_l2r_1s']:.2f}x |" for s, v in summary.items()]
+  with open(args.out + ".md", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def write_flops(args, sizes, flops) -> None:
+  """Writes the XLA FLOP counts and the ARMD / AR ratio beside its layer-work floor."""
+  rows = []
+  for size in sizes:
+    layers = SIZES[size][1]
+    rows.append({"size": size, "shape": dict(zip(("d_model", "num_layers", "num_heads",
+                                                  "mlp_dim", "seq_len", "batch"), SIZES[size])),
+                 "xla_gflop_per_step": {v: flops[size, v] / 1e9 for v in VARIANTS},
+                 "armd_over_ar_flops": flops[size, "armd"] / flops[size, "ar"],
+                 "layer_floor": (1.5 * layers - 1) / layers})
+  meta = {"backend": jax.default_backend(), "jax": jax.__version__,
+          "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+          "command": "python benchmarks/train_throughput.py --flops_only --sizes="
+                     + ",".join(sizes)}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w", encoding="utf-8") as f:
+    json.dump({"meta": meta, "results": rows}, f, indent=2)
+  lines = [f"# Train-step XLA FLOPs ({meta['backend']}, {meta['date_utc']} UTC)", "",
+           f"`{meta['command']}`", "",
+           "| size (d, L, N) | ARMD GFLOP | AR GFLOP | ARMD / AR | floor (1.5L-1)/L |",
+           "|---|---|---|---|---|"]
+  lines += [f"| {r['size']} ({r['shape']['d_model']}, {r['shape']['num_layers']}, "
+            f"{r['shape']['seq_len']}) | {r['xla_gflop_per_step']['armd']:.1f} | "
+            f"{r['xla_gflop_per_step']['ar']:.1f} | {r['armd_over_ar_flops']:.3f}x | "
+            f"{r['layer_floor']:.3f}x |" for r in rows]
   with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -29,6 +29,7 @@ def get_config():
   c.model.max_len = 128  # = seq_len
   c.model.dropout_rate = 0.1  # MDLM default
   c.model.dtype = "bfloat16"  # bf16 compute, float32 params
+  c.model.attention = "auto"  # Pallas kernel on TPU / GPU (O(N) memory), XLA on CPU
 
   c.data.task = "lm1b"  # TFDS lm1b
   c.data.vocab = "hf"  # bert-base-uncased WordPiece [paper]

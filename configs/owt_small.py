@@ -28,6 +28,7 @@ def get_config():
   c.model.mlp_dim = 3072  # 4x width
   c.model.max_len = 1024  # = seq_len
   c.model.dtype = "bfloat16"  # bf16 compute, float32 params
+  c.model.attention = "auto"  # Pallas kernel on TPU / GPU (O(N) memory), XLA on CPU
 
   c.data.task = "openwebtext"  # Hugging Face datasets
   c.data.vocab = "hf"  # GPT-2 BPE [paper]

@@ -12,10 +12,16 @@ from armd_jax.losses import token_log_probs
 from conftest import init_model, tiny_config
 
 LENGTH = 10
-# Attention settings every core property must hold under: the XLA reference and the
-# Pallas kernel (interpreted on CPU, tiles of 8 so that several tiles and skips occur).
-PALLAS = dict(attention="pallas", pallas_interpret=True, pallas_block_q=8, pallas_block_kv=8)
-ATTENTIONS = [pytest.param({}, id="xla"), pytest.param(PALLAS, id="pallas")]
+# Attention settings every core property must hold under: the XLA reference (dense and
+# chunked prefix aggregation), 'auto' (XLA on CPU) and the Pallas kernel (interpreted on
+# CPU, tiles of 8 so that several tiles and skips occur; chunked prefix aggregation in
+# chunks of 4 so that blocks straddle chunks).
+PALLAS = dict(attention="pallas", pallas_interpret=True, pallas_block_q=8, pallas_block_kv=8,
+              prefix_chunk=4)
+CHUNKED = dict(prefix_aggregation="chunked", prefix_chunk=4)
+ATTENTIONS = [pytest.param({}, id="xla"), pytest.param(CHUNKED, id="xla-chunked-prefix"),
+              pytest.param(dict(attention="auto"), id="auto"),
+              pytest.param(PALLAS, id="pallas")]
 
 
 def random_ids_with_ties(rng, batch, length):
@@ -144,6 +150,10 @@ def test_dropout_is_active_only_when_not_deterministic():
      "max_len"),
     (dict(block_ids=jnp.ones((1, 8), jnp.float32)), "integer"),
     (dict(positions=jnp.zeros((1, 3), jnp.int32)), "positions"),
+    (dict(block_ids=jnp.zeros((1, 8), jnp.int32)), "block ids must be >= 1"),
+    (dict(block_ids=jnp.arange(-1, 7)[None]), "block ids must be >= 1"),
+    (dict(positions=jnp.arange(8)[None] + 30), r"positions must lie in \[0, .*max_len=32"),
+    (dict(positions=jnp.arange(8)[None] - 1), "positions must lie in"),
 ])
 def test_bad_inputs_raise_clear_errors(tiny, bad, message):
   model, params = tiny
@@ -152,3 +162,120 @@ def test_bad_inputs_raise_clear_errors(tiny, bad, message):
   args.update(bad)
   with pytest.raises(ValueError, match=message):
     model.apply(params, args["tokens"], args["block_ids"], args["positions"])
+
+
+def test_traced_inputs_skip_the_value_checks_but_eager_calls_do_not(tiny):
+  model, params = tiny
+  tokens, ids = jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32)
+  jax.jit(model.apply)(params, tokens, ids)  # traced: values unknown, no check
+  with pytest.raises(ValueError, match="block ids must be >= 1"):
+    model.apply(params, tokens, ids)
+
+
+# -- the leaner forward and the chunked prefix aggregation (issue 12) -----------------
+
+def full_two_stream_forward(module, tokens, block_ids):
+  """The formulation before issue 12, kept as the reference: dense prefix aggregation
+  and every two-stream layer (the last one included) runs content and query rows."""
+  from armd_jax.models import prefix
+  cfg = module.config
+  batch, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+  x0, pe = module.embed(tokens, positions)
+  bos_x0, bos_pe = module.bos(batch)
+  x = jnp.concatenate([bos_x0, x0], axis=1)
+  ctx_pe = jnp.concatenate([bos_pe, pe], axis=1)
+  ctx_ids = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), block_ids], axis=1)
+  rope = positions + 1
+  ctx_rope = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), rope], axis=1)
+  aggregate, count = prefix.prefix_aggregate_dense(pe, block_ids, ctx_pe, x, ctx_ids)
+  g = module.query_stream_init(aggregate, count, pe)
+  both_ids = jnp.concatenate([ctx_ids, block_ids - 1], axis=1)
+  both_rope = jnp.concatenate([ctx_rope, rope], axis=1)
+  for layer in module.layers[:cfg.num_two_stream_layers]:
+    both = layer(jnp.concatenate([x, g], axis=1), both_rope, both_ids, kv_len=length + 1)
+    x, g = both[:, :length + 1], both[:, length + 1:]
+  for layer in module.layers[cfg.num_two_stream_layers:]:
+    g = layer(g, rope, block_ids)
+  return module.logits(g)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("n2s", [1, 2])
+def test_lean_forward_gives_the_logits_of_the_full_two_stream_forward(attention, n2s):
+  model, params = init_model(tiny_config(num_two_stream_layers=n2s, **attention),
+                             length=LENGTH)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, LENGTH), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, LENGTH)
+  lean = np.asarray(model.apply(params, tokens, ids))
+  full = np.asarray(model.apply(params, tokens, ids, method=full_two_stream_forward))
+  assert np.abs(lean - full).max() <= 1e-6 * np.abs(full).max()
+
+
+def test_the_lean_check_catches_a_forward_that_drops_the_last_content_layer(tiny):
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, 8)
+  full = np.asarray(model.apply(params, tokens, ids, method=full_two_stream_forward))
+  shallower = init_model(tiny_config(num_two_stream_layers=1))[0]  # same parameter tree
+  wrong = np.asarray(shallower.apply(params, tokens, ids))
+  assert np.abs(wrong - full).max() > 1e-3 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16, 64])
+@pytest.mark.parametrize("blocks", ["singletons", "ties", "one_block", "long_blocks"])
+def test_chunked_prefix_aggregation_equals_the_dense_one(chunk, blocks):
+  from armd_jax.models import prefix
+  batch, length, p, d = 3, 23, 5, 6  # 23 rows: the last chunk is padded
+  rng = np.random.default_rng(chunk)
+  steps = {"singletons": length, "ties": 6, "one_block": 1, "long_blocks": 2}[blocks]
+  ids = rng.integers(1, steps + 1, (batch, length))
+  if blocks == "singletons":
+    ids = np.stack([rng.permutation(length) + 1 for _ in range(batch)])
+  ids = np.sort(ids, axis=1)  # generation order of a random order
+  ids[:, 0] = 0  # the start row
+  pe = jnp.asarray(rng.normal(size=(batch, length, p)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
+  ids = jnp.asarray(ids, jnp.int32)
+  dense, dense_count = prefix.prefix_aggregate_dense(pe, ids, pe, x, ids)
+  chunked, count = prefix.prefix_aggregate_chunked(pe, x, ids, chunk)
+  np.testing.assert_array_equal(count, dense_count)
+  np.testing.assert_allclose(chunked, dense, rtol=1e-5, atol=1e-5 * float(jnp.abs(dense).max()))
+
+
+def test_chunked_prefix_aggregation_excludes_the_own_block_across_chunks():
+  from armd_jax.models import prefix
+  ids = jnp.array([[0, 1, 1, 1, 1, 1, 2]])  # block 1 spans three chunks of 2
+  x = jnp.arange(1.0, 8.0)[None, :, None]
+  pe = jnp.ones((1, 7, 1))
+  aggregate, count = prefix.prefix_aggregate_chunked(pe, x, ids, chunk=2)
+  np.testing.assert_array_equal(count[0], [0, 1, 1, 1, 1, 1, 6])
+  np.testing.assert_array_equal(aggregate[0, :, 0], [0, 1, 1, 1, 1, 1, 21])
+
+
+def test_prefix_mean_is_exact_in_float32_above_256_tokens():
+  from armd_jax.models import prefix
+  mean = prefix.prefix_mean(jnp.full((1, 1, 2), 257.0), jnp.array([[257]]))
+  assert mean.dtype == jnp.float32
+  np.testing.assert_array_equal(mean, 1.0)  # a bfloat16 count would be 256
+
+
+def test_bfloat16_model_with_chunked_prefix_matches_dense_prefix():
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(1), 2, 12)
+  out = [init_model(tiny_config(dtype="bfloat16", **extra), length=12)
+         for extra in ({}, CHUNKED)]
+  dense = out[0][0].apply(out[0][1], tokens, ids)
+  chunked = out[1][0].apply(out[0][1], tokens, ids)
+  np.testing.assert_allclose(chunked, dense, atol=0.1)
+
+
+def test_auto_attention_resolves_by_backend_and_tile_sizes_are_validated():
+  assert tiny_config(attention="auto").attention_implementation == (
+      "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla")
+  assert tiny_config(attention="pallas").prefix_implementation == "chunked"
+  assert tiny_config(attention="xla").prefix_implementation == "dense"
+  with pytest.raises(ValueError, match="pallas_block_kv=12 must be a multiple of 8"):
+    tiny_config(pallas_block_kv=12)
+  with pytest.raises(ValueError, match="prefix_aggregation"):
+    tiny_config(prefix_aggregation="sparse")

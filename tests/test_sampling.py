@@ -56,6 +56,20 @@ def test_cached_scores_equal_one_pass_log_probs_for_other_architectures(override
   np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attention", [
+    pytest.param(dict(attention="auto"), id="auto"),
+    pytest.param(dict(prefix_aggregation="chunked", prefix_chunk=4), id="xla-chunked-prefix"),
+    pytest.param(dict(attention="pallas", pallas_interpret=True, pallas_block_q=8,
+                      pallas_block_kv=8, prefix_chunk=4), id="pallas"),
+])
+def test_cached_scores_equal_one_pass_log_probs_with_every_attention(attention):
+  model, params = init_model(tiny_config(**attention))
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, N), 0, model.config.vocab_size)
+  ids = make_order("multi_token_blocks", 2, N)
+  want = token_log_probs(model.apply(params, tokens, ids), tokens)
+  np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
+
+
 def test_cached_scores_equal_one_pass_log_probs_at_shifted_positions(tiny):
   model, params = tiny
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, N), 0, model.config.vocab_size)

@@ -10,7 +10,11 @@ Conventions (ours, where the paper is silent):
   real tokens use RoPE position `positions + 1`. It is visible to everything and never
   a target, so the first block has a non-empty context.
 - Prefix aggregation is normalised by the number of visible tokens (BOS included,
-  so never zero): `G0[n] = LN(sum_{i: b_i < b_n} <PE[p_n], PE[p_i]> X0[i] / count_n)`.
+  so never zero): `G0[n] = LN(sum_{i: b_i < b_n} <PE[p_n], PE[p_i]> X0[i] / count_n)`,
+  the mean taken in float32. It is computed densely or, in generation order, as a
+  chunked linear attention with O(N) memory (`armd_jax.models.prefix`).
+- The last two-stream layer runs only the query stream (plus the content rows' K/V):
+  its content output is never read.
   This is a mean, so activations stay bounded at any length, and it is permutation
   equivariant. `query_init='prefix_plus_position'` adds `Dense(PE[p_n])` after the
   LayerNorm (the spec section 8 variant that narrowed the gap to a GPT).
@@ -24,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from armd_jax.models import prefix
 from armd_jax.models.config import ModelConfig
 from armd_jax.models.layers import (ACTIVATION, Block, dense_init, layer_norm, output_head,
                                     start_embedding, token_embedding, vocab_logits)
@@ -75,10 +80,10 @@ class ARMD(nn.Module):
                         q_pe: jax.Array) -> jax.Array:
     """G0 [B, Nq, D] from a prefix sum `aggregate` [B, Nq, D] over `count` [B, Nq] tokens.
 
-    `aggregate[n] = sum_{visible i} <q_pe[n], PE_i> X0_i`; count >= 1 (BOS).
+    `aggregate[n] = sum_{visible i} <q_pe[n], PE_i> X0_i`; count >= 1 (BOS). The mean is
+    taken in float32 whatever the compute dtype (a bfloat16 count rounds above 256).
     """
-    mean = aggregate / jnp.maximum(count, 1).astype(aggregate.dtype)[..., None]
-    g0 = self.query_norm(mean)
+    g0 = self.query_norm(prefix.prefix_mean(aggregate, count).astype(self.config.compute_dtype))
     if self.config.query_init == "prefix_plus_position":
       g0 = g0 + self.position_proj(q_pe)
     return g0
@@ -92,11 +97,13 @@ class ARMD(nn.Module):
   def __call__(self, tokens: jax.Array, block_ids: jax.Array,
                positions: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
     tokens, block_ids, positions = check_inputs(self.config, tokens, block_ids, positions)
-    if self.config.attention != "pallas":
+    cfg = self.config
+    if cfg.attention_implementation != "pallas" and cfg.prefix_implementation != "chunked":
       return self._forward(tokens, block_ids, positions, deterministic)
-    # Kernel path: run in generation order (stable sort by block id; positions travel
-    # with the tokens, so RoPE and PE are unchanged) so that the id masks become block
-    # lower-triangular and the kernel skips empty tiles; equivariance makes it exact.
+    # Kernel / chunked path: run in generation order (stable sort by block id; positions
+    # travel with the tokens, so RoPE and PE are unchanged) so that the id masks become
+    # block lower-triangular (the kernel skips empty tiles) and the prefix aggregation
+    # is a chunked cumulative sum; equivariance makes it exact.
     order, inverse = generation_order(block_ids)
     take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
     logits = self._forward(take(tokens), take(block_ids), take(positions), deterministic)
@@ -104,7 +111,8 @@ class ARMD(nn.Module):
 
   def _forward(self, tokens: jax.Array, block_ids: jax.Array, positions: jax.Array,
                deterministic: bool) -> jax.Array:
-    """The network on validated inputs [B, N], in whatever order they are given."""
+    """The network on validated inputs [B, N] (in generation order when the prefix
+    aggregation is chunked)."""
     cfg = self.config
     batch, length = tokens.shape
 
@@ -117,25 +125,32 @@ class ARMD(nn.Module):
     ctx_rope = jnp.concatenate([jnp.zeros((batch, 1), rope.dtype), rope], axis=1)
 
     # Prefix aggregation: linear attention of the targets' PE over strictly earlier blocks.
-    visible = ctx_ids[:, None, :] < block_ids[:, :, None]  # [B, N, N+1]
-    weights = jnp.einsum("bnp,bip->bni", pe, ctx_pe, preferred_element_type=jnp.float32)
-    weights = jnp.where(visible, weights, 0.0).astype(x.dtype)
-    aggregate = jnp.einsum("bni,bid->bnd", weights, x, preferred_element_type=jnp.float32)
-    g = self.query_stream_init(aggregate.astype(x.dtype), visible.sum(-1), pe)  # [B, N, D]
+    if cfg.prefix_implementation == "chunked":  # rows sorted; BOS (id 0) stays first
+      aggregate, count = prefix.prefix_aggregate_chunked(ctx_pe, x, ctx_ids, cfg.prefix_chunk)
+      aggregate, count = aggregate[:, 1:], count[:, 1:]
+    else:
+      aggregate, count = prefix.prefix_aggregate_dense(pe, block_ids, ctx_pe, x, ctx_ids)
+    g = self.query_stream_init(aggregate, count, pe)  # [B, N, D]
     g = nn.with_logical_constraint(g, ACTIVATION)
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     # Two-stream lower half: content rows (ids b) and query rows (ids b - 1) in one call,
-    # keys and values from the content rows only, weights shared.
+    # keys and values from the content rows only, weights shared. The last two-stream
+    # layer's content output is never read, so it only contributes its K/V there.
+    num_lower = cfg.num_two_stream_layers
     both_ids = jnp.concatenate([ctx_ids, block_ids - 1], axis=1)  # [B, 2N+1]
     both_rope = jnp.concatenate([ctx_rope, rope], axis=1)
-    for layer in self.layers[:cfg.num_two_stream_layers]:
+    for layer in self.layers[:max(num_lower - 1, 0)]:
       both = layer(jnp.concatenate([x, g], axis=1), both_rope, both_ids, kv_len=length + 1,
                    deterministic=deterministic)
       x, g = both[:, :length + 1], both[:, length + 1:]
+    if num_lower:
+      last = self.layers[num_lower - 1]
+      k, v = last.keys_values(x, ctx_rope)  # [B, N+1, H, Dh]
+      g = last.attend(g, rope, block_ids - 1, k, v, ctx_ids, deterministic=deterministic)
 
     # Causal upper half on the query stream alone (inclusive mask stays strictly causal).
-    for layer in self.layers[cfg.num_two_stream_layers:]:
+    for layer in self.layers[num_lower:]:
       g = layer(g, rope, block_ids, deterministic=deterministic)
     return self.logits(g)
 
@@ -155,7 +170,16 @@ def generation_order(block_ids: jax.Array) -> Tuple[jax.Array, jax.Array]:
 
 def check_inputs(config: ModelConfig, tokens: jax.Array, block_ids: jax.Array,
                  positions: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Validates static shapes and dtypes; fills default positions arange(N)."""
+  """Validates shapes and dtypes, and the values of concrete inputs; fills default
+  positions arange(N).
+
+  Block ids must be >= 1 (id 0 is the start token's: a real token with id <= 0 would
+  hide BOS from its block and break generation order) and positions must lie in
+  [0, max_len) (the PE table would read out-of-range rows). These value checks run
+  whenever the arrays are concrete (eager `model.apply`, the samplers, the losses
+  called outside jit). Under `jax.jit` the values are traced and cannot be checked
+  without a device sync: validate them before the jitted call (`check_values`).
+  """
   tokens = jnp.asarray(tokens)
   block_ids = jnp.asarray(block_ids)
   if tokens.ndim != 2:
@@ -175,4 +199,22 @@ def check_inputs(config: ModelConfig, tokens: jax.Array, block_ids: jax.Array,
   if positions.shape != tokens.shape or not jnp.issubdtype(positions.dtype, jnp.integer):
     raise ValueError(f"positions must be an integer array of shape {tokens.shape}, got "
                      f"{positions.dtype}{list(positions.shape)}.")
+  check_values(config, block_ids, positions)
   return tokens.astype(jnp.int32), block_ids.astype(jnp.int32), positions.astype(jnp.int32)
+
+
+def check_values(config: ModelConfig, block_ids, positions=None) -> None:
+  """Raises ValueError if concrete block ids are < 1 or positions outside [0, max_len).
+
+  Traced arrays (inside jit / grad / vmap) are skipped: their values are unknown.
+  """
+  if not isinstance(block_ids, jax.core.Tracer):
+    low = int(jnp.min(block_ids)) if jnp.size(block_ids) else 1
+    if low < 1:
+      raise ValueError(f"block ids must be >= 1 (0 is the start token's), got a minimum of "
+                       f"{low}.")
+  if positions is not None and not isinstance(positions, jax.core.Tracer) and jnp.size(positions):
+    low, high = int(jnp.min(positions)), int(jnp.max(positions))
+    if low < 0 or high >= config.max_len:
+      raise ValueError(f"positions must lie in [0, ModelConfig.max_len={config.max_len}), got "
+                       f"range [{low}, {high}].")

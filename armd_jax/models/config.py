@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
+PREFIX_AGGREGATIONS = ("auto", "dense", "chunked")
 QUERY_INITS = ("prefix", "prefix_plus_position")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -40,13 +42,21 @@ class ModelConfig:
     dropout_rate: residual dropout on attention and MLP outputs (training only).
     dtype: compute dtype ('float32' / 'bfloat16' or a jnp dtype); params stay float32
       and logits are returned in float32.
-    attention: 'xla' (reference, materialises the id mask) or 'pallas' (kernel).
+    attention: 'xla' (reference, materialises the id mask), 'pallas' (kernel) or
+      'auto' (Pallas on TPU / GPU, XLA on CPU; resolved when the model is traced, see
+      `attention_implementation`).
     pallas_block_q: query tile of the Pallas kernel (multiple of 128 on TPU, power of
-      two >= 16 on GPU, multiple of 8 in interpret mode).
+      two >= 16 on GPU, multiple of 8 in interpret mode); passed to the kernel entry
+      point `armd_jax.kernels.block_causal_attention` as `BlockSizes`.
     pallas_block_kv: key tile of the Pallas kernel (same constraints).
     pallas_interpret: run the Pallas kernel under the Pallas interpreter (CPU tests;
       on CPU 'pallas' is always interpreted).
     d_pe: width of the prefix-aggregation position table.
+    prefix_aggregation: how G0 is computed: 'dense' (materialises a [B, N, N+1] weight
+      tensor), 'chunked' (linear attention in generation order, O(N) memory; the
+      model sorts by block id first) or 'auto' (chunked on the Pallas path, dense
+      otherwise). See `armd_jax.models.prefix`.
+    prefix_chunk: rows per chunk of the chunked prefix aggregation.
     query_init: how the query stream starts. 'prefix' is the spec's prefix aggregation
       (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
       learned projection of the target position's PE row (spec section 8 ablation).
@@ -70,6 +80,8 @@ class ModelConfig:
   pallas_block_kv: int = 128
   pallas_interpret: bool = False
   d_pe: int = 64
+  prefix_aggregation: str = "auto"
+  prefix_chunk: int = 256
   query_init: str = "prefix_plus_position"
   tie_embeddings: bool = True
   rope_base: float = 10_000.0
@@ -79,7 +91,7 @@ class ModelConfig:
     if self.num_two_stream_layers is None:
       object.__setattr__(self, "num_two_stream_layers", self.num_layers // 2)
     _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
-              "max_len", "d_pe", "pallas_block_q", "pallas_block_kv")
+              "max_len", "d_pe", "pallas_block_q", "pallas_block_kv", "prefix_chunk")
     if self.d_model % self.num_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide "
                        f"ModelConfig.d_model={self.d_model}.")
@@ -97,6 +109,13 @@ class ModelConfig:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")
+    for name in ("pallas_block_q", "pallas_block_kv"):
+      if getattr(self, name) % 8:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be a multiple of 8 "
+                         "(Pallas tiles: multiples of 128 on TPU, powers of two >= 16 on GPU).")
+    if self.prefix_aggregation not in PREFIX_AGGREGATIONS:
+      raise ValueError(f"ModelConfig.prefix_aggregation must be one of {PREFIX_AGGREGATIONS}, "
+                       f"got {self.prefix_aggregation!r}.")
     if self.query_init not in QUERY_INITS:
       raise ValueError(f"ModelConfig.query_init must be one of {QUERY_INITS}, "
                        f"got {self.query_init!r}.")
@@ -105,6 +124,20 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def attention_implementation(self) -> str:
+    """'xla' or 'pallas': `attention` with 'auto' resolved by the default backend."""
+    if self.attention != "auto":
+      return self.attention
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+
+  @property
+  def prefix_implementation(self) -> str:
+    """'dense' or 'chunked': `prefix_aggregation` with 'auto' resolved."""
+    if self.prefix_aggregation != "auto":
+      return self.prefix_aggregation
+    return "chunked" if self.attention_implementation == "pallas" else "dense"
 
   @property
   def compute_dtype(self) -> Any:

@@ -142,7 +142,7 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, HEADS_ACTIVATION)
     cfg = self.config
     y = kernels.block_causal_attention(
-        q, k, v, ids, kv_ids, implementation=cfg.attention, interpret=cfg.pallas_interpret,
+        q, k, v, ids, kv_ids, implementation=cfg.attention_implementation, interpret=cfg.pallas_interpret,
         block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
     return self.out(y)
 

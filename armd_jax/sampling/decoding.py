@@ -301,7 +301,7 @@ def _query_stream(m, state, ids, pos, q_pe, aggregate, count, start, valid, unif
   cfg = m.config
   num_lower = cfg.num_two_stream_layers
   rope = pos + 1  # BOS sits at RoPE position 0
-  g = m.query_stream_init(aggregate.astype(cfg.compute_dtype), count, q_pe)  # [B, W, D]
+  g = m.query_stream_init(aggregate, count, q_pe)  # [B, W, D]; mean in float32
   for l in range(num_lower):  # strict: query id = block - 1
     g = _attend(m.layers[l], g, rope, ids - 1, state["content_k"][l], state["content_v"][l],
                 content_ids)
