@@ -225,9 +225,9 @@ def _attend(layer, x: jax.Array, rope: jax.Array, ids: jax.Array, cache_k: jax.A
   The same layer (its norm, projections, MLP and residuals) and the same attention math
   as the kernels' reference (float32 scores scaled by 1/sqrt(Dh), query n sees row i iff
   kv_ids[i] <= ids[n], a row with nothing visible gives zeros); only the layout differs:
-  the matmuls batch over (B, H) on the cache as stored. On CPU this matters: the
-  reference's [B, R, H, Dh] layout made every multi-token call transpose the whole cache
-  into a slow batched product (benchmarks/sampling_speed.py, docs/sampling.md).
+  the matmuls batch over (B, H) on the cache as stored, with no per-call transpose of it.
+  (On XLA:CPU a call of W >= 2 queries still costs ~7x a single-query one, in this and
+  the reference layout alike: benchmarks/decode_attention.py, docs/sampling.md.)
   """
   cfg = layer.config
   h = layer.ln_attn(x)
