@@ -182,7 +182,7 @@ def test_repeated_generation_reuses_one_compiled_decoder(tiny):
   model, params = tiny
   for seed in range(3):
     sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2)
-  key = (model, SamplerConfig(), ((1, 2), (2, 5), True), B, N, "cached")
+  key = (model, SamplerConfig(), ((1, 2), (2, 5), 0, True), B, N, "cached")  # 0: no prefill
   assert decode_lib.TRACE_COUNTS[key] == 1
 
 
