@@ -4,10 +4,17 @@
 
 Parses the config file (ml-collections `config_flags`; unknown `--config.*` overrides
 fail with a message naming them), logs the devices, and calls
-`armd_jax.train.train_and_evaluate(config, workdir)`. On several hosts, set
-`--jax_distributed` (or call `jax.distributed.initialize()` via the launch scripts).
+`armd_jax.train.train_and_evaluate(config, workdir)`.
+
+Several processes (hosts): start the same command on each with `--jax_distributed`
+(what `launch/train_multihost.sh` does). `jax.distributed.initialize` then finds the
+coordinator from the cluster (TPU VM metadata, SLURM, ...) or from the environment:
+JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (set all three
+for a plain cluster or several processes on one machine). On CPU, collectives across
+processes use gloo.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +38,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**distributed_args(os.environ))
   print(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s); "
         f"process {jax.process_index()} of {jax.process_count()}.", flush=True)
   try:
@@ -40,6 +48,32 @@ def main(argv):
     if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback
       raise
     sys.exit(f"error: {e}\n(add --verbosity=0 for the traceback)")
+
+
+def distributed_args(environ) -> dict:
+  """`jax.distributed.initialize` arguments from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID; empty where unset (cluster auto-detection).
+
+  jax reads the coordinator address from the environment itself but not the number of
+  processes or the process id, so without this a plain multi-process launch fails with
+  "Number of processes must be defined".
+  """
+  args = {}
+  for name, key in (("JAX_COORDINATOR_ADDRESS", "coordinator_address"),
+                    ("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    value = environ.get(name, "").strip()
+    if not value:
+      continue
+    if key != "coordinator_address":
+      try:
+        value = int(value)
+      except ValueError:
+        sys.exit(f"error: {name}={value!r} must be an integer.")
+    args[key] = value
+  if ("num_processes" in args) != ("process_id" in args):
+    sys.exit("error: set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let "
+             "jax.distributed detect the cluster).")
+  return args
 
 
 def parse_flags(argv):

@@ -8,7 +8,10 @@ Order: progressive permutation, i_AR = 100K, i_perm = 300K, rho = 8 [paper].
 Optimiser (unpublished; MDLM defaults): AdamW 3e-4, 2.5K warmup, constant, EMA 0.9999,
 dropout 0.1; batch 512; bf16 compute.
 Expected result [paper]: test perplexity 23.64 after 300K steps, 22.36 after 1M
-(exact left-to-right NLL); needs accelerators (e.g. a v4-32 TPU slice or 8 GPUs).
+(exact left-to-right NLL); needs accelerators.
+Mesh: target slice TPU v5e-16 (16 chips): FSDP over every chip, mesh (data 1, fsdp 16,
+tensor 1), 'fsdp' rule table; `(1, -1, 1)` takes any device count dividing 512 (e.g. 8
+GPUs).
 
 Command:
   python -m armd_jax.main --config=configs/lm1b_small.py --workdir=$WORKDIR
@@ -52,6 +55,9 @@ def get_config():
   c.train.log_every = 100  # progress line every 100 steps
   c.train.eval_every = 10_000  # validation every 10K steps
   c.train.checkpoint_every = 5_000  # checkpoints every 5K steps
+
+  c.mesh.shape = (1, -1, 1)  # v5e-16: FSDP over all 16 chips (data, fsdp, tensor)
+  c.mesh.rule_table = "fsdp"  # weights split over 'fsdp', batch over data x fsdp
 
   c.eval.num_batches = 0  # the whole test split
 

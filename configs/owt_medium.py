@@ -1,10 +1,13 @@
 """owt_medium: the paper's OpenWebText GPT-2-medium setting for ARMD.
 
 Same data, order schedule and optimiser as `owt_small` (see there); the model is GPT-2
-medium: 24 layers (12 two-stream), width 1024, 16 heads, MLP 4096, with 4-way tensor
-parallelism over the 'model' mesh axis by default.
+medium: 24 layers (12 two-stream), width 1024, 16 heads, MLP 4096.
+Mesh: target slice TPU v5p-128 (64 chips, 128 TensorCores): FSDP x 4-way tensor
+parallelism, mesh (data 1, fsdp 16, tensor 4) with the 'fsdp_tensor' rule table (heads,
+MLP and vocabulary over 'tensor', the embed dimension over 'fsdp'); `(1, -1, 4)` takes
+any device count that is a multiple of 4 and divides 4 x 512.
 Expected result: better than owt_small at equal steps (the paper reports the medium
-model in its generative-perplexity study); needs e.g. 16+ A100/H100 or a TPU v4-128.
+model in its generative-perplexity study).
 
 Command:
   python -m armd_jax.main --config=configs/owt_medium.py --workdir=$WORKDIR
@@ -28,5 +31,6 @@ def get_config():
   c.model.num_two_stream_layers = 12  # ... the lower 12 two-stream
   c.model.num_heads = 16  # head dim 64
   c.model.mlp_dim = 4096  # 4x width
-  c.mesh.shape = (-1, 4)  # 4-way tensor parallelism (heads, MLP, vocabulary)
+  c.mesh.shape = (1, -1, 4)  # v5p-128: fsdp 16 x tensor 4 (heads, MLP, vocabulary)
+  c.mesh.rule_table = "fsdp_tensor"  # weights over fsdp (embed) and tensor
   return c

@@ -8,7 +8,10 @@ Optimiser (unpublished; MDLM defaults): AdamW 3e-4, 2.5K warmup, constant, EMA 0
 batch 512; bf16 compute.
 Expected result [paper], after 400K steps: zero-shot perplexity WikiText2 35.64,
 WikiText103 35.15, 1BW 52.94, PTB 123.43, LAMBADA 45.35; generative perplexity ~36.5
-sequential. Needs accelerators (e.g. 8-16 A100/H100 or a TPU v4-64 slice).
+sequential. Needs accelerators.
+Mesh: target slice TPU v5e-64 (64 chips): FSDP over every chip, mesh (data 1, fsdp 64,
+tensor 1) with the 'fsdp' rule table (parameters, Adam moments and EMA split over
+'fsdp'); the same `(1, -1, 1)` takes any device count dividing the batch of 512.
 
 Command:
   python -m armd_jax.main --config=configs/owt_small.py --workdir=$WORKDIR
@@ -53,7 +56,8 @@ def get_config():
   c.train.eval_every = 10_000  # validation every 10K steps
   c.train.checkpoint_every = 5_000  # checkpoints every 5K steps
 
-  c.mesh.shape = (-1, 1)  # data parallel; e.g. (-1, 4) adds 4-way tensor parallelism
+  c.mesh.shape = (1, -1, 1)  # v5e-64: FSDP over all 64 chips (data, fsdp, tensor)
+  c.mesh.rule_table = "fsdp"  # weights split over 'fsdp', batch over data x fsdp
 
   c.eval.num_batches = 100  # 100 x 512 x 1024 held-out tokens
 

@@ -164,15 +164,19 @@ def test_iterator_restored_by_orbax_with_the_train_state_yields_the_same_batches
   manager.close()
 
 
-def test_two_processes_shards_are_disjoint_and_cover_every_example(tmp_path):
+def test_two_processes_shards_are_disjoint_and_assemble_the_one_process_batches(tmp_path):
   examples = id_examples(40)
-  seen = []
-  for process_index in range(2):
-    ds = pipeline.train_dataset(examples, local_batch_size=4, seed=0,
-                                process_index=process_index, process_count=2)
-    ids = sum((batch_ids(ds[i]) for i in range(5)), [])  # one epoch: 20 examples
-    assert sorted(ids) == list(range(process_index, 40, 2))
-    seen.append(set(ids))
+  one = pipeline.train_dataset(examples, local_batch_size=8, seed=0, process_index=0,
+                               process_count=1)
+  two = [pipeline.train_dataset(examples, local_batch_size=4, seed=0, process_index=p,
+                                process_count=2) for p in range(2)]
+  seen = [set(), set()]
+  for i in range(5):  # one epoch: 5 global batches of 8
+    parts = [batch_ids(ds[i]) for ds in two]
+    assert not set(parts[0]) & set(parts[1])  # disjoint within every step
+    assert parts[0] + parts[1] == batch_ids(one[i])  # = the 1-process global batch
+    for p in range(2):
+      seen[p].update(parts[p])
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(40))
 

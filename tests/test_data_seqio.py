@@ -132,3 +132,98 @@ def test_hub_tokenizer_names_without_transformers_raise_a_clear_error():
     pass
   with pytest.raises(ImportError, match="hf_tokenizer='gpt2'"):
     data.HuggingFaceVocabulary("gpt2")
+
+
+REGISTRY = '''
+import functools
+import seqio
+import tensorflow as tf
+
+LINES = {lines!r}
+
+
+def dataset_fn(split, shuffle_files, seed=None):
+  del shuffle_files, seed
+  return tf.data.Dataset.from_tensor_slices({{"text": LINES[split]}})
+
+
+seqio.TaskRegistry.add(
+    "armd_test_registered_lines",
+    source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
+    preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={{"targets": "text"}}),
+                   seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+    output_features={{"targets": seqio.Feature(seqio.ByteVocabulary(), add_eos=True)}})
+seqio.MixtureRegistry.add("armd_test_mixture", [("armd_test_registered_lines", 1.0)])
+'''
+
+
+LINES = {"train": [f"registered line {i}: the cat sees a dog." for i in range(60)],
+         "validation": [f"held out {i}." for i in range(6)]}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+  """A user's registry module (a .py file, imported once per process) over test lines."""
+  path = tmp_path_factory.mktemp("registry") / "my_tasks.py"
+  path.write_text(REGISTRY.format(lines=LINES))
+  return str(path)
+
+
+@pytest.mark.parametrize("name", ["armd_test_registered_lines", "armd_test_mixture"])
+def test_a_registered_seqio_task_is_a_training_source(tmp_path, registry, name):
+  module, lines = registry, LINES
+  c = config(task=f"seqio:{name}", seqio_module=module)
+  ds = data.create_datasets(c, seq_len=16, global_batch_size=4, workdir=str(tmp_path / "run"),
+                            seed=0)
+  vocab = data.ByteVocabulary()
+  assert ds.vocab.vocab_size == 259 and ds.vocab.eos_id == vocab.eos_id
+  expected = {split: sum((vocab.encode(t) + [vocab.eos_id] for t in texts), [])
+              for split, texts in lines.items()}
+  np.testing.assert_array_equal(np.asarray(ds.train_examples.tokens), expected["train"])
+  np.testing.assert_array_equal(np.asarray(ds.eval_examples.tokens), expected["validation"])
+  assert ds.vocab.decode(next(ds.train_iter)["tokens"][0]).strip()  # real text
+  # Two processes: disjoint rows that together are the one-process batch.
+  parts = [next(data.create_datasets(c, seq_len=16, global_batch_size=4,
+                                     workdir=str(tmp_path / "run"), seed=0, process_index=p,
+                                     process_count=2).train_iter)["tokens"] for p in range(2)]
+  one = next(data.create_datasets(c, seq_len=16, global_batch_size=4,
+                                  workdir=str(tmp_path / "run"), seed=0).train_iter)["tokens"]
+  np.testing.assert_array_equal(np.concatenate(parts), one)
+
+
+def test_unregistered_seqio_names_and_text_vocabularies_are_clear_errors(tmp_path, registry):
+  module = registry
+  with pytest.raises(ValueError, match="no seqio Task or Mixture 'nope'"):
+    data.create_datasets(config(task="seqio:nope", seqio_module=module), seq_len=16,
+                         global_batch_size=4, workdir=str(tmp_path), seed=0)
+  with pytest.raises(ValueError, match="brings its own vocabulary"):
+    data.DataConfig.from_config(config(task="seqio:x", vocab="byte"))
+  with pytest.raises(ValueError, match="config.data.task"):
+    data.DataConfig.from_config(config(task="seqio:"))
+
+
+def test_training_on_a_seqio_task_checkpoints_its_iterator_position(tmp_path, registry):
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  from armd_jax import train  # pylint: disable=g-import-not-at-top
+  from armd_jax.train.defaults import config_from_file  # pylint: disable=g-import-not-at-top
+
+  module = registry
+  c = config_from_file("configs/tiny.py")
+  c.data.task = "seqio:armd_test_registered_lines"
+  c.data.seqio_module = module
+  c.train.num_steps = 3
+  c.train.checkpoint_every = 3
+  c.train.eval_every = 0
+  c.eval.num_batches = 1
+  workdir = str(tmp_path / "run")
+  metrics = train.train_and_evaluate(c, workdir)
+  assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["eval/nll"])
+  saved = glob.glob(f"{workdir}/checkpoints/3/data/*process*")
+  assert len(saved) == 1
+  ds = data.create_datasets(c.data, seq_len=16, global_batch_size=8, workdir=workdir, seed=0)
+  for _ in range(3):
+    next(ds.train_iter)
+  with open(saved[0]) as f:
+    assert json.load(f) == json.loads(json.dumps(ds.train_iter.get_state()))

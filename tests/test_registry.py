@@ -103,7 +103,7 @@ def test_the_train_step_recompile_guard_rejects_a_batch_of_another_shape():
   from armd_jax.train import partitioning
   from armd_jax.train import state as state_lib
   model = armd_jax.build_model(tiny_config(vocab_size=259))
-  mesh = partitioning.make_mesh(typed.MeshConfig(shape=(1, 1)), jax.devices()[:1])
+  mesh = partitioning.make_mesh(typed.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
   optim = typed.OptimConfig(ema_decay=0.5)
   state, shardings = state_lib.create_train_state(model, optim, 10, 8, 0, mesh, rules)

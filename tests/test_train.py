@@ -194,7 +194,7 @@ def test_the_train_step_compiles_once_and_advances_the_step():
   config.model.vocab_size = 259
   settings = settings_from(config)
   model = build_model(model_config_from(config))
-  mesh = partitioning.make_mesh(MeshConfig(shape=(1, 1)), jax.devices()[:1])
+  mesh = partitioning.make_mesh(MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
   state, shardings = state_lib.create_train_state(model, settings.optim, 60, 16, 0, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)

@@ -1,6 +1,7 @@
-"""A 2x4 (data x model) mesh of 8 simulated CPU devices trains like one device.
+"""Every rule table on 8 simulated CPU devices trains like one device, and a run trained
+on a mesh loads on one device.
 
-Runs in a subprocess because `--xla_force_host_platform_device_count=8` must be set
+Runs in subprocesses because `--xla_force_host_platform_device_count=8` must be set
 before JAX starts.
 """
 
@@ -25,20 +26,23 @@ SCRIPT = textwrap.dedent("""
 
     spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
-    config = module.get_config()
-    config.model.vocab_size = 259  # not divisible by 4: the embedding stays replicated
-    config.model.num_heads = 4
-    config.model.dropout_rate = 0.1  # dropout masks must not depend on the sharding
-    settings = settings_from(config)
-    model = build_model(model_config_from(config))
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 259, (8, 16)).astype(np.int32),
              "mask": np.ones((8, 16), np.int32)}
     batch["mask"][3, 10:] = 0
 
-    def run(shape, devices):
-      mesh = partitioning.make_mesh(MeshConfig(shape=shape), devices)
-      rules = partitioning.DEFAULT_RULES
+    def run(shape, table, devices, attention="xla"):
+      config = module.get_config()
+      config.model.vocab_size = 259  # not divisible by 2 or 4: the vocab dim stays whole
+      config.model.num_heads = 4
+      config.model.dropout_rate = 0.1  # dropout masks must not depend on the sharding
+      config.model.attention = attention
+      config.model.pallas_block_q = config.model.pallas_block_kv = 8
+      settings = settings_from(config)
+      model = build_model(model_config_from(config))
+      mesh = partitioning.make_mesh(MeshConfig(shape=shape, rule_table=table), devices)
+      rules = partitioning.RULE_TABLES[table]
+      partitioning.check_mesh(mesh, rules)
       state, shardings = state_lib.create_train_state(model, settings.optim, 100, 16, 0, mesh,
                                                       rules)
       bs = partitioning.batch_sharding(mesh, rules)
@@ -52,55 +56,79 @@ SCRIPT = textwrap.dedent("""
       mu = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
             if "mu" in jax.tree_util.keystr(path) and "layer_0']['mlp']['wi']['kernel"
             in jax.tree_util.keystr(path)]
-      specs = {"mlp": list(p["layer_0"]["mlp"]["wi"]["kernel"].sharding.spec),
-               "embedding": list(p["embedding"]["embedding"].sharding.spec),
-               "adam_mu_mlp": list(mu[0].sharding.spec)}
-      leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-      return losses, leaves, specs, list(bs.spec), hlo.count("sharding_constraint")
+      spec = lambda x: [a if a is None or isinstance(a, str) else list(a)
+                        for a in x.sharding.spec]
+      specs = {"mlp": spec(p["layer_0"]["mlp"]["wi"]["kernel"]),
+               "query": spec(p["layer_0"]["attn"]["query"]["kernel"]),
+               "embedding": spec(p["embedding"]["embedding"]),
+               "adam_mu_mlp": spec(mu[0]), "ema_mlp": spec(
+                   state.ema_params["params"]["layer_0"]["mlp"]["wi"]["kernel"]),
+               "batch": [list(bs.spec[0])] + list(bs.spec[1:])}
+      leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+      return {"losses": losses, "leaves": leaves, "specs": specs,
+              "constraints": hlo.count("sharding_constraint"),
+              "shard_map": hlo.count("shard_map") + hlo.count("manual")}
 
-    one = run((1, 1), jax.devices()[:1])
-    mesh = run((2, 4), jax.devices())
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(one[1], mesh[1]))
-    print("RESULT", json.dumps({"devices": jax.device_count(), "loss_one": one[0],
-                                "loss_mesh": mesh[0], "param_diff": diff, "specs": mesh[2],
-                                "batch_spec": mesh[3],
-                                "activation_constraints": mesh[4]}))
+    one = run((1, 1, 1), "fsdp_tensor", jax.devices()[:1])
+    out = {"devices": jax.device_count(), "one": one["losses"]}
+    for name, shape, table, attention in [
+        ("data_parallel", (8, 1, 1), "data_parallel", "xla"),
+        ("fsdp", (2, 4, 1), "fsdp", "xla"),
+        ("fsdp_tensor", (2, 2, 2), "fsdp_tensor", "xla"),
+        ("fsdp_tensor_pallas", (1, 2, 4), "fsdp_tensor", "pallas")]:
+      r = run(shape, table, jax.devices(), attention)
+      diff = max(float(np.abs(a - b).max()) for a, b in zip(one["leaves"], r["leaves"]))
+      out[name] = {"losses": r["losses"], "diff": diff, "specs": r["specs"],
+                   "constraints": r["constraints"], "shard_map": r["shard_map"]}
+    print("RESULT", json.dumps(out))
 """)
+
+EXPECTED_SPECS = {  # layer_0 MLP wi kernel [embed, mlp], query kernel [embed, heads, kv]
+    "data_parallel": ([None, None], [None, None, None]),
+    "fsdp": (["fsdp", None], ["fsdp", None, None]),
+    "fsdp_tensor": (["fsdp", "tensor"], ["fsdp", "tensor", None]),
+    "fsdp_tensor_pallas": (["fsdp", "tensor"], ["fsdp", "tensor", None]),
+}
 
 
 @pytest.mark.slow
-def test_a_2x4_mesh_gives_the_same_losses_and_params_as_one_device():
+def test_every_rule_table_gives_the_same_losses_and_state_as_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.split("RESULT ", 1)[1])
-  print(out)
+  print(json.dumps(out, indent=1))
   assert out["devices"] == 8
-  # Parameters are really sharded over 'model' and the batch over 'data' ...
-  assert out["specs"]["mlp"] == out["specs"]["adam_mu_mlp"] == [None, "model"]
-  assert out["specs"]["embedding"] == [None, None]  # 259 % 4 != 0: replicated
-  assert out["batch_spec"] == ["data", None]
-  assert out["activation_constraints"] > 10  # the modules' logical activation constraints
-  # ... and three steps agree with one device up to float32 reduction order:
-  # sums split over shards round differently (relative ~1e-6 per step).
-  for a, b in zip(out["loss_one"], out["loss_mesh"]):
-    assert abs(a - b) <= 1e-5 * abs(a), (out["loss_one"], out["loss_mesh"])
-  assert out["param_diff"] < 1e-5, out["param_diff"]
+  for name, (mlp, query) in EXPECTED_SPECS.items():
+    r = out[name]
+    # Parameters, Adam moments and EMA are laid out by the table ...
+    assert r["specs"]["mlp"] == r["specs"]["adam_mu_mlp"] == r["specs"]["ema_mlp"] == mlp, name
+    assert r["specs"]["query"] == query, name
+    # [vocab 259, embed 32]: 259 divides by no axis, so only the embed dim is split.
+    assert r["specs"]["embedding"] == [None, None if name == "data_parallel" else "fsdp"]
+    assert r["specs"]["batch"] == [["data", "fsdp"], None]  # batch over data x fsdp
+    assert r["constraints"] > 10  # the modules' logical activation constraints
+    # ... and three steps agree with one device up to float32 reduction order (sums
+    # split over shards round differently, relative ~1e-6 per step).
+    for a, b in zip(out["one"], r["losses"]):
+      assert abs(a - b) <= 1e-5 * abs(a), (name, out["one"], r["losses"])
+    assert r["diff"] < 1e-5, (name, r["diff"])  # parameters and Adam moments
+  assert out["fsdp_tensor_pallas"]["shard_map"] > 0  # the kernel ran inside shard_map
 
 
 @pytest.mark.slow
-def test_a_run_trained_on_a_2x4_mesh_loads_on_one_device(tmp_path):
+def test_a_run_trained_on_a_fsdp_tensor_mesh_loads_on_one_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
-       f"--workdir={tmp_path}", "--config.mesh.shape=(2, 4)", "--config.train.num_steps=4",
+       f"--workdir={tmp_path}", "--config.mesh.shape=(1, 2, 4)", "--config.train.num_steps=4",
        "--config.train.log_every=2", "--config.model.num_heads=4"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "mesh {'data': 2, 'model': 4}" in result.stdout
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in result.stdout
   from armd_jax import train  # this process has one device
   trained = train.load_trained(str(tmp_path))
   assert trained.step == 4

@@ -61,10 +61,13 @@ def cache_key(config: DataConfig, vocab) -> str:
     fields["synthetic"] = [config.synthetic_num_documents, config.synthetic_seed]
   elif config.task == "openwebtext":
     fields["hf_dataset"] = config.hf_dataset
+  elif config.is_seqio:  # keyed by name: re-registered data under one name needs a new key
+    fields["seqio"] = [config.seqio_name, config.seqio_train_split, config.seqio_eval_split,
+                       config.seqio_feature]
   else:
     fields["tfds_data_dir"] = config.tfds_data_dir
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-  return f"{config.task}-{digest}"
+  return f"{config.task.replace(':', '_')}-{digest}"
 
 
 def _file_stamps(files):
@@ -108,6 +111,24 @@ def tokenize_documents(docs: Iterable[str], vocab, *, log_every_s: float = 30.0,
   return TokenizedSplit(tokens=tokens, doc_ends=np.asarray(ends, np.int64))
 
 
+def join_token_documents(docs: Iterable[np.ndarray], vocab) -> TokenizedSplit:
+  """Already tokenised documents (a seqio task's ids) -> one split; each document ends
+  with EOS (appended where the task did not)."""
+  dtype = np.uint16 if vocab.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+  chunks, ends, total = [], [], 0
+  for ids in docs:
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab.vocab_size):
+      raise ValueError(f"token ids out of range [0, {vocab.vocab_size}) in a seqio example.")
+    if not ids.size or ids[-1] != vocab.eos_id:
+      ids = np.append(ids, vocab.eos_id)
+    chunks.append(ids.astype(dtype))
+    total += ids.shape[0]
+    ends.append(total)
+  tokens = np.concatenate(chunks) if chunks else np.zeros([0], dtype)
+  return TokenizedSplit(tokens=tokens, doc_ends=np.asarray(ends, np.int64))
+
+
 def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool = True,
                   wait_s: float = 7 * 24 * 3600.0) -> dict[str, TokenizedSplit]:
   """Returns {'train', 'eval'} TokenizedSplits, tokenising into `cache_dir` on first use.
@@ -142,8 +163,11 @@ def _build(config: DataConfig, vocab, directory: str) -> None:
           "eos_id": vocab.eos_id, "vocab": vocab.fingerprint}
   for split in sources.SPLITS:
     start = time.time()
-    data = tokenize_documents(sources.documents(config, split), vocab,
-                              name=f"{config.task}/{split}")
+    if config.is_seqio:
+      data = join_token_documents(sources.seqio_token_documents(config, split), vocab)
+    else:
+      data = tokenize_documents(sources.documents(config, split), vocab,
+                                name=f"{config.task}/{split}")
     if data.num_tokens == 0:
       raise ValueError(f"config.data.task={config.task!r}: the {split!r} split is empty.")
     np.save(os.path.join(tmp, f"{split}_tokens.npy"), data.tokens)

@@ -14,7 +14,8 @@ import ml_collections
 from ml_collections import config_dict
 
 TASKS = ("text_files", "tiny_shakespeare", "lm1b", "openwebtext", "synthetic")
-VOCABS = ("byte", "sentencepiece", "hf")
+SEQIO_PREFIX = "seqio:"  # task 'seqio:NAME': any registered seqio Task or Mixture
+VOCABS = ("byte", "sentencepiece", "hf", "seqio")
 PACKINGS = ("concat", "pad")
 DOCUMENT_SPLITS = ("file", "paragraph", "line")
 
@@ -28,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Which corpus: 'text_files' (local UTF-8 files), 'tiny_shakespeare' (TFDS),
   # 'lm1b' (TFDS), 'openwebtext' (Hugging Face `datasets`), 'synthetic' (in-memory
-  # Markov text that needs no files; for tests and smoke runs).
+  # Markov text that needs no files; for tests and smoke runs), or 'seqio:NAME' (any
+  # registered seqio Task or Mixture; its modules named by `seqio_module`).
   c.task = "text_files"
   # text_files: training files, one path or a glob; several separated by commas.
   c.train_files = ""
@@ -82,6 +84,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_threads = 1
   # grain prefetch buffer (batches) when num_threads > 0.
   c.prefetch_buffer_size = 4
+  # seqio:NAME tasks: modules that register the Task / Mixture when imported, comma
+  # separated: importable module names ('my_project.tasks') or .py file paths.
+  c.seqio_module = ""
+  # seqio:NAME tasks: the Task's split read as our 'train' split.
+  c.seqio_train_split = "train"
+  # seqio:NAME tasks: the Task's split read as our held-out 'eval' split.
+  c.seqio_eval_split = "validation"
+  # seqio:NAME tasks: the output feature holding token ids (its vocabulary is the run's).
+  c.seqio_feature = "targets"
   # synthetic: number of documents (sentences) generated.
   c.synthetic_num_documents = 4000
   # synthetic: seed of the Markov chain and of the generated text.
@@ -114,11 +125,26 @@ class DataConfig:
   cache_per_process: bool = False
   num_threads: int = 1
   prefetch_buffer_size: int = 4
+  seqio_module: str = ""
+  seqio_train_split: str = "train"
+  seqio_eval_split: str = "validation"
+  seqio_feature: str = "targets"
   synthetic_num_documents: int = 4000
   synthetic_seed: int = 0
 
   def __post_init__(self):
-    _choice("task", self.task, TASKS)
+    if self.is_seqio:
+      if not self.seqio_name:
+        raise ValueError(f"config.data.task={self.task!r} must name a seqio Task or Mixture "
+                         "after 'seqio:'.")
+      if self.vocab not in (None, "seqio"):
+        raise ValueError(f"config.data.vocab={self.vocab!r}: a seqio task brings its own "
+                         "vocabulary (its output feature's); leave config.data.vocab unset.")
+      object.__setattr__(self, "vocab", "seqio")
+    else:
+      _choice("task", self.task, TASKS + (SEQIO_PREFIX + "NAME",))
+      if self.vocab == "seqio":
+        raise ValueError("config.data.vocab='seqio' needs a task 'seqio:NAME'.")
     _choice("packing", self.packing, PACKINGS)
     _choice("document_split", self.document_split, DOCUMENT_SPLITS)
     _choice("sentencepiece_model_type", self.sentencepiece_model_type, ("unigram", "bpe"))
@@ -148,6 +174,16 @@ class DataConfig:
         raise ValueError(f"config.data.{name}={getattr(self, name)} must be > 0.")
     if self.seed is not None and not 0 <= self.seed < 2**32:
       raise ValueError(f"config.data.seed={self.seed} must be in [0, 2**32).")
+
+  @property
+  def is_seqio(self) -> bool:
+    """Whether the task is a registered seqio Task / Mixture ('seqio:NAME')."""
+    return self.task.startswith(SEQIO_PREFIX)
+
+  @property
+  def seqio_name(self) -> str:
+    """NAME of a 'seqio:NAME' task ('' otherwise)."""
+    return self.task[len(SEQIO_PREFIX):] if self.is_seqio else ""
 
   @classmethod
   def from_config(cls, config) -> "DataConfig":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -76,17 +77,27 @@ def train_dataset(examples: Examples, *, local_batch_size: int, seed: int,
                   process_index: int, process_count: int) -> grain.MapDataset:
   """Infinite grain dataset of this process's training batches.
 
-  Example ids are sharded by stride (process p takes ids p, p + P, ...: disjoint shards),
-  shuffled with `seed` and reshuffled every epoch, repeated forever and batched;
-  `gather` turns each batch of ids into token arrays.
+  One global stream, the same for any number of processes: example ids shuffled with
+  `seed` (reshuffled every epoch), repeated forever and cut into global batches of
+  `local_batch_size * process_count` ids. Process p takes rows [p * local, (p + 1) *
+  local) of each global batch and gathers only those examples: the process shards of a
+  step are disjoint, and the global batch that `jax.make_array_from_process_local_data`
+  assembles from them is the one a single process would read, so a run's batches do
+  not depend on how many processes feed it.
   """
-  ids = grain.MapDataset.range(len(examples)).slice(slice(process_index, None, process_count))
-  if len(ids) == 0:
-    raise ValueError(f"Process {process_index} of {process_count} has no training example "
-                     f"({len(examples)} in all): use a larger corpus or smaller seq_len.")
-  return (ids.shuffle(seed=seed).repeat()
-          .batch(local_batch_size, drop_remainder=True)
-          .map(examples.gather))
+  if len(examples) == 0:
+    raise ValueError("The training split has no example: use a larger corpus or a "
+                     "smaller seq_len.")
+  start = process_index * local_batch_size
+  rows = functools.partial(_gather_rows, examples, slice(start, start + local_batch_size))
+  return (grain.MapDataset.range(len(examples)).shuffle(seed=seed).repeat()
+          .batch(local_batch_size * process_count, drop_remainder=True)
+          .map(rows))
+
+
+def _gather_rows(examples: Examples, rows: slice, global_ids: np.ndarray) -> Batch:
+  """This process's rows of a global batch of example ids, gathered."""
+  return examples.gather(np.asarray(global_ids)[rows])
 
 
 @dataclasses.dataclass

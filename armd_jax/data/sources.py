@@ -2,7 +2,8 @@
 
 `text_files` and `synthetic` are pure python. The TFDS tasks read through a
 `seqio.TfdsDataSource` and `openwebtext` through Hugging Face `datasets`; both are
-imported lazily, only when those tasks are used.
+imported lazily, only when those tasks are used. 'seqio:NAME' tasks are registered seqio
+Tasks / Mixtures that tokenise themselves: `seqio_token_documents` yields their ids.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def documents(config: DataConfig, split: str) -> Iterator[str]:
     docs = tfds_documents(config, split)
   elif config.task == "openwebtext":
     docs = hf_documents(config, split)
+  elif config.is_seqio:
+    raise ValueError(f"config.data.task={config.task!r} is tokenised by seqio: read it with "
+                     "seqio_token_documents, not as text.")
   else:  # unreachable: DataConfig validates the task
     raise ValueError(f"config.data.task={config.task!r} has no source.")
   return itertools.islice(docs, limit) if limit else docs
@@ -174,3 +178,78 @@ def hf_documents(config: DataConfig, split: str) -> Iterator[str]:
   start, stop = (0, total - num_eval) if split == "train" else (total - num_eval, total)
   for i in range(start, stop):
     yield dataset[i]["text"]
+
+
+# seqio:NAME tasks: any registered seqio Task or Mixture, already tokenised by it.
+
+
+def import_seqio_modules(spec: str) -> list[str]:
+  """Imports the comma-separated modules (names or .py paths) that register seqio tasks.
+
+  A .py path is imported once per process under a name derived from its path, so
+  importing it again (e.g. eval after training) does not register its Tasks twice.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  imported = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    if part.endswith(".py"):
+      path = os.path.abspath(os.path.expanduser(part))
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.seqio_module: no file {path!r}.")
+      name = "_armd_seqio_" + "".join(c if c.isalnum() else "_" for c in path)
+      if name not in sys.modules:
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[name] = module
+        try:
+          spec_.loader.exec_module(module)
+        except BaseException:
+          del sys.modules[name]
+          raise
+    else:
+      importlib.import_module(part)
+    imported.append(part)
+  return imported
+
+
+def seqio_provider(config: DataConfig):
+  """The registered seqio Task or Mixture of a 'seqio:NAME' task (imports seqio)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  modules = import_seqio_modules(config.seqio_module)
+  try:
+    provider = seqio.get_mixture_or_task(config.seqio_name)
+  except ValueError as e:
+    raise ValueError(f"config.data.task={config.task!r}: no seqio Task or Mixture "
+                     f"{config.seqio_name!r} is registered after importing "
+                     f"config.data.seqio_module={modules or '(none)'}; name the module that "
+                     "registers it.") from e
+  if config.seqio_feature not in provider.output_features:
+    raise ValueError(f"config.data.seqio_feature={config.seqio_feature!r} is not an output "
+                     f"feature of seqio {config.seqio_name!r} "
+                     f"({sorted(provider.output_features)}).")
+  return provider
+
+
+def seqio_token_documents(config: DataConfig, split: str) -> Iterator[np.ndarray]:
+  """Yields the token ids (int32 [n]) of `config.seqio_feature` of each example of
+  `split` ('train' / 'eval' -> `seqio_train_split` / `seqio_eval_split`), in order.
+
+  One pass, unshuffled, not packed or trimmed by seqio (sequence_length=None): our
+  pipeline packs them (the EOS the Task appends ends each document).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  provider = seqio_provider(config)
+  name = config.seqio_train_split if split == "train" else config.seqio_eval_split
+  dataset = provider.get_dataset(sequence_length=None, split=name, shuffle=False,
+                                 num_epochs=1, use_cached=False)
+  limit = config.max_train_documents if split == "train" else config.max_eval_documents
+  examples = dataset.as_numpy_iterator()
+  for example in itertools.islice(examples, limit) if limit else examples:
+    yield np.asarray(example[config.seqio_feature], np.int32).reshape(-1)

@@ -111,6 +111,49 @@ class SentencePieceVocabulary:
     return f"SentencePieceVocabulary({self.model_file!r}, vocab_size={self.vocab_size})"
 
 
+class SeqioVocabulary:
+  """The vocabulary of a 'seqio:NAME' task's output feature, wrapped (imports seqio).
+
+  Ids are the seqio vocabulary's own; `fingerprint` names the task, feature and
+  vocabulary, so the token cache of one task is never reused for another.
+  """
+
+  def __init__(self, vocabulary, task: str, feature: str):
+    self._vocab = vocabulary
+    self.vocab_size = int(vocabulary.vocab_size)
+    self.pad_id = int(vocabulary.pad_id)
+    self.eos_id = int(vocabulary.eos_id)
+    if self.eos_id < 0:
+      raise ValueError(f"seqio task {task!r}: the vocabulary of feature {feature!r} has no "
+                       "EOS id; documents could not be separated when packed.")
+    self.fingerprint = (f"seqio-{task}-{feature}-{type(vocabulary).__name__}-"
+                        f"{self.vocab_size}-{self.pad_id}-{self.eos_id}")
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids (the seqio vocabulary's `encode`)."""
+    return [int(i) for i in self._vocab.encode(text)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Ids -> text; pad, eos and out-of-range ids are dropped."""
+    return self._vocab.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size
+                               and int(i) not in (self.pad_id, self.eos_id)])
+
+  def as_seqio(self):
+    """The wrapped seqio vocabulary."""
+    return self._vocab
+
+  def __repr__(self):
+    return f"SeqioVocabulary({self.fingerprint})"
+
+
+def seqio_vocab(config: DataConfig) -> SeqioVocabulary:
+  """The vocabulary of a 'seqio:NAME' task (imports its registry modules and seqio)."""
+  from armd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  provider = sources.seqio_provider(config)
+  return SeqioVocabulary(provider.output_features[config.seqio_feature].vocabulary,
+                         config.seqio_name, config.seqio_feature)
+
+
 _EOS_NAMES = ("<|endoftext|>", "[SEP]", "</s>", "<eos>", "<|end_of_text|>")
 _PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>")
 
@@ -280,6 +323,8 @@ def load_vocab(data_config, workdir: str) -> Vocabulary:
   config = DataConfig.from_config(data_config)
   if config.vocab == "byte":
     return ByteVocabulary()
+  if config.vocab == "seqio":
+    return seqio_vocab(config)
   if config.vocab == "sentencepiece":
     path = config.sentencepiece_model or sentencepiece_path(config, workdir)
     if not os.path.isfile(path):
@@ -305,6 +350,8 @@ def build_vocab(config: DataConfig, workdir: str,
   """
   if config.vocab == "byte":
     return ByteVocabulary()
+  if config.vocab == "seqio":
+    return seqio_vocab(config)
   os.makedirs(vocab_dir(workdir), exist_ok=True)
   if config.vocab == "sentencepiece":
     if config.sentencepiece_model:

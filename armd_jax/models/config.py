@@ -11,6 +11,7 @@ import jax.numpy as jnp
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 PREFIX_AGGREGATIONS = ("auto", "dense", "chunked")
 QUERY_INITS = ("prefix", "prefix_plus_position")
+REMAT_POLICIES = ("none", "full", "save_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -51,6 +52,12 @@ class ModelConfig:
     pallas_block_kv: key tile of the Pallas kernel (same constraints).
     pallas_interpret: run the Pallas kernel under the Pallas interpreter (CPU tests;
       on CPU 'pallas' is always interpreted).
+    remat: activation rematerialisation of every transformer block (`jax.checkpoint`):
+      'none' (keep every activation for the backward pass), 'full' (keep only each
+      block's input, recompute the rest) or 'save_dots' (keep the outputs of the
+      weight matmuls, recompute the rest: attention scores, softmax, GELU, norms).
+      Applies to every `Block.__call__`; ARMD's lean last two-stream layer (run through
+      `keys_values` / `attend`) is not rematerialised.
     d_pe: width of the prefix-aggregation position table.
     prefix_aggregation: how G0 is computed: 'dense' (materialises a [B, N, N+1] weight
       tensor), 'chunked' (linear attention in generation order, O(N) memory; the
@@ -79,6 +86,7 @@ class ModelConfig:
   pallas_block_q: int = 128
   pallas_block_kv: int = 128
   pallas_interpret: bool = False
+  remat: str = "none"
   d_pe: int = 64
   prefix_aggregation: str = "auto"
   prefix_chunk: int = 256
@@ -109,6 +117,8 @@ class ModelConfig:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
     for name in ("pallas_block_q", "pallas_block_kv"):
       if getattr(self, name) % 8:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be a multiple of 8 "

@@ -12,17 +12,25 @@ params: 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pe'; activations:
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from armd_jax import kernels
 from armd_jax.models.config import ModelConfig
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 HEADS_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+# `jax.checkpoint` policies of `ModelConfig.remat` (None: save nothing but the inputs).
+# 'save_dots' keeps matmuls without batch dimensions (the weight projections), not the
+# [B, H, Nq, Nk] attention scores, which are recomputed.
+REMAT_POLICIES = {"full": None,
+                  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class _LogicallyPartitionedKernel(nn.LogicallyPartitioned):
@@ -140,11 +148,51 @@ class Attention(nn.Module):
     """
     q = apply_rope(self.query(h), positions, self.config.rope_base)  # [B, Nq, H, Dh]
     q = nn.with_logical_constraint(q, HEADS_ACTIVATION)
-    cfg = self.config
-    y = kernels.block_causal_attention(
-        q, k, v, ids, kv_ids, implementation=cfg.attention_implementation, interpret=cfg.pallas_interpret,
-        block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
-    return self.out(y)
+    return self.out(attention(self.config, q, k, v, ids, kv_ids))
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array,
+              kv_ids: jax.Array) -> jax.Array:
+  """`kernels.block_causal_attention` of q [B, Nq, H, Dh] on k, v [B, Nk, H, Dh].
+
+  The 'pallas' kernel is an opaque custom call that XLA cannot partition, so under a
+  mesh (the train / eval steps set one with `partitioning.activation_sharding`) it runs
+  inside `jax.shard_map` on that mesh: q, k and v (both ARMD streams' queries and the
+  K/V they share) are split alike, batch over the 'activation_batch' mesh axes and
+  heads over the 'activation_heads' axes of the rule table; ids split over the batch.
+  Each device then runs the kernel on its own rows and heads; no communication.
+  """
+  call = functools.partial(
+      kernels.block_causal_attention, implementation=cfg.attention_implementation,
+      interpret=cfg.pallas_interpret,
+      block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
+  mesh = jax.sharding.get_abstract_mesh()
+  if cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1:
+    return call(q, k, v, q_ids, kv_ids)
+  spec = divisible_spec(nn.logical_to_mesh_axes(HEADS_ACTIVATION), q.shape, mesh)
+  id_spec = P(spec[0], None)
+  # The Pallas interpreter (always used on CPU) slices blocks with unvarying indices,
+  # which the varying-axes check rejects; compiled kernels keep the check.
+  interpreted = cfg.pallas_interpret or jax.default_backend() == "cpu"
+  sharded = jax.shard_map(call, mesh=mesh, in_specs=(spec, spec, spec, id_spec, id_spec),
+                          out_specs=spec, check_vma=not interpreted)
+  return sharded(q, k, v, q_ids, kv_ids)
+
+
+def divisible_spec(spec: P, shape: Tuple[int, ...], mesh) -> P:
+  """`spec` without the mesh axes that do not divide their dimension (those replicate).
+
+  `mesh` is a `Mesh` or `AbstractMesh` (anything with a `shape` {axis: size} mapping).
+  """
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  out = []
+  for dim, axes in zip(shape, entries):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for name in names:
+      size *= mesh.shape[name]
+    out.append(axes if dim % size == 0 else None)
+  return P(*out)
 
 
 class Mlp(nn.Module):
@@ -194,8 +242,21 @@ class Block(nn.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, ids: jax.Array,
                kv_len: int | None = None, deterministic: bool = True) -> jax.Array:
-    """x [B, Nq, D], positions/ids [B, Nq]; K/V from rows [:kv_len]. Returns [B, Nq, D]."""
+    """x [B, Nq, D], positions/ids [B, Nq]; K/V from rows [:kv_len]. Returns [B, Nq, D].
+
+    With `config.remat` other than 'none' the layer runs under `jax.checkpoint` with
+    that policy (`REMAT_POLICIES`): same values and gradients, less memory kept.
+    """
     kv_len = x.shape[1] if kv_len is None else kv_len
+    if self.config.remat == "none":
+      return self._layer(x, positions, ids, kv_len, deterministic)
+    # Arguments: 0 the module, 1 x, 2 positions, 3 ids, 4 kv_len, 5 deterministic.
+    layer = nn.remat(Block._layer, policy=REMAT_POLICIES[self.config.remat],
+                     static_argnums=(4, 5))
+    return layer(self, x, positions, ids, kv_len, deterministic)
+
+  def _layer(self, x: jax.Array, positions: jax.Array, ids: jax.Array, kv_len: int,
+             deterministic: bool) -> jax.Array:
     h = self.ln_attn(x)
     k, v = self.attn.keys_values(h[:, :kv_len], positions[:, :kv_len])
     y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len])

@@ -112,17 +112,37 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
     readable = plan_lib.leading_known_blocks(block_ids, known)
     if (np.asarray(prefill_blocks) > readable).any():
       raise ValueError("decode: prefill_blocks covers blocks with unknown tokens.")
-  plan = plan_lib.make_plan(block_ids, prefill_blocks)
-  run = _compiled(model, sampler, plan.structure, batch, length, mode)
-  prefill = plan.prefill if plan.prefill is not None else np.zeros((batch, 0), np.int32)
-  out_tokens, log_probs, calls = run(
-      params, rng, jnp.asarray(tokens, jnp.int32), jnp.asarray(known, bool),
-      jnp.asarray(block_ids), jnp.asarray(positions, jnp.int32), jnp.asarray(prefill),
-      tuple((jnp.asarray(p.slots), jnp.asarray(p.starts)) for p in plan.phases))
+  run, inputs, plan = decode_program(model, tokens, known, block_ids, positions, sampler, mode,
+                                     prefill_blocks)
+  out_tokens, log_probs, calls = run(params, rng, *inputs)
   calls = int(calls)
   if calls != plan.num_calls:  # the loop counts its own model calls
     raise RuntimeError(f"decoder made {calls} calls, plan has {plan.num_calls}.")
   return out_tokens, log_probs, calls
+
+
+def decode_program(model, tokens: np.ndarray, known: np.ndarray, block_ids: np.ndarray,
+                   positions: np.ndarray, sampler: SamplerConfig = SamplerConfig(),
+                   mode: str = "cached", prefill_blocks=None):
+  """The jitted decoder of one static plan and its data inputs, not yet called.
+
+  `decode` calls `run(params, rng, *inputs)`; `armd_jax.compile_check` lowers the same
+  `run` for a TPU topology instead. Arguments as for `decode` (already checked there).
+
+  Returns:
+    (run, inputs, plan): `run(params, rng, tokens, known, block_ids, positions, prefill,
+    slot_tables) -> (tokens [B, N], log_probs [B, N], calls)`, the tuple `inputs` of
+    jnp arrays after (params, rng), and the `plan_lib.Plan`.
+  """
+  block_ids = np.asarray(block_ids, np.int32)
+  batch, length = block_ids.shape
+  plan = plan_lib.make_plan(block_ids, prefill_blocks)
+  run = _compiled(model, sampler, plan.structure, batch, length, mode)
+  prefill = plan.prefill if plan.prefill is not None else np.zeros((batch, 0), np.int32)
+  inputs = (jnp.asarray(tokens, jnp.int32), jnp.asarray(known, bool), jnp.asarray(block_ids),
+            jnp.asarray(positions, jnp.int32), jnp.asarray(prefill),
+            tuple((jnp.asarray(p.slots), jnp.asarray(p.starts)) for p in plan.phases))
+  return run, inputs, plan
 
 
 @functools.lru_cache(maxsize=64)

@@ -66,6 +66,7 @@ def _train(config: ml_collections.ConfigDict, settings: Settings,
 
   mesh = partitioning.make_mesh(settings.mesh)
   rules = partitioning.rules_of(settings.mesh)
+  partitioning.check_mesh(mesh, rules)
   partitioning.check_batch_size(tc.global_batch_size, mesh, rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
   init, abstract, shardings = state_lib.train_state_layout(

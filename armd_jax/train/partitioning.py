@@ -1,13 +1,15 @@
 """Device mesh, logical-axis rules and shardings of parameters and batches.
 
-Modules name their axes logically (`armd_jax.models.layers`: params 'vocab', 'embed',
-'mlp', 'heads', 'kv', 'pe'; activations 'activation_*'); `config.mesh.rules` maps them
-to mesh axes. Parameters are born sharded: `jax.eval_shape(init)` gives the logical
+The mesh has three axes, `MESH_AXES` = ('data', 'fsdp', 'tensor'), sized by
+`config.mesh.shape`. Modules name their axes logically (`armd_jax.models.layers`:
+params 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pe'; activations 'activation_*'); a
+rule table maps them to mesh axes: one of `RULE_TABLES` ('data_parallel', 'fsdp',
+'fsdp_tensor'), named by `config.mesh.rule_table`, or explicit `config.mesh.rules`. Parameters are born sharded: `jax.eval_shape(init)` gives the logical
 specs, `shardings_of` turns them into `NamedSharding`s, and `jax.jit(init,
 out_shardings=...)` creates them in place (see `armd_jax.train.state`).
 
 A mesh axis is dropped from a parameter's spec when it does not divide that dimension
-(e.g. a vocabulary of 259 bytes on a 4-way 'model' axis): the parameter is then
+(e.g. a vocabulary of 259 bytes on a 4-way 'tensor' axis): the parameter is then
 replicated along that axis instead of failing.
 
 Inside the jitted steps, `activation_sharding(mesh, rules)` makes the modules'
@@ -17,34 +19,65 @@ Inside the jitted steps, `activation_sharding(mesh, rules)` makes the modules'
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence, Tuple
+from typing import Any, Dict, Iterator, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from armd_jax.models.layers import divisible_spec
 from armd_jax.train.typed import MeshConfig
 
-# Data parallel over 'data', tensor parallel (heads / MLP / vocabulary) over 'model'.
-DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
-    ("activation_batch", "data"),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "model"),
-    ("activation_kv", None),
-    ("activation_mlp", "model"),
-    ("vocab", "model"),
-    ("embed", None),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("pe", None),
-)
+MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
+BATCH_AXES: Tuple[str, ...] = ("data", "fsdp")  # the batch is split over both
+
+
+def _rules(embed, tensor) -> Tuple[Tuple[str, Any], ...]:
+  """One rule table: parameters' 'embed' dimension over `embed`, heads / MLP /
+  vocabulary (parameters and activations) over `tensor`, the batch over data x fsdp."""
+  return (
+      ("activation_batch", BATCH_AXES),
+      ("activation_length", None),
+      ("activation_embed", None),
+      ("activation_heads", tensor),
+      ("activation_kv", None),
+      ("activation_mlp", tensor),
+      ("vocab", tensor),
+      ("embed", embed),
+      ("mlp", tensor),
+      ("heads", tensor),
+      ("kv", None),
+      ("pe", None),
+  )
+
+
+# The named rule tables of `config.mesh.rule_table`. In every table the batch (and
+# with it the activations) is split over 'data' x 'fsdp'; they differ in how the
+# parameters, Adam moments and EMA are laid out:
+#   data_parallel: replicated on every device (use a mesh (-1, 1, 1)).
+#   fsdp:          each matrix split over 'fsdp' on its embed (d_model) dimension and
+#                  all-gathered by XLA where it is used (ZeRO-3 / FSDP).
+#   fsdp_tensor:   as fsdp, plus heads / MLP / vocabulary split over 'tensor' (Megatron
+#                  style tensor parallelism); the attention's q, k and v of both ARMD
+#                  streams carry the same ('activation_heads') sharding.
+RULE_TABLES: Dict[str, Tuple[Tuple[str, Any], ...]] = {
+    "data_parallel": _rules(None, None),
+    "fsdp": _rules("fsdp", None),
+    "fsdp_tensor": _rules("fsdp", "tensor"),
+}
+DEFAULT_RULES = RULE_TABLES["fsdp_tensor"]  # on a (-1, 1, 1) mesh: plain data parallel
 
 
 def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `Mesh` of `mesh_config.shape` over `devices` (default: all); -1 takes the rest."""
+  """The ('data', 'fsdp', 'tensor') `Mesh` of `mesh_config.shape` over `devices`.
+
+  `devices` defaults to all devices of all processes; -1 in the shape takes the rest.
+  `jax.experimental.mesh_utils` orders the devices so that the inner axes ('tensor',
+  then 'fsdp') sit on the fastest links (same chip / host / ICI ring); with explicit
+  `devices` their order is kept.
+  """
+  explicit = devices is not None
   devices = list(jax.devices() if devices is None else devices)
   shape = list(mesh_config.shape)
   known = int(np.prod([s for s in shape if s != -1]))
@@ -56,13 +89,36 @@ def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = No
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"config.mesh.shape {mesh_config.shape} needs {int(np.prod(shape))} "
                      f"devices, but {len(devices)} are available.")
-  grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(grid, mesh_config.axis_names)
+  if explicit or len(devices) == 1:
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  else:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):  # unknown topology
+      grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def check_mesh(mesh: Mesh, rules) -> None:
+  """Raises ValueError if a mesh axis of size > 1 is used by no rule of `rules`.
+
+  Such an axis would only replicate the whole computation (e.g. a 'tensor' axis of 4
+  under the 'fsdp' table): almost certainly a config mistake.
+  """
+  used = set()
+  for _, axes in rules:
+    used.update((axes,) if isinstance(axes, str) else tuple(axes or ()))
+  idle = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used]
+  if idle:
+    raise ValueError(f"mesh {dict(mesh.shape)}: axis/axes {idle} have size > 1 but no rule of "
+                     "the rule table uses them; choose config.mesh.rule_table (e.g. "
+                     "'fsdp_tensor') or set their size to 1 in config.mesh.shape.")
 
 
 def rules_of(mesh_config: MeshConfig) -> Tuple[Tuple[str, Any], ...]:
-  """The rule table of the config, or `DEFAULT_RULES` when it is empty."""
-  return mesh_config.rules or DEFAULT_RULES
+  """`config.mesh.rules` when given, else the named `RULE_TABLES[config.mesh.rule_table]`."""
+  return mesh_config.rules or RULE_TABLES[mesh_config.rule_table]
 
 
 def shardings_of(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
@@ -85,13 +141,7 @@ def shardings_of(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
 
 def _fit(sharding: NamedSharding, shape: Tuple[int, ...], mesh: Mesh) -> NamedSharding:
   """Drops mesh axes that do not divide the dimension they shard."""
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  fitted = []
-  for dim, axes in zip(shape, spec):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    fitted.append(axes if dim % size == 0 else None)
-  return NamedSharding(mesh, PartitionSpec(*fitted))
+  return NamedSharding(mesh, divisible_spec(sharding.spec, shape, mesh))
 
 
 @contextlib.contextmanager

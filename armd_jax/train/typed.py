@@ -147,38 +147,55 @@ class TrainConfig:
         raise ValueError(f"config.train.{name}={getattr(self, name)} must be >= 0.")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+RULE_TABLES = ("data_parallel", "fsdp", "fsdp_tensor")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh and the logical-axis rule table.
+  """Device mesh ('data', 'fsdp', 'tensor') and the logical-axis rule table.
 
   Attributes:
-    shape: mesh shape, one entry per axis; one -1 takes the remaining devices.
-    axis_names: mesh axis names ('data' shards the batch, 'model' the parameters).
-    rules: (logical axis, mesh axis or None) pairs mapping the modules' logical names
-      to mesh axes; () (the default) = `armd_jax.train.partitioning.DEFAULT_RULES`.
+    shape: sizes of the mesh axes ('data', 'fsdp', 'tensor'); one -1 takes the remaining
+      devices. The batch is split over data x fsdp; parameters, Adam moments and EMA
+      over fsdp (their embed dimension) and tensor (heads / MLP / vocabulary).
+    rule_table: which rule table of `armd_jax.train.partitioning.RULE_TABLES` maps the
+      modules' logical axes to the mesh: 'data_parallel' (replicated parameters),
+      'fsdp' (parameters sharded over 'fsdp') or 'fsdp_tensor' (and heads / MLP /
+      vocabulary over 'tensor').
+    rules: explicit (logical axis, mesh axis / tuple of mesh axes / None) pairs that
+      replace the named table when non-empty.
   """
 
-  shape: Tuple[int, ...] = (-1, 1)
-  axis_names: Tuple[str, ...] = ("data", "model")
-  rules: Tuple[Tuple[str, Optional[str]], ...] = ()
+  shape: Tuple[int, ...] = (-1, 1, 1)
+  rule_table: str = "fsdp_tensor"
+  rules: Tuple[Tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-    object.__setattr__(self, "axis_names", tuple(self.axis_names))
-    object.__setattr__(self, "rules", tuple((str(a), None if m is None else str(m))
-                                            for a, m in self.rules))
-    if len(self.shape) != len(self.axis_names):
-      raise ValueError(f"config.mesh.shape {self.shape} and config.mesh.axis_names "
-                       f"{self.axis_names} must have the same length.")
+    object.__setattr__(self, "rules", tuple((str(a), _mesh_axes(m)) for a, m in self.rules))
+    _choice("mesh", "rule_table", self.rule_table, RULE_TABLES)
+    if len(self.shape) != len(MESH_AXES):
+      raise ValueError(f"config.mesh.shape {self.shape} must have one size per mesh axis "
+                       f"{MESH_AXES}, e.g. (-1, 1, 1) for data parallel or (1, -1, 4) for "
+                       "FSDP with 4-way tensor parallelism.")
     if sum(s == -1 for s in self.shape) > 1 or any(s == 0 or s < -1 for s in self.shape):
       raise ValueError(f"config.mesh.shape {self.shape} must hold positive sizes and at "
                        "most one -1.")
-    if "data" not in self.axis_names:
-      raise ValueError(f"config.mesh.axis_names {self.axis_names} must include 'data'.")
     for logical, mesh_axis in self.rules:
-      if mesh_axis is not None and mesh_axis not in self.axis_names:
-        raise ValueError(f"config.mesh.rules maps {logical!r} to {mesh_axis!r}, which is not "
-                         f"in config.mesh.axis_names {self.axis_names}.")
+      names = () if mesh_axis is None else (
+          (mesh_axis,) if isinstance(mesh_axis, str) else mesh_axis)
+      bad = [n for n in names if n not in MESH_AXES]
+      if bad:
+        raise ValueError(f"config.mesh.rules maps {logical!r} to {bad}, not mesh axes "
+                         f"{MESH_AXES}.")
+
+
+def _mesh_axes(value: Any) -> Any:
+  """None, one axis name, or a tuple of axis names (a list from JSON becomes a tuple)."""
+  if value is None or isinstance(value, str):
+    return value
+  return tuple(str(v) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""A checkpoint written on one mesh (fsdp=8) restores on another (fsdp=2 x tensor=4, and
+one device) with parameters and optimiser state bitwise equal, and training continues
+there as it continues on the original mesh.
+
+Subprocesses: the simulated device count must be set before JAX starts.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from armd_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import importlib.util, json, shutil, sys
+    import jax, numpy as np
+    import orbax.checkpoint as ocp
+    from armd_jax import train
+    from armd_jax.models import build_model
+    from armd_jax.train import checkpoints, partitioning, state as state_lib
+    from armd_jax.train.typed import MeshConfig, model_config_from, settings_from
+
+    root = sys.argv[1]
+    spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+
+    def config(num_steps, shape, table):
+      c = module.get_config()
+      c.model.num_heads = 4
+      c.train.num_steps = num_steps
+      c.train.checkpoint_every = 4
+      c.train.eval_every = 0
+      c.train.log_every = 1
+      c.eval.num_batches = 1
+      c.mesh.shape = shape
+      c.mesh.rule_table = table
+      return c
+
+    # 1. Train 4 steps on fsdp=8 and checkpoint.
+    train.train_and_evaluate(config(4, (1, 8, 1), "fsdp"), f"{root}/fsdp8")
+    saved, step = checkpoints.restore_state_arrays(f"{root}/fsdp8")  # one device, as saved
+    assert step == 4
+
+    # 2. Restore onto fsdp=2 x tensor=4 (8 devices) and onto one device.
+    out = {}
+    for name, shape, devices in (("fsdp2_tensor4", (1, 2, 4), jax.devices()),
+                                 ("one_device", (1, 1, 1), jax.devices()[:1])):
+      c = config(6, shape, "fsdp_tensor")
+      c.model.vocab_size = 259
+      settings = settings_from(c)
+      mesh = partitioning.make_mesh(settings.mesh, devices)
+      rules = partitioning.rules_of(settings.mesh)
+      _, abstract, _ = state_lib.train_state_layout(
+          build_model(model_config_from(c)), settings.optim, 6, 16, 0, mesh, rules)
+      manager = checkpoints.make_manager(f"{root}/fsdp8", 3, False, read_only=True)
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+      manager.close()
+      # `saved` is a dict (sorted keys); the TrainState flattens in field order, so
+      # compare field by field (inside a field both flatten alike).
+      pairs = []
+      for field in ("step", "rng", "params", "ema_params", "opt_state"):
+        got = jax.tree_util.tree_leaves_with_path(getattr(state, field))
+        want = jax.tree.leaves(saved[field])
+        assert len(got) == len(want), field
+        pairs += [(field + jax.tree_util.keystr(p), x, y) for (p, x), y in zip(got, want)]
+      got = pairs
+      mismatches = [name for name, x, y in pairs
+                    if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x),
+                                                                         np.asarray(y))]
+      layouts = [x.sharding == t.sharding for x, t in zip(jax.tree.leaves(state),
+                                                          jax.tree.leaves(abstract))]
+      wi = state.params["params"]["layer_0"]["mlp"]["wi"]["kernel"]
+      out[name] = {"mismatches": mismatches, "leaves": len(got), "on_target": all(layouts),
+                   "wi_spec": [a for a in wi.sharding.spec], "wi_devices": len(wi.devices())}
+
+    # 3. Training continues on the new mesh as on the old one.
+    for name, shape, table in (("fsdp2_tensor4", (1, 2, 4), "fsdp_tensor"),
+                               ("fsdp8", (1, 8, 1), "fsdp")):
+      shutil.copytree(f"{root}/fsdp8", f"{root}/continued_{name}")
+      train.train_and_evaluate(config(6, shape, table), f"{root}/continued_{name}")
+    print("RESULT", json.dumps(out))
+""")
+
+
+def run(args, devices, **kw):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=2400, **kw)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def losses(workdir):
+  return {r["step"]: r["train/loss"] for r in train.read_metrics(workdir) if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_a_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_training_continues(tmp_path):
+  stdout = run([sys.executable, "-c", SCRIPT, str(tmp_path)], devices=8)
+  out = json.loads(stdout.split("RESULT ", 1)[1])
+  print(out)
+  for name in ("fsdp2_tensor4", "one_device"):
+    assert out[name]["mismatches"] == [], out[name]  # params, Adam moments, EMA, step, rng
+    assert out[name]["leaves"] > 20 and out[name]["on_target"]
+  assert out["fsdp2_tensor4"]["wi_spec"] == ["fsdp", "tensor"]
+  assert out["fsdp2_tensor4"]["wi_devices"] == 8 and out["one_device"]["wi_devices"] == 1
+
+  # One device: the same workdir continues through the CLI in a 1-device process.
+  one = str(tmp_path / "continued_one_device")
+  shutil.copytree(str(tmp_path / "fsdp8"), one)
+  stdout = run([sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
+                f"--workdir={one}", "--config.model.num_heads=4", "--config.train.num_steps=6",
+                "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
+                "--config.train.log_every=1", "--config.eval.num_batches=1",
+                "--config.mesh.shape=(1, 1, 1)"], devices=1)
+  assert "resuming from step 4" in stdout
+
+  reference = losses(str(tmp_path / "continued_fsdp8"))
+  for workdir in ("continued_fsdp2_tensor4", "continued_one_device"):
+    got = losses(str(tmp_path / workdir))
+    assert sorted(got) == list(range(1, 7))
+    for step in (5, 6):  # after the restore: same data, same state, same step rng
+      assert abs(got[step] - reference[step]) <= 1e-5 * abs(reference[step]), (
+          workdir, got, reference)
