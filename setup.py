@@ -44,7 +44,10 @@ setup(
         "notebooks": NOTEBOOKS,  # run the notebooks (notebooks/run_notebooks.py)
         # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
-        "test": DATA + NOTEBOOKS + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5"],
+        # jax[tpu] (libtpu): tests/test_compile_check.py compiles for a TPU topology on CPU.
+        "test": DATA + NOTEBOOKS + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5",
+                                    "jax[tpu]"],
+        # libtpu for TPUs, and for `python -m armd_jax.compile_check` on any host.
         "tpu": ["jax[tpu]"],
     },
 )

@@ -14,7 +14,9 @@ or unpack the libtpu wheel somewhere and put that folder on PYTHONPATH. Then:
       --out=benchmarks/results/tpu_aot_memory_scaling.md
       # peak per-chip memory of the full train step (small model) at N = 8K, 16K, 32K
 Writes a markdown table to --out (default benchmarks/results/tpu_aot.md), and with
---memory_scaling also a json beside it.
+--memory_scaling also a json beside it. The topology and the compile measurements are
+`armd_jax.compile_check`'s, which compiles the real train step of a config
+(`python -m armd_jax.compile_check`); this script isolates the kernel.
 """
 
 from __future__ import annotations
@@ -22,20 +24,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import armd_jax  # noqa: E402  pylint: disable=g-import-not-at-top
 from armd_jax import kernels  # noqa: E402  pylint: disable=g-import-not-at-top
+from armd_jax.compile_check import compile_program, tpu_devices  # noqa: E402  pylint: disable=g-import-not-at-top
 from armd_jax.losses import cross_entropy  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MIB = 2.0 ** 20
@@ -59,11 +60,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def compile_stats(fn, *args):
-  """(seconds, memory analysis, number of Mosaic calls) of compiling jit(fn)(*args)."""
-  start = time.time()
-  compiled = jax.jit(fn).lower(*args).compile()
-  seconds = time.time() - start
-  return seconds, compiled.memory_analysis(), compiled.as_text().count("tpu_custom_call")
+  """`compile_check.Compiled` figures of jit(fn)(*args)."""
+  return compile_program(jax.jit(fn), *args)
 
 
 def kernel_rows(mesh: Mesh, shapes):
@@ -84,11 +82,11 @@ def kernel_rows(mesh: Mesh, shapes):
       x = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16,
                                sharding=NamedSharding(mesh, qkv_spec))
       ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, id_spec))
-      seconds, mem, calls = compile_stats(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, ids, ids)
+      stats = compile_stats(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, ids, ids)
       rows.append((f"attention fwd+bwd B={batch} N={length} H={heads} D={dim} bf16", name,
-                   seconds, mem, calls))
-      print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB, mosaic calls {calls}",
-            flush=True)
+                   stats))
+      print(rows[-1][:2], f"{stats.seconds:.1f} s, peak {stats.peak_bytes / MIB:.1f} MiB, "
+            f"mosaic calls {stats.mosaic_calls}", flush=True)
   return rows
 
 
@@ -147,13 +145,13 @@ def model_rows(mesh: Mesh, smoke: bool, length: int | None = None,
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
     batch = jax.ShapeDtypeStruct((per_device_batch * data_size, length), jnp.int32,
                                  sharding=NamedSharding(flat, P("data")))
-    seconds, mem, calls = compile_stats(sharded_step, state, batch, batch)
+    stats = compile_stats(sharded_step, state, batch, batch)
     label = (f"ARMD train step d={config.d_model} L={config.num_layers} "
              f"({config.num_two_stream_layers} two-stream) N={length} "
              f"batch {per_device_batch}/device bf16")
-    rows.append((label, name, seconds, mem, calls))
-    print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB, mosaic calls {calls}",
-          flush=True)
+    rows.append((label, name, stats))
+    print(rows[-1][:2], f"{stats.seconds:.1f} s, peak {stats.peak_bytes / MIB:.1f} MiB, "
+          f"mosaic calls {stats.mosaic_calls}", flush=True)
   return rows
 
 
@@ -164,10 +162,10 @@ def write_table(rows, path: str, topology: str, devices) -> str:
            "| program | attention | compile s | Mosaic calls | peak MiB | temp MiB | args MiB "
            "| out MiB |",
            "|---|---|---|---|---|---|---|---|"]
-  for label, name, seconds, mem, calls in rows:
-    lines.append(f"| {label} | {name} | {seconds:.1f} | {calls} | "
-                 f"{mem.peak_memory_in_bytes / MIB:.1f} | {mem.temp_size_in_bytes / MIB:.1f} | "
-                 f"{mem.argument_size_in_bytes / MIB:.1f} | {mem.output_size_in_bytes / MIB:.1f} |")
+  for label, name, c in rows:
+    lines.append(f"| {label} | {name} | {c.seconds:.1f} | {c.mosaic_calls} | "
+                 f"{c.peak_bytes / MIB:.1f} | {c.temp_bytes / MIB:.1f} | "
+                 f"{c.argument_bytes / MIB:.1f} | {c.output_bytes / MIB:.1f} |")
   text = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
@@ -177,12 +175,7 @@ def write_table(rows, path: str, topology: str, devices) -> str:
 
 def main() -> None:
   args = parse_args()
-  try:
-    topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
-  except Exception as error:  # pylint: disable=broad-except
-    raise SystemExit(f"Could not describe TPU topology {args.topology!r} ({error}). Is libtpu "
-                     "installed? See this script's docstring.") from error
-  devices = topology.devices
+  devices = tpu_devices(args.topology)
   mesh = Mesh(np.array(devices).reshape(2, -1), ("data", "model"))
   print(f"{len(devices)} devices: {devices[0].device_kind}; mesh {dict(mesh.shape)}", flush=True)
   if args.memory_scaling:
@@ -217,11 +210,12 @@ def prefix_rows(mesh: Mesh, smoke: bool, length: int, attentions=()):
 
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=NamedSharding(flat, P("data")))
-    seconds, mem, calls = compile_stats(jax.grad(loss, argnums=(0, 1)), spec(
+    stats = compile_stats(jax.grad(loss, argnums=(0, 1)), spec(
         batch, length, 64), spec(batch, length, 768), spec(batch, length, dtype=jnp.int32))
     rows.append((f"prefix aggregation fwd+bwd N={length} d_pe=64 D=768 1/device bf16",
-                 name, seconds, mem, calls))
-    print(rows[-1][:3], f"peak {mem.peak_memory_in_bytes / MIB:.1f} MiB", flush=True)
+                 name, stats))
+    print(rows[-1][:2], f"{stats.seconds:.1f} s, peak {stats.peak_bytes / MIB:.1f} MiB",
+          flush=True)
   return rows
 
 
@@ -233,11 +227,11 @@ def memory_scaling(args, mesh: Mesh, devices) -> None:
     make_rows = prefix_rows if args.prefix_scaling else model_rows
     for row in make_rows(mesh, False, length, tuple(args.attentions.split(","))):
       rows.append(row)
-      label, name, seconds, mem, calls = row
-      records.append({"length": length, "attention": name, "compile_s": seconds,
-                      "mosaic_calls": calls, "peak_mib": mem.peak_memory_in_bytes / MIB,
-                      "temp_mib": mem.temp_size_in_bytes / MIB,
-                      "args_mib": mem.argument_size_in_bytes / MIB})
+      _, name, stats = row
+      records.append({"length": length, "attention": name, "compile_s": stats.seconds,
+                      "mosaic_calls": stats.mosaic_calls, "peak_mib": stats.peak_bytes / MIB,
+                      "temp_mib": stats.temp_bytes / MIB,
+                      "args_mib": stats.argument_bytes / MIB})
       write_table(rows, args.out, args.topology, devices)
       with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump({"topology": args.topology, "jax": jax.__version__,

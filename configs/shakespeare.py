@@ -61,3 +61,10 @@ def get_config():
   c.sample.streams = 2  # 65 network calls
   c.sample.temperature = 0.8  # a little sharper
   return c
+
+
+def sweep():
+  """Example sweep (`python -m armd_jax.sweep --config=configs/shakespeare.py --root=DIR`):
+  the final order size rho against the query-stream init, 2 x 2 points."""
+  return [{"order.rho": rho, "model.query_init": query_init}
+          for rho in (4, 8) for query_init in ("prefix", "prefix_plus_position")]

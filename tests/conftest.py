@@ -1,11 +1,18 @@
 """Shared fixtures: tiny models that compile in seconds on 2 CPU cores."""
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import pytest
+import os
 
-import armd_jax
+# The suite runs on the CPU. With the [tpu] extra installed (the compile_check tests use
+# libtpu), JAX would otherwise probe for a TPU at start-up and log an error line in every
+# process; subprocesses started by the tests inherit this too. A user's own setting wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import armd_jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

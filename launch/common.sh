@@ -1,0 +1,45 @@
+# Shared by the launch scripts (sourced, not run): argument helpers and --dry_run.
+# `run CMD ARGS...` prints the command, shell-quoted (words needing it in '...'), on one line prefixed with '+ ',
+# then runs it, unless DRY_RUN=1, when it only prints it (what --dry_run tests check).
+
+DRY_RUN=0
+
+# One word for a shell command line: as is when safe, else in '...' quotes.
+quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf '%s' "${1@Q}"
+  fi
+}
+
+run() {
+  printf '+'
+  local arg
+  for arg in "$@"; do
+    printf ' %s' "$(quote "${arg}")"
+  done
+  printf '\n'
+  if [[ "${DRY_RUN}" != 1 ]]; then
+    "$@"
+  fi
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# The training command every launcher runs on every host/process, with the config file,
+# the workdir and any --config.* overrides (hyperparameters come only from configs).
+train_command() {
+  local config="$1" workdir="$2"; shift 2
+  local cmd
+  cmd="python -m armd_jax.main $(quote "--config=${config}") $(quote "--workdir=${workdir}") --jax_distributed"
+  local arg
+  for arg in "$@"; do
+    [[ "${arg}" == --config.* ]] || die "only --config.<field>=<value> overrides may follow the options, got '${arg}'"
+    cmd+=" $(quote "${arg}")"
+  done
+  printf '%s' "${cmd}"
+}

@@ -1,0 +1,95 @@
+"""compile_check: the real train step and a decode call compiled for a TPU topology on CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from armd_jax import compile_check
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compiled(**fields):
+  values = dict(seconds=1.0, argument_bytes=100, output_bytes=100, alias_bytes=90,
+                temp_bytes=50, code_bytes=5, flops=2e12, bytes_accessed=1e9, peak_bytes=0,
+                mosaic_calls=0)
+  values.update(fields)
+  return compile_check.Compiled(**values)
+
+
+def test_total_bytes_counts_donated_outputs_once():
+  assert _compiled().total_bytes == 100 + 100 - 90 + 50 + 5
+
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+  chip = compile_check.Chip("x", peak_flops=1e12, hbm_bytes=1e9, hbm_bandwidth=1e9, source="")
+  rl = compile_check.roofline(_compiled(flops=2e12, bytes_accessed=1e9), chip,
+                              tokens_per_step=4000, num_chips=2)
+  assert (rl["compute_s"], rl["memory_s"], rl["step_s"], rl["bound"]) == (2.0, 1.0, 2.0,
+                                                                          "compute")
+  assert rl["tokens_per_s_per_chip"] == 1000.0
+  rl = compile_check.roofline(_compiled(flops=1e11, bytes_accessed=3e9), chip, 4000, 2)
+  assert (rl["step_s"], rl["bound"]) == (3.0, "memory")
+
+
+def test_state_bytes_per_chip_sums_shard_sizes():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  split = NamedSharding(mesh, PartitionSpec("fsdp"))
+  tree = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=split),
+          "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=split)}
+  assert compile_check.state_bytes_per_chip(tree) == 8 * 4 * 4 + 3 * 2
+
+
+def test_published_chip_figures():
+  v5e, v5p = compile_check.CHIPS["TPU v5 lite"], compile_check.CHIPS["TPU v5"]
+  assert (v5e.peak_flops, v5e.hbm_bytes, v5e.hbm_bandwidth) == (197e12, 16e9, 819e9)
+  assert (v5p.peak_flops, v5p.hbm_bytes, v5p.hbm_bandwidth) == (459e12, 95e9, 2765e9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu])")
+def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
+  out = tmp_path / "report.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
+       "--topology=v5e:2x2", "--config.sample.num_samples=2", "--config.mesh.shape=(1,2,2)",
+       "--config.mesh.rule_table=fsdp_tensor", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  assert "FITS" in run.stdout and "tokens/s per chip" in run.stdout
+  report = json.loads(out.read_text())
+  assert (report["chips"], report["device_kind"], report["fits"]) == (4, "TPU v5 lite", True)
+  assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert report["rule_table"] == "fsdp_tensor"
+  step = report["train_step"]
+  # tiny: 8 x 16 tokens per step; every chip does real work.
+  assert step["flops"] > 6 * report["params"] * 8 * 16 / 4
+  # float32 params, two Adam moments and the EMA: 16 bytes per parameter unsharded; split
+  # over fsdp x tensor each chip holds between a quarter and less than all of it (exact
+  # shard sizes; the compiled arguments add the batch and TPU tile padding on top).
+  assert 16 * report["params"] / 4 <= report["state_bytes"] < 16 * report["params"]
+  assert step["argument_bytes"] >= report["state_bytes"]
+  assert 0 < step["total_bytes"] < report["chip"]["hbm_bytes"]
+  assert step["roofline"]["tokens_per_s_per_chip"] > 0
+  assert report["decode"]["total_bytes"] > 0 and report["decode"]["num_samples"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu])")
+def test_bad_topology_is_a_clear_error():
+  run = subprocess.run(
+      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
+       "--topology=v5litepod-4"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  assert run.returncode != 0 and "Could not describe TPU topology 'v5litepod-4'" in run.stderr
