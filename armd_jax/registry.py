@@ -239,21 +239,30 @@ def _mdlm_sequence_nll(model, params, tokens, mask, key, order) -> jax.Array:
 
 
 def _armd_generate(model, params, rng, *, batch_size, length, streams=1, prompt=None,
-                   sampler=None, num_steps=None):
-  """KV-cached strided decoding (N/S + S - 1 calls, plus one per prompt token)."""
+                   sampler=None, num_steps=None, order=None, k=1, criterion="max_prob"):
+  """KV-cached strided decoding (N/S + S - 1 calls, plus one call reading the prompt), or
+  order='confidence' with k positions per exact call (`sampling.generate`)."""
   from armd_jax import sampling  # pylint: disable=import-outside-toplevel
   del num_steps
   return sampling.generate(model, params, rng, batch_size=batch_size, length=length,
                            streams=streams, prompt=prompt,
-                           sampler=sampler or sampling.SamplerConfig())
+                           sampler=sampler or sampling.SamplerConfig(), order=order, k=k,
+                           criterion=criterion)
+
+
+def _no_order(kind: str, order) -> None:
+  if order is not None:
+    raise ValueError(f"order={order!r} needs an 'armd' model; a {kind!r} model has one "
+                     "generation order.")
 
 
 def _ar_generate(model, params, rng, *, batch_size, length, streams=1, prompt=None,
-                 sampler=None, num_steps=None):
+                 sampler=None, num_steps=None, order=None, **unused):
   """KV-cached left to right: one token per call (streams must be 1)."""
   from armd_jax import sampling  # pylint: disable=import-outside-toplevel
   from armd_jax.sampling import ar  # pylint: disable=import-outside-toplevel
-  del num_steps
+  del num_steps, unused
+  _no_order("ar", order)
   if streams != 1:  # parallel_streams=False
     raise ValueError(f"an 'ar' model generates one token per call: streams must be 1, got "
                      f"{streams}.")
@@ -262,10 +271,12 @@ def _ar_generate(model, params, rng, *, batch_size, length, streams=1, prompt=No
 
 
 def _mdlm_generate(model, params, rng, *, batch_size, length, streams=1, prompt=None,
-                   sampler=None, num_steps=None):
+                   sampler=None, num_steps=None, order=None, **unused):
   """Ancestral sampling; `num_steps` defaults to `matched_mdlm_steps` (module doc)."""
   from armd_jax import sampling  # pylint: disable=import-outside-toplevel
   from armd_jax.sampling import mdlm  # pylint: disable=import-outside-toplevel
+  del unused
+  _no_order("mdlm", order)
   if num_steps is None:
     num_prompt = 0 if prompt is None else int(jnp.shape(prompt)[-1])
     num_steps = matched_mdlm_steps(length - num_prompt, streams)

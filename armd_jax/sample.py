@@ -1,12 +1,17 @@
 """The sample command: decoded text from a trained workdir.
 
   python -m armd_jax.sample --workdir=DIR --num_samples=4 --length=256 --streams=4 \
-      [--prompt="ROMEO:"] [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--greedy]
+      [--prompt="ROMEO:"] [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--greedy] \
+      [--order=strided|confidence] [--per_call=K] [--criterion=max_prob] \
+      [--stop_at_eos] [--noise=precise|fast]
 
 Loads the latest checkpoint (EMA parameters when the run kept them, unless
 --nouse_ema), generates with `armd_jax.sampling.generate` (KV-cached, S strided
-streams: N/S + S - 1 network calls, plus one per prompt token) and prints each sample,
-the number of network calls and tokens/s. tokens/s is measured on a second, timed run
+streams: N/S + S - 1 network calls, plus one call that reads the whole prompt) and prints
+each sample, the number of network calls, the decode time and tokens/s.
+--order=confidence reveals the --per_call most confident positions per exact call after
+probing every unrevealed one (2 ceil(U/K) - 1 calls). --stop_at_eos ends each sample at
+its first EOS (later positions are padding, not printed). tokens/s is measured on a second, timed run
 after a warm-up run that compiles the decoder (--nowarmup times the first run,
 compilation included). A workdir without a checkpoint, a length beyond the model's
 max_len, or S not dividing the generated length is a clear error.
@@ -40,6 +45,15 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "MDLM only: reverse steps (default: "
                                   "N/S + S - 1, ARMD's call count at S = --streams).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with an untimed run before timing.")
+_ORDER = flags.DEFINE_enum("order", "strided", ["strided", "confidence"],
+                           "ARMD generation order: strided streams or confidence-ordered.")
+_PER_CALL = flags.DEFINE_integer("per_call", 1, "--order=confidence: positions revealed per "
+                                 "exact call (k).")
+_CRITERION = flags.DEFINE_enum("criterion", "max_prob", ["max_prob", "margin", "entropy"],
+                               "--order=confidence: confidence measure.")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", False, "End each sample at its first EOS.")
+_NOISE = flags.DEFINE_enum("noise", "precise", ["precise", "fast"],
+                           "Categorical noise: float64-equivalent 'precise' or float32 'fast'.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -58,7 +72,9 @@ class SampleResult:
 def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256,
                         streams: int = 1, prompt: Optional[str] = None, sampler=None,
                         seed: int = 0, use_ema: bool = True, step: Optional[int] = None,
-                        num_steps: Optional[int] = None, warmup: bool = True) -> SampleResult:
+                        num_steps: Optional[int] = None, warmup: bool = True,
+                        order: str = "strided", per_call: int = 1, criterion: str = "max_prob",
+                        stop_at_eos: bool = False) -> SampleResult:
   """Loads a trained workdir and generates `num_samples` sequences of `length` tokens.
 
   Raises:
@@ -84,7 +100,9 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
     if len(prompt_ids) >= length:
       raise ValueError(f"--prompt is {len(prompt_ids)} tokens long; --length={length} leaves "
                        "nothing to generate.")
-  if (length - (0 if prompt_ids is None else len(prompt_ids))) % streams:
+  if order == "confidence" and streams != 1:
+    raise ValueError("--order=confidence takes --streams=1.")
+  if order == "strided" and (length - (0 if prompt_ids is None else len(prompt_ids))) % streams:
     raise ValueError(f"--streams={streams} must divide the number of generated tokens "
                      f"(--length minus the prompt: "
                      f"{length - (0 if prompt_ids is None else len(prompt_ids))}).")
@@ -93,8 +111,10 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
   generate = registry.get_kind(cfg.kind).generate
 
   def run(rng):
+    options = {} if order == "strided" else dict(order=order, k=per_call, criterion=criterion)
     return generate(trained.model, trained.params, rng, batch_size=num_samples, length=length,
-                    streams=streams, prompt=prompt_ids, sampler=sampler, num_steps=num_steps)
+                    streams=streams, prompt=prompt_ids, sampler=sampler, num_steps=num_steps,
+                    **options)
 
   rng = jax.random.PRNGKey(seed)
   if warmup:
@@ -103,9 +123,12 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
   out = run(rng)
   tokens = np.asarray(jax.block_until_ready(out.tokens))
   seconds = time.perf_counter() - start
-  texts = [trained.vocab.decode(row.tolist()) for row in tokens]
+  valid = np.ones(tokens.shape, bool)
+  if stop_at_eos:  # every kind: text ends at the first EOS (kept out of the text)
+    valid = np.cumsum(tokens == trained.vocab.eos_id, axis=1) == 0
+  texts = [trained.vocab.decode(row[keep].tolist()) for row, keep in zip(tokens, valid)]
   return SampleResult(texts, tokens, int(out.num_calls), seconds,
-                      num_samples * length / seconds, trained.step)
+                      int(valid.sum()) / seconds, trained.step)
 
 
 def main(argv):
@@ -117,20 +140,25 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     sampler = sampling.SamplerConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                     top_p=_TOP_P.value, greedy=_GREEDY.value)
+                                     top_p=_TOP_P.value, greedy=_GREEDY.value,
+                                     noise=_NOISE.value)
     result = sample_from_workdir(
         _WORKDIR.value, num_samples=_NUM_SAMPLES.value, length=_LENGTH.value,
         streams=_STREAMS.value, prompt=_PROMPT.value, sampler=sampler, seed=_SEED.value,
         use_ema=_USE_EMA.value, step=_STEP.value, num_steps=_NUM_STEPS.value,
-        warmup=_WARMUP.value)
+        warmup=_WARMUP.value, order=_ORDER.value, per_call=_PER_CALL.value,
+        criterion=_CRITERION.value, stop_at_eos=_STOP_AT_EOS.value)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   for i, text in enumerate(result.texts):
     print(f"--- sample {i} ---\n{text}", flush=True)
-  print(f"step {result.step}: {len(result.texts)} samples x {_LENGTH.value} tokens, "
-        f"{_STREAMS.value} stream(s), {result.num_calls} network calls, "
-        f"{result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s"
-        f"{'' if _WARMUP.value else ', compilation included'}).", flush=True)
+  how = (f"confidence order, {_PER_CALL.value} per call" if _ORDER.value == "confidence"
+         else f"{_STREAMS.value} stream(s)")
+  print(f"step {result.step}: {len(result.texts)} samples x {_LENGTH.value} tokens, {how}, "
+        f"{result.num_calls} network calls, decode {result.seconds:.3f} s "
+        f"({result.tokens_per_second:.1f} tokens/s"
+        f"{'' if _WARMUP.value else ', compilation included'}"
+        f"{', tokens after EOS not counted' if _STOP_AT_EOS.value else ''}).", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ Trains every run with `armd_jax.train.train_and_evaluate` (character level, the
 - validation perplexity vs. step (from each run's metrics.jsonl; PNG),
 - final held-out perplexity, labelled exact or bound (`armd_jax.eval`),
 - train tokens/s (median of the progress lines, compilation excluded),
-- generative perplexity and per-sample unigram entropy of unconditional samples for
-  ARMD sequential and strided S = 2, 4 and for MDLM with the same number of reverse steps
-  as ARMD's network calls (N/S + S - 1), scored by the AR run (the evaluator),
+- generative perplexity and per-sample unigram entropy of unconditional samples (128 per
+  sampler in the full mode, each figure with a bootstrap 95% interval over samples) for
+  ARMD sequential, strided S = 2, 4, confidence-ordered decoding with k = 4, 8 per exact
+  call (2 ceil(N/k) - 1 calls: 63 and 31 at N = 128, beside S = 2's 65 and S = 4's 35),
+  and MDLM with the same number of reverse steps as ARMD's strided calls (N/S + S - 1),
+  scored by the AR run (the evaluator),
 - wall time per sample (a batch generated at once, compiled beforehand).
 
 Runs (all the same width, depth and steps unless stated):
@@ -23,6 +26,8 @@ Runs (all the same width, depth and steps unless stated):
 Commands (from the repository root):
   python benchmarks/compare.py --smoke   # tiny sizes, ~2 minutes on 2 cores: a test
   python benchmarks/compare.py           # the full comparison (see docs/benchmarks.md)
+  python benchmarks/compare.py --generation_only --workdir_root=DIR  # re-sample and score
+      # the trained runs in DIR (no training): writes compare_generation.*
 
 Writes benchmarks/results/compare.json, compare_val_ppl.png, compare.md and the results
 section of docs/benchmarks.md (the full, unmodified run only; --smoke writes compare_smoke.*,
@@ -63,13 +68,15 @@ SIZES = {
     # the final perplexities (None = the whole held-out split).
     "full": dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=512, seq_len=128, batch=32,
                  steps=800, eval_every=100, eval_batches=8, lr=1e-3, warmup=100,
-                 gen_samples=16, mc_samples=4, final_batches=None),
+                 gen_samples=128, mc_samples=4, final_batches=None),
     "smoke": dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, seq_len=32, batch=8,
                   steps=20, eval_every=10, eval_batches=2, lr=3e-3, warmup=5,
                   gen_samples=4, mc_samples=1, final_batches=2),
 }
 RUNS = ("ar", "armd", "armd_sbp", "armd_prefix_init", "armd_all_two_stream", "mdlm")
 STREAMS = (1, 2, 4)
+CONFIDENCE_K = (4, 8)  # confidence-ordered decoding: positions per exact call
+BOOTSTRAP = 2000  # resamples for the 95% intervals
 
 
 def run_config(name: str, size: Dict, data_path: str, workdirs: Dict[str, str]):
@@ -150,24 +157,64 @@ def final_perplexities(name: str, trained, workdir: str, size: Dict) -> Dict[str
   return out
 
 
+def bootstrap_interval(nll: np.ndarray, counts: np.ndarray, entropy: np.ndarray,
+                       seed: int = 0) -> Dict[str, List[float]]:
+  """Bootstrap 95% intervals over samples of gen. PPL (exp of pooled NLL per token) and of
+  mean unigram entropy; nll/counts/entropy are per-sample [B]."""
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, len(nll), size=(BOOTSTRAP, len(nll)))
+  ppl = np.exp(nll[idx].sum(axis=1) / counts[idx].sum(axis=1))
+  ent = entropy[idx].mean(axis=1)
+  return {"gen_ppl_ci95": np.percentile(ppl, [2.5, 97.5]).tolist(),
+          "entropy_nats_ci95": np.percentile(ent, [2.5, 97.5]).tolist()}
+
+
+def _armd_samples(trained, key, batch: int, length: int, k: int):
+  """Confidence-ordered ARMD samples (timed after a warm-up), through the registry."""
+  generate = registry.get_kind(trained.model_config.kind).generate
+
+  def run(rng):
+    return generate(trained.model, trained.params, rng, batch_size=batch, length=length,
+                    order="confidence", k=k)
+  jax.block_until_ready(run(jax.random.fold_in(key, 1)).tokens)
+  start = time.perf_counter()
+  out = run(key)
+  tokens = np.asarray(jax.block_until_ready(out.tokens))
+  return ev.Samples(tokens, int(out.num_calls), time.perf_counter() - start)
+
+
 def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
-  """Generative PPL / entropy / calls / seconds per sample for the run's sampler(s)."""
+  """Generative PPL / entropy (with bootstrap 95% intervals) / calls / seconds per sample
+  for the run's samplers."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
-  streams = STREAMS if spec.parallel_streams else (1,)
+  settings = [("streams", s) for s in (STREAMS if spec.parallel_streams else (1,))]
+  if kind == "armd":
+    settings += [("confidence", k) for k in CONFIDENCE_K if k <= length]
   rows = []
-  for s in streams:
-    # 'mdlm' runs the registry's matched step count for S.
-    samples = ev.generate_samples(trained.model, trained.params, jax.random.PRNGKey(100 + s),
-                                  batch_size=batch, length=length, streams=s,
-                                  sampler=sampling.SamplerConfig())
+  for how, s in settings:
+    key = jax.random.PRNGKey(100 + s + (1000 if how == "confidence" else 0))
+    if how == "confidence":
+      samples = _armd_samples(trained, key, batch, length, s)
+    else:  # 'mdlm' runs the registry's matched step count for S.
+      samples = ev.generate_samples(trained.model, trained.params, key, batch_size=batch,
+                                    length=length, streams=s, sampler=sampling.SamplerConfig())
     result = ev.generative_perplexity(samples.tokens, evaluator)
-    row = {"run": name, "sampler": _sampler_name(name, kind, s, length), "streams": s,
+    nll, counts = evaluator.score_tokens(samples.tokens)
+    entropy = ev.unigram_entropy(samples.tokens)
+    name_ = (f"confidence k={s} (max prob)" if how == "confidence"
+             else _sampler_name(name, kind, s, length))
+    row = {"run": name, "sampler": name_, "streams": s if how == "streams" else None,
+           "per_call": s if how == "confidence" else None,
            "num_calls": samples.num_calls, "seconds_per_sample": samples.seconds / batch,
-           **result.as_dict(), "example": trained.vocab.decode(samples.tokens[0].tolist())}
-    print(f"  {name} {row['sampler']}: {result}; {samples.num_calls} calls, "
-          f"{row['seconds_per_sample'] * 1e3:.1f} ms/sample", flush=True)
+           **result.as_dict(), **bootstrap_interval(np.asarray(nll, np.float64),
+                                                    np.asarray(counts, np.float64),
+                                                    np.asarray(entropy, np.float64)),
+           "example": trained.vocab.decode(samples.tokens[0].tolist())}
+    print(f"  {name} {row['sampler']}: {result}; 95% CI {row['gen_ppl_ci95']}; "
+          f"{samples.num_calls} calls, {row['seconds_per_sample'] * 1e3:.1f} ms/sample",
+          flush=True)
     rows.append(row)
   return rows
 
@@ -220,11 +267,14 @@ def markdown(results: Dict) -> str:
                  f"{run['train_seconds']:.0f} |")
   lines += ["", f"Generative perplexity under the evaluator: {results['evaluator']}; "
             f"{size['gen_samples']} samples of {size['seq_len']} characters, temperature 1.", "",
-            "| run | sampler | network calls | gen. PPL | entropy (nats) | ms / sample |",
-            "|---|---|---|---|---|---|"]
+            "| run | sampler | network calls | gen. PPL [95% CI] | entropy (nats) [95% CI] | "
+            "ms / sample |", "|---|---|---|---|---|---|"]
   for row in results["generation"]:
+    ci = row.get("gen_ppl_ci95", [float("nan")] * 2)
+    eci = row.get("entropy_nats_ci95", [float("nan")] * 2)
     lines.append(f"| {row['run']} | {row['sampler']} | {row['num_calls']} | "
-                 f"{row['gen_ppl']:.3f} | {row['entropy_nats']:.3f} | "
+                 f"{row['gen_ppl']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                 f"{row['entropy_nats']:.3f} [{eci[0]:.3f}, {eci[1]:.3f}] | "
                  f"{row['seconds_per_sample'] * 1e3:.1f} |")
   return "\n".join(lines) + "\n"
 
@@ -249,6 +299,10 @@ def main() -> None:
                       "(default /tmp/armd_compare[_smoke]; emptied first)")
   parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
   parser.add_argument("--steps", type=int, default=None, help="override the step count")
+  parser.add_argument("--gen_samples", type=int, default=None, help="samples per sampler")
+  parser.add_argument("--generation_only", action="store_true",
+                      help="no training: load the runs already trained under --workdir_root "
+                      "and only sample and score them (writes compare_generation.*)")
   args = parser.parse_args()
 
   mode = "smoke" if args.smoke else "full"
@@ -256,6 +310,8 @@ def main() -> None:
   if args.steps:
     size["steps"] = args.steps
     size["eval_every"] = max(1, args.steps // 4)
+  if args.gen_samples:
+    size["gen_samples"] = args.gen_samples
   data_path = os.path.normpath(args.data)
   if not os.path.isfile(data_path):
     raise SystemExit(f"error: no tiny Shakespeare file at {data_path} (pass --data).")
@@ -275,6 +331,11 @@ def main() -> None:
   trained_runs = {}
   for i, name in enumerate(runs):
     workdir = workdirs[name] = os.path.join(root, name)
+    if args.generation_only:
+      trained_runs[name] = train.load_trained(workdir)
+      print(f"[{time.time() - start:6.0f}s] loaded {name} (step {trained_runs[name].step}) from "
+            f"{workdir}", flush=True)
+      continue
     shutil.rmtree(workdir, ignore_errors=True)
     config = run_config(name, size, data_path, workdirs)
     print(f"[{time.time() - start:6.0f}s] training {name} ({i + 1}/{len(runs)}, "
@@ -303,11 +364,16 @@ def main() -> None:
 
   out_dir = os.path.join(HERE, "results")
   os.makedirs(out_dir, exist_ok=True)
-  canonical = mode == "full" and not args.steps and len(runs) == len(RUNS)
+  canonical = (mode == "full" and not args.steps and len(runs) == len(RUNS) and
+               not args.generation_only and not args.gen_samples)
   stem = "compare" if canonical else ("compare_smoke" if args.smoke else "compare_custom")
+  if args.generation_only:
+    stem += "_generation"
+  results["command"] = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
   with open(os.path.join(out_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
-  plot(results, os.path.join(out_dir, f"{stem}_val_ppl.png"))
+  if not args.generation_only:
+    plot(results, os.path.join(out_dir, f"{stem}_val_ppl.png"))
   table = markdown(results)
   with open(os.path.join(out_dir, f"{stem}.md"), "w", encoding="utf-8") as f:
     f.write(table)

@@ -1,7 +1,10 @@
 """Sampling speed of ARMD on this machine: no cache vs KV cache vs strided streams.
 
-  python benchmarks/sampling_speed.py [--models=tiny,small] [--lengths=256,1024] \
-      [--streams=2,4,8] [--batch_size=1] [--out=benchmarks/results/sampling_speed.json]
+  python benchmarks/sampling_speed.py [--settings=tiny:128,small:1024] [--streams=2,4,8] \
+      [--batch_size=8] [--out=benchmarks/results/sampling_speed.json]
+
+Targets (issue 13): at batch 8, strided S = 4 >= 3x cached sequential for tiny (the
+quickstart model) at N = 128 and small at N = 1024, and cached >= 5x no cache.
 
 For each model size and length N, with randomly initialised weights (speed does not
 depend on the weights), it times:
@@ -66,16 +69,16 @@ def nocache_order(batch: int, length: int, calls: int) -> np.ndarray:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="tiny,small")
-  parser.add_argument("--lengths", default="256,1024")
+  parser.add_argument("--settings", default="tiny:128,small:1024",
+                      help="comma-separated model:length pairs")
   parser.add_argument("--streams", default="2,4,8")
-  parser.add_argument("--batch_size", type=int, default=1)
+  parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=4)
   parser.add_argument("--nocache_calls", type=int, default=32,
                       help="no-cache calls actually run per length (then scaled to N)")
   parser.add_argument("--out", default="benchmarks/results/sampling_speed.json")
   args = parser.parse_args()
-  lengths = [int(n) for n in args.lengths.split(",")]
+  settings = [(m, int(n)) for m, n in (x.split(":") for x in args.settings.split(","))]
   streams = [int(s) for s in args.streams.split(",")]
   batch = args.batch_size
   records = []
@@ -84,58 +87,57 @@ def main():
     records.append(fields)
     print(json.dumps(fields), flush=True)
 
-  for name in args.models.split(","):
-    model, params, count = init(name, max(lengths))
-    print(f"model {name}: {count:,} parameters", flush=True)
-    for length in lengths:
-      # (a) no cache: full forward per call.
-      calls = min(args.nocache_calls, length)
-      ids = nocache_order(batch, length, calls)
-      zeros = np.zeros((batch, length), np.int32)
-      positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-      known = np.zeros((batch, length), bool)
-      seconds = best_time(lambda seed: sampling.decode(
-          model, params, jax.random.PRNGKey(seed), zeros, known, ids, positions,
-          mode="recompute")[0], 1)
-      per_call = seconds / calls
-      record(model=name, params=count, length=length, batch=batch, method="no_cache",
-             streams=1, calls=length, seconds=per_call * length,
-             tokens_per_second=batch * length / (per_call * length),
-             measured_calls=calls, extrapolated=calls < length)
-      # (b) cached sequential and (c) cached strided, timed round-robin so that changes
-      # in the load of the shared machine hit every setting alike.
-      settings = [st for st in [1] + streams if length % st == 0]
-      runs, calls = {}, {}
-      for st in settings:
-        def run(seed, st=st):
-          result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
-                                     length=length, streams=st)
-          calls[st] = result.num_calls
-          return result.tokens
-        runs[st] = run
-        jax.block_until_ready(run(0))  # compile
-      best = {st: float("inf") for st in settings}
-      for seed in range(1, args.repeats + 1):
-        for st in settings:
-          start = time.perf_counter()
-          jax.block_until_ready(runs[st](seed))
-          best[st] = min(best[st], time.perf_counter() - start)
-      for st in settings:
-        record(model=name, params=count, length=length, batch=batch,
-               method="cached" if st == 1 else "strided", streams=st, calls=calls[st],
-               seconds=best[st], tokens_per_second=batch * length / best[st],
-               measured_calls=calls[st], extrapolated=False)
+  for name, length in settings:
+    model, params, count = init(name, length)
+    print(f"model {name}: {count:,} parameters, N = {length}", flush=True)
+    # (a) no cache: full forward per call.
+    calls = min(args.nocache_calls, length)
+    ids = nocache_order(batch, length, calls)
+    zeros = np.zeros((batch, length), np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    known = np.zeros((batch, length), bool)
+    seconds = best_time(lambda seed: sampling.decode(
+        model, params, jax.random.PRNGKey(seed), zeros, known, ids, positions,
+        mode="recompute")[0], 1)
+    per_call = seconds / calls
+    record(model=name, params=count, length=length, batch=batch, method="no_cache",
+           streams=1, calls=length, seconds=per_call * length,
+           tokens_per_second=batch * length / (per_call * length),
+           measured_calls=calls, extrapolated=calls < length)
+    # (b) cached sequential and (c) cached strided, timed round-robin so that changes
+    # in the load of the shared machine hit every setting alike.
+    widths = [st for st in [1] + streams if length % st == 0]
+    runs, calls = {}, {}
+    for st in widths:
+      def run(seed, st=st):
+        result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
+                                   length=length, streams=st)
+        calls[st] = result.num_calls
+        return result.tokens
+      runs[st] = run
+      jax.block_until_ready(run(0))  # compile
+    best = {st: float("inf") for st in widths}
+    for seed in range(1, args.repeats + 1):
+      for st in widths:
+        start = time.perf_counter()
+        jax.block_until_ready(runs[st](seed))
+        best[st] = min(best[st], time.perf_counter() - start)
+      print(f"  repeat {seed}/{args.repeats}: best so far {best}", flush=True)
+    for st in widths:
+      record(model=name, params=count, length=length, batch=batch,
+             method="cached" if st == 1 else "strided", streams=st, calls=calls[st],
+             seconds=best[st], tokens_per_second=batch * length / best[st],
+             measured_calls=calls[st], extrapolated=False)
 
   ratios = {}
-  for name in args.models.split(","):
-    for length in lengths:
-      rows = {(r["method"], r["streams"]): r["seconds"] for r in records
-              if r["model"] == name and r["length"] == length}
-      key = f"{name}/N={length}"
-      ratios[key] = {"cached_vs_no_cache": rows[("no_cache", 1)] / rows[("cached", 1)]}
-      for s in streams:
-        if ("strided", s) in rows:
-          ratios[key][f"strided_S{s}_vs_cached"] = rows[("cached", 1)] / rows[("strided", s)]
+  for name, length in settings:
+    rows = {(r["method"], r["streams"]): r["seconds"] for r in records
+            if r["model"] == name and r["length"] == length}
+    key = f"{name}/N={length}"
+    ratios[key] = {"cached_vs_no_cache": rows[("no_cache", 1)] / rows[("cached", 1)]}
+    for s in streams:
+      if ("strided", s) in rows:
+        ratios[key][f"strided_S{s}_vs_cached"] = rows[("cached", 1)] / rows[("strided", s)]
   print(json.dumps(ratios, indent=1), flush=True)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:

@@ -141,13 +141,13 @@ def test_strided_generation_makes_n_over_s_plus_s_minus_one_calls_and_fills_ever
   assert out.tokens.shape == (B, N) and out.tokens.dtype == jnp.int32
 
 
-def test_prompt_tokens_are_never_overwritten_and_each_costs_one_call(tiny):
+def test_prompt_tokens_are_never_overwritten_and_all_are_read_in_one_call(tiny):
   model, params = tiny
   prompt = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
   out = sampling.generate(model, params, jax.random.PRNGKey(1), batch_size=2, length=N,
                           streams=4, prompt=prompt)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)
-  assert out.num_calls == 4 + (N - 4) // 4 + 4 - 1
+  assert out.num_calls == 1 + (N - 4) // 4 + 4 - 1
   np.testing.assert_array_equal(out.block_ids[:, :4], [[1, 2, 3, 4]] * 2)
 
 
@@ -182,7 +182,7 @@ def test_repeated_generation_reuses_one_compiled_decoder(tiny):
   model, params = tiny
   for seed in range(3):
     sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2)
-  key = (model, SamplerConfig(), ((1, 2), (2, 5), True), B, N, "cached")
+  key = (model, SamplerConfig(), ((1, 2), (2, 5), 0, True), B, N, "cached")  # 0: no prefill
   assert decode_lib.TRACE_COUNTS[key] == 1
 
 

@@ -31,18 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from armd_jax.losses import token_log_probs
+from armd_jax.models import layers as layer_lib
 from armd_jax.sampling import plan as plan_lib
 from armd_jax.sampling.sampler import SamplerConfig, sample_logits
 
 MODES = ("cached", "recompute")
 _NEVER = 2**30  # block id of cache rows beyond the sequence: no query ever sees them
+_MASKED = -1e30  # score of a hidden cache row (exp underflows to 0; no inf - inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +53,30 @@ class GenerateOutput:
 
   Attributes:
     tokens: int32 [B, N] generated tokens (known prompt/infill tokens unchanged).
-    num_calls: number of model calls (one per block of the order).
+    num_calls: number of model calls (one per block of the order, one for the whole
+      prefill of known tokens, and every probe of order='confidence').
     log_probs: float32 [B, N] log-probability of each token under the model's
       conditional it was drawn from (before temperature/filtering); for known tokens,
       their teacher-forced log-probability.
-    block_ids: int32 [B, N] numpy, the order used (known positions first).
+    block_ids: int32 [B, N] numpy, the order used (known positions first; for
+      order='confidence' the realized order).
+    valid: bool [B, N]; False at padding after a row's first EOS (stop_at_eos).
+    drawn: int32 [B, N], the tokens the network conditioned on (= tokens unless
+      stop_at_eos padded some).
   """
 
   tokens: jax.Array
   num_calls: int
   log_probs: jax.Array
   block_ids: np.ndarray
+  valid: Optional[jax.Array] = None
+  drawn: Optional[jax.Array] = None
 
 
 def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
            block_ids: np.ndarray, positions: np.ndarray,
-           sampler: SamplerConfig = SamplerConfig(),
-           mode: str = "cached") -> Tuple[jax.Array, jax.Array, int]:
+           sampler: SamplerConfig = SamplerConfig(), mode: str = "cached",
+           prefill_blocks=None) -> Tuple[jax.Array, jax.Array, int]:
   """Decodes the blocks of `block_ids` in order; the engine behind generate and score.
 
   Args:
@@ -81,6 +90,8 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
     sampler: how unknown tokens are drawn.
     mode: 'cached' (KV caches) or 'recompute' (full forward pass every call: the
       reference and the no-cache benchmark baseline).
+    prefill_blocks: optional int [B]: row b's first prefill_blocks[b] blocks (all known)
+      are read in ONE call (the prefill); None reads every block in its own call.
 
   Returns:
     (tokens int32 [B, N], log_probs float32 [B, N], number of model calls made).
@@ -97,7 +108,12 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
   if positions.min() < 0 or positions.max() >= model.config.max_len:
     raise ValueError(f"positions must lie in [0, ModelConfig.max_len={model.config.max_len}), "
                      f"got range [{positions.min()}, {positions.max()}].")
-  run, inputs, plan = decode_program(model, tokens, known, block_ids, positions, sampler, mode)
+  if prefill_blocks is not None:
+    readable = plan_lib.leading_known_blocks(block_ids, known)
+    if (np.asarray(prefill_blocks) > readable).any():
+      raise ValueError("decode: prefill_blocks covers blocks with unknown tokens.")
+  run, inputs, plan = decode_program(model, tokens, known, block_ids, positions, sampler, mode,
+                                     prefill_blocks)
   out_tokens, log_probs, calls = run(params, rng, *inputs)
   calls = int(calls)
   if calls != plan.num_calls:  # the loop counts its own model calls
@@ -107,23 +123,24 @@ def decode(model, params, rng: jax.Array, tokens: np.ndarray, known: np.ndarray,
 
 def decode_program(model, tokens: np.ndarray, known: np.ndarray, block_ids: np.ndarray,
                    positions: np.ndarray, sampler: SamplerConfig = SamplerConfig(),
-                   mode: str = "cached"):
+                   mode: str = "cached", prefill_blocks=None):
   """The jitted decoder of one static plan and its data inputs, not yet called.
 
   `decode` calls `run(params, rng, *inputs)`; `armd_jax.compile_check` lowers the same
   `run` for a TPU topology instead. Arguments as for `decode` (already checked there).
 
   Returns:
-    (run, inputs, plan): `run(params, rng, tokens, known, block_ids, positions,
+    (run, inputs, plan): `run(params, rng, tokens, known, block_ids, positions, prefill,
     slot_tables) -> (tokens [B, N], log_probs [B, N], calls)`, the tuple `inputs` of
     jnp arrays after (params, rng), and the `plan_lib.Plan`.
   """
   block_ids = np.asarray(block_ids, np.int32)
   batch, length = block_ids.shape
-  plan = plan_lib.make_plan(block_ids)
+  plan = plan_lib.make_plan(block_ids, prefill_blocks)
   run = _compiled(model, sampler, plan.structure, batch, length, mode)
+  prefill = plan.prefill if plan.prefill is not None else np.zeros((batch, 0), np.int32)
   inputs = (jnp.asarray(tokens, jnp.int32), jnp.asarray(known, bool), jnp.asarray(block_ids),
-            jnp.asarray(positions, jnp.int32),
+            jnp.asarray(positions, jnp.int32), jnp.asarray(prefill),
             tuple((jnp.asarray(p.slots), jnp.asarray(p.starts)) for p in plan.phases))
   return run, inputs, plan
 
@@ -134,26 +151,29 @@ def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: 
   """One jitted decoder per static signature; a retrace of it would be a bug."""
   key = (model, sampler, structure, batch, length, mode)
   TRACE_COUNTS[key] = 0
-  *phases, uniform = structure
-  max_width = max(width for width, _ in phases)
+  *phases, prefill_width, uniform = structure
+  max_width = max([width for width, _ in phases] + [prefill_width])
 
-  def run(params, rng, tokens, known, block_ids, positions, slot_tables):
+  def run(params, rng, tokens, known, block_ids, positions, prefill, slot_tables):
     _count_trace(key)
     bound = model.bind(params)
     # Cache rows in generation order: their block ids are the sorted ids, then a tail of
     # max_width rows that no query ever sees (room for fixed-width writes).
     tail = jnp.full((block_ids.shape[0], max_width), _NEVER, jnp.int32)
     sorted_ids = jnp.sort(block_ids, axis=1)
+    upper_ids = jnp.concatenate([sorted_ids, tail], axis=1)  # [B, N+W]
     inputs = dict(known=known, block_ids=block_ids, positions=positions, rng=rng,
-                  uniform=uniform,
-                  upper_ids=jnp.concatenate([sorted_ids, tail], axis=1),  # [B, N+W]
-                  content_ids=jnp.pad(jnp.concatenate([sorted_ids, tail], axis=1),
-                                      ((0, 0), (1, 0))))  # [B, 1+N+W], BOS id 0
+                  upper_ids=upper_ids,
+                  content_ids=jnp.pad(upper_ids, ((0, 0), (1, 0))))  # [B, 1+N+W], BOS 0
     if mode == "cached":
       state = _init_state(bound, tokens, max_width)
-      call = functools.partial(_cached_call, bound, sampler, inputs)
+      if prefill_width:
+        state = _prefill_call(bound, inputs, state, prefill)
+      call = functools.partial(_cached_call, bound, sampler, inputs, uniform=uniform)
     else:
       state = _init_light_state(tokens)
+      if prefill_width:
+        state = _recompute_prefill(bound, inputs, state, prefill)
       call = functools.partial(_recompute_call, bound, sampler, inputs)
     for table in slot_tables:  # one scan per phase
       state, _ = jax.lax.scan(lambda s, xs: (call(s, *xs), None), state, table)
@@ -183,8 +203,9 @@ def _init_light_state(tokens: jax.Array) -> Dict[str, Any]:
 def _init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
   """Empty caches with BOS written: content row 0, prefix state = the BOS term.
 
-  Caches are [B, H, rows, Dh] with rows in generation order: content 1 + N + W rows
-  (row 0 = BOS), upper half N + W rows.
+  Caches are [B, H, rows, Dh] (heads before rows: the score and mixing matmuls of
+  `_attend` batch over (B, H) with the cache as it lies, no per-call transpose) with
+  rows in generation order: content 1 + N + W rows (row 0 = BOS), upper half N + W rows.
   """
   cfg = m.config
   batch, length = tokens.shape
@@ -204,7 +225,8 @@ def _init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
     content_k[l] = _write_rows(content_k[l], k, zeros[:, 0], None, True)
     content_v[l] = _write_rows(content_v[l], v, zeros[:, 0], None, True)
     if l + 1 < num_lower:
-      x = layer.attend(x, zeros, zeros, k, v, zeros)
+      x = _attend(layer, x, zeros, zeros, content_k[l], content_v[l], zeros[:, :1].repeat(
+          content_rows, axis=1).at[:, 1:].set(_NEVER))
   aggregate = jnp.einsum("bip,bid->bpd", bos_pe, bos_x0, preferred_element_type=jnp.float32)
   return dict(
       tokens=tokens, log_probs=jnp.zeros(tokens.shape, jnp.float32),
@@ -214,6 +236,31 @@ def _init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
       upper_v=[jnp.zeros(shape(upper_rows), dtype) for _ in range(num_upper)],
       aggregate=aggregate,  # [B, P, D] float32: sum of PE_i^T X0_i over revealed + BOS
       count=jnp.ones((batch,), jnp.int32))  # revealed tokens + BOS
+
+
+def _attend(layer, x: jax.Array, rope: jax.Array, ids: jax.Array, cache_k: jax.Array,
+            cache_v: jax.Array, kv_ids: jax.Array) -> jax.Array:
+  """`Block.attend` of rows x [B, W, D] over a [B, H, R, Dh] cache with row ids [B, R].
+
+  The same layer (its norm, projections, MLP and residuals) and the same attention math
+  as the kernels' reference (float32 scores scaled by 1/sqrt(Dh), query n sees row i iff
+  kv_ids[i] <= ids[n], a row with nothing visible gives zeros); only the layout differs:
+  the matmuls batch over (B, H) on the cache as stored, with no per-call transpose of it.
+  (On XLA:CPU a call of W >= 2 queries still costs ~7x a single-query one, in this and
+  the reference layout alike: benchmarks/decode_attention.py, docs/sampling.md.)
+  """
+  cfg = layer.config
+  h = layer.ln_attn(x)
+  q = layer_lib.apply_rope(layer.attn.query(h), rope, cfg.rope_base)  # [B, W, H, Dh]
+  q = jnp.swapaxes(q, 1, 2)  # [B, H, W, Dh] (small)
+  scores = jnp.einsum("bhwd,bhrd->bhwr", q, cache_k, preferred_element_type=jnp.float32)
+  mask = (kv_ids[:, None, :] <= ids[:, :, None])[:, None]  # [B, 1, W, R]
+  scores = jnp.where(mask, scores * (cfg.head_dim ** -0.5), _MASKED)
+  weights = jnp.where(mask, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
+  probs = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
+  y = jnp.einsum("bhwr,bhrd->bwhd", probs.astype(cache_v.dtype), cache_v,
+                 preferred_element_type=jnp.float32).astype(q.dtype)  # [B, W, H, Dh]
+  return layer._finish(x, layer.attn.out(y), True)  # pylint: disable=protected-access
 
 
 def _scatter(array: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
@@ -231,16 +278,11 @@ def _write_rows(cache: jax.Array, values: jax.Array, start: jax.Array, valid,
   block owning those rows overwrites them). Otherwise each valid slot is scattered.
   """
   if uniform:
-    values = jnp.transpose(values, (0, 2, 1, 3)).astype(cache.dtype)  # [B, H, W, Dh]
+    values = jnp.swapaxes(values, 1, 2).astype(cache.dtype)  # [B, H, W, Dh]
     return jax.lax.dynamic_update_slice_in_dim(cache, values, start[0], axis=2)
   index = jnp.where(valid, start[:, None] + jnp.arange(values.shape[1]), cache.shape[2])
   rows = jnp.arange(cache.shape[0])[:, None]
   return cache.at[rows, :, index].set(values.astype(cache.dtype), mode="drop")  # [B, W, H, Dh]
-
-
-def _read(cache: jax.Array) -> jax.Array:
-  """[B, H, R, Dh] cache as the [B, R, H, Dh] keys/values `Block.attend` takes."""
-  return jnp.transpose(cache, (0, 2, 1, 3))
 
 
 def _slot_inputs(inputs, slots: jax.Array):
@@ -267,42 +309,39 @@ def _choose(state, inputs, sampler, logits, slots, index, valid):
   return state, chosen
 
 
-def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array):
-  """One model call on the cache: query stream of a block, draw, content stream.
+def _query_stream(m, state, ids, pos, q_pe, aggregate, count, start, valid, uniform: bool,
+                  content_ids, upper_ids):
+  """Query stream of a call's rows [B, W] on the caches: (logits [B, W, V], upper K/V).
 
-  slots: [B, W] positions of this call's block (N = empty); start: [B] its first cache
-  row in generation order.
+  aggregate [B, W, D] float32 / count [B, W]: each row's prefix state (what it sees).
+  The lower half attends to the content cache with the strict mask (query id - 1); the
+  upper half writes the rows' own K/V at cache rows start + [0, W) first, then attends
+  with the inclusive mask (a target sees its own block, as in the one-pass model).
   """
   cfg = m.config
   num_lower = cfg.num_two_stream_layers
-  uniform = inputs["uniform"]
-  index, valid, ids, pos = _slot_inputs(inputs, slots)  # [B, W]
   rope = pos + 1  # BOS sits at RoPE position 0
-  placeholder = jnp.take_along_axis(state["tokens"], index, axis=1)
-  _, q_pe = m.embed(placeholder, pos)  # [B, W, P]
-
-  # Query stream: G0 from the running prefix state, O(1) in the length.
-  aggregate = jnp.einsum("bwp,bpd->bwd", q_pe.astype(jnp.float32), state["aggregate"])
-  count = jnp.broadcast_to(state["count"][:, None], ids.shape)
   g = m.query_stream_init(aggregate, count, q_pe)  # [B, W, D]; mean in float32
-  content_ids = inputs["content_ids"]
   for l in range(num_lower):  # strict: query id = block - 1
-    g = m.layers[l].attend(g, rope, ids - 1, _read(state["content_k"][l]),
-                           _read(state["content_v"][l]), content_ids)
+    g = _attend(m.layers[l], g, rope, ids - 1, state["content_k"][l], state["content_v"][l],
+                content_ids)
   upper_k, upper_v = list(state["upper_k"]), list(state["upper_v"])
   for j, layer in enumerate(m.layers[num_lower:]):
-    k, v = layer.keys_values(g, rope)  # this block's own rows join the cache first
+    k, v = layer.keys_values(g, rope)  # the rows' own K/V join the cache first
     upper_k[j] = _write_rows(upper_k[j], k, start, valid, uniform)
     upper_v[j] = _write_rows(upper_v[j], v, start, valid, uniform)
-    g = layer.attend(g, rope, ids, _read(upper_k[j]), _read(upper_v[j]),
-                     inputs["upper_ids"])
-  logits = m.logits(g)  # [B, W, V] float32
-  state, chosen = _choose(state, inputs, sampler, logits, slots, index, valid)
-  state["upper_k"], state["upper_v"] = upper_k, upper_v
+    g = _attend(layer, g, rope, ids, upper_k[j], upper_v[j], upper_ids)
+  return m.logits(g), upper_k, upper_v  # [B, W, V] float32
 
-  # Content stream of the chosen tokens: append their K/V, update the prefix state.
-  x0, pe = m.embed(chosen, pos)  # [B, W, D], [B, W, P]
+
+def _content_stream(m, state, tokens, pos, ids, start, valid, uniform: bool, content_ids):
+  """Appends the content-stream K/V of tokens [B, W] (inclusive mask) and their prefix
+  terms; returns the new state."""
+  num_lower = m.config.num_two_stream_layers
+  rope = pos + 1
+  x0, pe = m.embed(tokens, pos)  # [B, W, D], [B, W, P]
   weight = valid.astype(jnp.float32)[..., None]
+  state = dict(state)
   state["aggregate"] = state["aggregate"] + jnp.einsum(
       "bwp,bwd->bpd", pe.astype(jnp.float32) * weight, x0, preferred_element_type=jnp.float32)
   state["count"] = state["count"] + valid.sum(axis=1).astype(jnp.int32)
@@ -314,9 +353,73 @@ def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array):
     content_k[l] = _write_rows(content_k[l], k, start + 1, valid, uniform)  # row 0 = BOS
     content_v[l] = _write_rows(content_v[l], v, start + 1, valid, uniform)
     if l + 1 < num_lower:  # the last lower layer's content output is never used
-      x = layer.attend(x, rope, ids, _read(content_k[l]), _read(content_v[l]),
-                       content_ids)
+      x = _attend(layer, x, rope, ids, content_k[l], content_v[l], content_ids)
   state["content_k"], state["content_v"] = content_k, content_v
+  return state
+
+
+def _block_call(m, sampler, inputs, state, slots, index, valid, ids, pos, start,
+                uniform: bool, content_ids, upper_ids):
+  """One model call on one block: query stream, draw (or teacher-force), content stream."""
+  placeholder = jnp.take_along_axis(state["tokens"], index, axis=1)
+  _, q_pe = m.embed(placeholder, pos)  # [B, W, P]
+  # G0 from the running prefix state, O(1) in the length.
+  aggregate = jnp.einsum("bwp,bpd->bwd", q_pe.astype(jnp.float32), state["aggregate"])
+  count = jnp.broadcast_to(state["count"][:, None], ids.shape)
+  logits, upper_k, upper_v = _query_stream(m, state, ids, pos, q_pe, aggregate, count, start,
+                                           valid, uniform, content_ids, upper_ids)
+  state, chosen = _choose(state, inputs, sampler, logits, slots, index, valid)
+  state["upper_k"], state["upper_v"] = upper_k, upper_v
+  return _content_stream(m, state, chosen, pos, ids, start, valid, uniform, content_ids)
+
+
+def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array, *,
+                 uniform: bool):
+  """One model call of a plan on the cache. slots: [B, W] positions of this call's block
+  (N = empty); start: [B] its first cache row in generation order."""
+  index, valid, ids, pos = _slot_inputs(inputs, slots)  # [B, W]
+  return _block_call(m, sampler, inputs, state, slots, index, valid, ids, pos, start, uniform,
+                     inputs["content_ids"], inputs["upper_ids"])
+
+
+def _prefill_call(m, inputs, state, slots: jax.Array):
+  """ONE model call reading known tokens of many blocks (slots [B, P], generation order).
+
+  Content stream first (rows 1..P of the content cache, inclusive mask), then the query
+  stream of every slot, each seeing exactly the strictly earlier blocks: its prefix
+  state is the BOS term plus the slots of smaller id in this call (linear attention over
+  them, as the one-pass model's prefix aggregation), and its attention masks are the
+  same id comparisons. Log-probs of the given tokens are recorded; one call is counted.
+  """
+  index, valid, ids, pos = _slot_inputs(inputs, slots)
+  start = jnp.zeros((slots.shape[0],), jnp.int32)
+  tokens = jnp.take_along_axis(state["tokens"], index, axis=1)
+  x0, pe = m.embed(tokens, pos)  # [B, P, D], [B, P, P_dim]
+  pe32 = pe.astype(jnp.float32)
+  earlier = (ids[:, None, :] < ids[:, :, None]) & valid[:, None, :]  # [B, P(query), P]
+  weights = jnp.where(earlier, jnp.einsum("bnp,bip->bni", pe32, pe32), 0.0)
+  aggregate = (jnp.einsum("bnp,bpd->bnd", pe32, state["aggregate"]) +
+               jnp.einsum("bni,bid->bnd", weights, x0.astype(jnp.float32)))
+  count = state["count"][:, None] + earlier.sum(axis=-1).astype(jnp.int32)
+  state = _content_stream(m, state, tokens, pos, ids, start, valid, True, inputs["content_ids"])
+  logits, upper_k, upper_v = _query_stream(m, state, ids, pos, pe, aggregate, count, start,
+                                           valid, True, inputs["content_ids"],
+                                           inputs["upper_ids"])
+  state["upper_k"], state["upper_v"] = upper_k, upper_v
+  state["log_probs"] = _scatter(state["log_probs"], slots, token_log_probs(logits, tokens))
+  state["calls"] = state["calls"] + 1
+  return state
+
+
+def _recompute_prefill(m, inputs, state, slots: jax.Array):
+  """The prefill as one full forward pass (reference mode), read at the prefill slots."""
+  index, _, _, _ = _slot_inputs(inputs, slots)
+  logits = m(state["tokens"], inputs["block_ids"], inputs["positions"])  # [B, N, V]
+  logits = jnp.take_along_axis(logits, index[..., None], axis=1)
+  tokens = jnp.take_along_axis(state["tokens"], index, axis=1)
+  state = dict(state)
+  state["log_probs"] = _scatter(state["log_probs"], slots, token_log_probs(logits, tokens))
+  state["calls"] = state["calls"] + 1
   return state
 
 
@@ -333,12 +436,163 @@ def _recompute_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Arra
   return state
 
 
+# -- confidence-ordered decoding ------------------------------------------------------------
+
+CRITERIA = ("max_prob", "margin", "entropy")
+
+
+def confidence(logits: jax.Array, criterion: str) -> jax.Array:
+  """Confidence [...] of float32 logits [..., V]: larger = more confident.
+
+  'max_prob': the top probability; 'margin': top minus second probability; 'entropy':
+  minus the entropy (nats).
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if criterion == "max_prob":
+    return jnp.exp(log_p.max(axis=-1))
+  if criterion == "margin":
+    top2 = jax.lax.top_k(log_p, 2)[0]
+    return jnp.exp(top2[..., 0]) - jnp.exp(top2[..., 1])
+  if criterion == "entropy":
+    return jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  raise ValueError(f"confidence criterion must be one of {CRITERIA}, got {criterion!r}.")
+
+
+def confidence_calls(length: int, prompt_len: int, per_call: int) -> int:
+  """Network calls of confidence decoding: 1 prefill (if a prompt), then per step one
+  probe and one exact call, except the last step (it takes every remaining position, so
+  it needs no probe): 2 ceil(U / k) - 1 for U generated positions."""
+  steps = -(-(length - prompt_len) // per_call)
+  return (prompt_len > 0) + 2 * steps - 1
+
+
+def decode_confidence(model, params, rng: jax.Array, tokens: np.ndarray, prompt_len: int,
+                      per_call: int, sampler: SamplerConfig = SamplerConfig(),
+                      criterion: str = "max_prob") -> Tuple[jax.Array, jax.Array, jax.Array,
+                                                            int]:
+  """Confidence-ordered exact decoding (see `generate(order='confidence')`).
+
+  Returns (tokens int32 [B, N], log_probs float32 [B, N], realized block ids int32
+  [B, N], number of model calls).
+  """
+  batch, length = np.shape(tokens)
+  if criterion not in CRITERIA:
+    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
+  if not isinstance(per_call, (int, np.integer)) or not 1 <= per_call <= length - prompt_len:
+    raise ValueError(f"per_call (k) must be an int in [1, {length - prompt_len}] (the number "
+                     f"of generated positions), got {per_call!r}.")
+  run = _compiled_confidence(model, sampler, batch, length, int(prompt_len), int(per_call),
+                             criterion)
+  out_tokens, log_probs, block_ids, calls = run(params, rng, jnp.asarray(tokens, jnp.int32))
+  calls = int(calls)
+  want = confidence_calls(length, prompt_len, per_call)
+  if calls != want:
+    raise RuntimeError(f"confidence decoder made {calls} calls, expected {want}.")
+  return out_tokens, log_probs, block_ids, calls
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_confidence(model, sampler: SamplerConfig, batch: int, length: int,
+                         prompt_len: int, k: int, criterion: str):
+  """The jitted confidence decoder of one static signature.
+
+  Cache rows in reveal order: rows < P hold the prompt (block ids 1..P), then k rows
+  per step (step t = block P + t + 1); room for N more rows, where a probe writes the
+  upper-half K/V of every candidate (rows it does not own are hidden by their ids or
+  overwritten by the exact call before any query may see them).
+  """
+  key = ("confidence", model, sampler, batch, length, prompt_len, k, criterion)
+  TRACE_COUNTS[key] = 0
+  num_gen = length - prompt_len
+  steps = -(-num_gen // k)
+
+  def run(params, rng, tokens):
+    _count_trace(key)
+    m = model.bind(params)
+    rows = jnp.arange(2 * length)
+    row_ids = jnp.where(rows < prompt_len, rows + 1,
+                        jnp.where(rows < length, prompt_len + (rows - prompt_len) // k + 1,
+                                  _NEVER)).astype(jnp.int32)
+    upper_ids = jnp.broadcast_to(row_ids, (batch, 2 * length))
+    content_ids = jnp.pad(upper_ids, ((0, 0), (1, 0)))  # BOS id 0
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    known = jnp.broadcast_to(jnp.arange(length) < prompt_len, (batch, length))
+    inputs = dict(known=known, block_ids=jnp.zeros((batch, length), jnp.int32),
+                  positions=positions, rng=rng, upper_ids=upper_ids, content_ids=content_ids)
+    state = _init_state(m, tokens, length)
+    state["block_ids"] = jnp.where(known, jnp.arange(1, length + 1), 0).astype(jnp.int32)
+    if prompt_len:
+      inputs["block_ids"] = state["block_ids"]
+      prompt_slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32),
+                                      (batch, prompt_len))
+      state = _prefill_call(m, inputs, state, prompt_slots)
+
+    def candidates(state):
+      """Unrevealed positions first (text order), then revealed ones: [B, N]."""
+      return jnp.argsort(state["block_ids"] > 0, axis=1, stable=True).astype(jnp.int32)
+
+    def exact_call(state, slots, valid, t):
+      """The chosen block (slots [B, k]) as block P + t + 1: one exact model call."""
+      block = prompt_len + t + 1
+      ids = jnp.full(slots.shape, block, jnp.int32)
+      slots = jnp.where(valid, slots, length)
+      index = jnp.minimum(slots, length - 1)
+      pos = jnp.take_along_axis(positions, index, axis=1)
+      start = jnp.full((batch,), prompt_len + t * k, jnp.int32)
+      state = _block_call(m, sampler, inputs, state, slots, index, valid, ids, pos, start,
+                          True, content_ids, upper_ids)
+      state["block_ids"] = _scatter(state["block_ids"], slots, ids)
+      return state
+
+    def step(state, t):
+      """Probe every unrevealed position (one call), reveal the k most confident (one)."""
+      block = prompt_len + t + 1
+      start = prompt_len + t * k
+      cand = candidates(state)  # [B, N]
+      remaining = num_gen - t * k
+      valid = jnp.broadcast_to(jnp.arange(length) < remaining, (batch, length))
+      ids = jnp.full((batch, length), block, jnp.int32)
+      pos = jnp.take_along_axis(positions, cand, axis=1)
+      placeholder = jnp.take_along_axis(state["tokens"], cand, axis=1)
+      _, q_pe = m.embed(placeholder, pos)
+      aggregate = jnp.einsum("bwp,bpd->bwd", q_pe.astype(jnp.float32), state["aggregate"])
+      count = jnp.broadcast_to(state["count"][:, None], ids.shape)
+      # Probe: every candidate as one hypothetical block (its members see each other in
+      # the upper half, as one multi-token block of the one-pass model would).
+      probe_ids = jnp.where(rows < start, row_ids, jnp.where(rows < start + remaining, block,
+                                                             _NEVER))
+      probe_ids = jnp.broadcast_to(probe_ids, (batch, 2 * length)).astype(jnp.int32)
+      logits, _, _ = _query_stream(m, state, ids, pos, q_pe, aggregate, count,
+                                   jnp.full((batch,), start, jnp.int32), valid, True,
+                                   content_ids, probe_ids)
+      state = dict(state)
+      state["calls"] = state["calls"] + 1  # the probe is a model call
+      score = jnp.where(valid, confidence(logits, criterion), -jnp.inf)
+      top = jax.lax.top_k(score, k)[1]  # [B, k] indices into the candidates
+      chosen = jnp.sort(jnp.take_along_axis(cand, top, axis=1), axis=1)  # text order
+      return exact_call(state, chosen, jnp.ones((batch, k), bool), t), None
+
+    if steps > 1:
+      state, _ = jax.lax.scan(step, state, jnp.arange(steps - 1))
+    # Last step: every remaining position (<= k) in one exact call, no probe needed.
+    last = steps - 1
+    remaining = num_gen - last * k
+    slots = candidates(state)[:, :k]
+    state = exact_call(state, slots, jnp.broadcast_to(jnp.arange(k) < remaining, (batch, k)),
+                       last)
+    return state["tokens"], state["log_probs"], state["block_ids"], state["calls"]
+
+  return jax.jit(run)
+
+
 # -- public API --------------------------------------------------------------------------
 
 
 def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, streams: int = 1,
              prompt=None, infill=None, sampler: SamplerConfig = SamplerConfig(),
-             order=None, mode: str = "cached") -> GenerateOutput:
+             order=None, mode: str = "cached", k: int = 1, criterion: str = "max_prob",
+             stop_at_eos: bool = False, eos_id: Optional[int] = None,
+             pad_id: int = 0) -> GenerateOutput:
   """Samples `batch_size` sequences of `length` tokens with KV-cached ARMD decoding.
 
   Args:
@@ -353,16 +607,32 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
     prompt: int [P] or [B, P], placed at positions 0..P-1 and never changed.
     infill: (tokens [B, N] or [N], known_mask [B, N] or [N]): known tokens are kept and
       the rest generated.
-      Known positions (prompt or infill) are read first, one singleton block each in
-      text order (one call each), then the unknown positions are generated strided.
-    sampler: temperature / top-k / top-p / greedy.
-    order: optional dense block ids [N] or [B, N] giving any generation order instead
-      of the strided one (then `streams` must be 1); known positions are
-      teacher-forced wherever they sit in it.
-    mode: 'cached' or 'recompute' (full forward every call; reference/benchmark only).
+      Known positions (prompt or infill) come first, one singleton block each in text
+      order, and are read in ONE call (the prefill); then the unknown positions are
+      generated strided.
+    sampler: temperature / top-k / top-p / greedy / noise.
+    order: None (strided), 'confidence', or dense block ids [N] or [B, N] giving any
+      generation order (then `streams` must be 1); known positions are teacher-forced
+      wherever they sit in it (the leading all-known blocks in one prefill call).
+      'confidence': after the prompt's prefill, each step probes every unrevealed
+      position in one call (query stream, all of them as one hypothetical block) and
+      reveals the `k` most confident by `criterion` in one exact call: 2 ceil(U/k) - 1
+      calls for U generated positions (the last step needs no probe). The realized order
+      is returned in `block_ids`; `log_probs` are the one-pass model's under it.
+      Prompts only (no infill), no streams.
+    mode: 'cached' or 'recompute' (full forward every call; reference/benchmark only;
+      not for order='confidence').
+    k: positions revealed per exact call of order='confidence'.
+    criterion: confidence of order='confidence': 'max_prob', 'margin' or 'entropy'.
+    stop_at_eos: each row ends at its first `eos_id` in text order (the EOS kept):
+      later positions are set to `pad_id`, get log-prob 0 and `valid` False. Decoding
+      itself is unchanged (fixed-shape calls; no call is saved), so `drawn` keeps the
+      tokens the network conditioned on and `log_probs` at valid positions stay the
+      one-pass model's scores of `drawn` under `block_ids`.
+    eos_id, pad_id: token ids used by stop_at_eos (eos_id required then).
 
   Returns:
-    GenerateOutput(tokens [B, N] int32, num_calls, log_probs [B, N], block_ids).
+    GenerateOutput(tokens, num_calls, log_probs, block_ids, valid, drawn).
   """
   cfg = model.config
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -374,6 +644,8 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
   if prompt is not None and infill is not None:
     raise ValueError("generate: pass either prompt or infill, not both (a prompt is an "
                      "infill whose known positions are 0..P-1).")
+  if stop_at_eos and (eos_id is None or not 0 <= eos_id < cfg.vocab_size):
+    raise ValueError(f"stop_at_eos needs eos_id in [0, {cfg.vocab_size}), got {eos_id!r}.")
   tokens = np.zeros((batch_size, length), np.int32)
   known = np.zeros((batch_size, length), bool)
   if prompt is not None:
@@ -392,18 +664,47 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
                        f"{tokens.shape} and {known.shape}.")
   if known.any() and (tokens[known].min() < 0 or tokens[known].max() >= cfg.vocab_size):
     raise ValueError(f"prompt/infill tokens must lie in [0, vocab_size={cfg.vocab_size}).")
-  if order is not None:
-    if streams != 1:
-      raise ValueError("generate: pass either an explicit order or streams > 1, not both.")
-    block_ids = np.asarray(plan_lib.broadcast_rows(order, batch_size, "order"), np.int32)
-    if block_ids.shape[1] != length:
-      raise ValueError(f"order has length {block_ids.shape[1]}, expected {length}.")
+  if isinstance(order, str):
+    if order != "confidence":
+      raise ValueError(f"order must be None, 'confidence' or block ids, got {order!r}.")
+    if streams != 1 or infill is not None or mode != "cached":
+      raise ValueError("order='confidence' takes a prompt only: no streams, no infill, "
+                       "mode='cached'.")
+    prompt_len = 0 if prompt is None else prompt.shape[1]
+    if prompt_len >= length:
+      raise ValueError("order='confidence': the prompt leaves nothing to generate.")
+    out, log_probs, block_ids, calls = decode_confidence(
+        model, params, rng, tokens, prompt_len, k, sampler, criterion)
+    block_ids = np.asarray(block_ids)
   else:
-    block_ids = plan_lib.conditional_strided_order(known, streams)
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
-  out, log_probs, calls = decode(model, params, rng, tokens, known, block_ids, positions,
-                                 sampler, mode)
-  return GenerateOutput(out, calls, log_probs, block_ids)
+    if order is not None:
+      if streams != 1:
+        raise ValueError("generate: pass either an explicit order or streams > 1, not both.")
+      block_ids = np.asarray(plan_lib.broadcast_rows(order, batch_size, "order"), np.int32)
+      if block_ids.shape[1] != length:
+        raise ValueError(f"order has length {block_ids.shape[1]}, expected {length}.")
+    else:
+      block_ids = plan_lib.conditional_strided_order(known, streams)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
+    prefill = plan_lib.leading_known_blocks(block_ids, known)
+    out, log_probs, calls = decode(model, params, rng, tokens, known, block_ids, positions,
+                                   sampler, mode, prefill if prefill.any() else None)
+  valid = jnp.ones(out.shape, bool)
+  drawn = out
+  if stop_at_eos:
+    out, log_probs, valid = truncate_at_eos(out, log_probs, eos_id, pad_id)
+  return GenerateOutput(out, calls, log_probs, block_ids, valid, drawn)
+
+
+def truncate_at_eos(tokens: jax.Array, log_probs: jax.Array, eos_id: int,
+                    pad_id: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Ends each row at its first `eos_id` in text order (kept): later positions become
+  `pad_id` with log-prob 0. Returns (tokens, log_probs, valid bool [B, N])."""
+  is_eos = tokens == eos_id
+  after = jnp.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
+  valid = ~after
+  return (jnp.where(valid, tokens, pad_id).astype(tokens.dtype),
+          jnp.where(valid, log_probs, 0.0), valid)
 
 
 def score(model, params, tokens, block_ids, positions=None, mode: str = "cached") -> jax.Array:

@@ -11,12 +11,16 @@ The decoder's caches are laid out in generation order (tokens sorted by block id
 the block of call t occupies the contiguous cache rows `starts[t, b] + [0, width)`.
 When every row has the same starts (`Plan.uniform`: all strided and singleton orders),
 one `dynamic_update_slice` writes a block; otherwise the decoder scatters per row.
+
+Prefill: the first `prefill_blocks[b]` blocks of row b (known tokens: a prompt or
+infill) can be read by ONE call (`Plan.prefill`, their positions in generation order);
+the remaining blocks then follow, call t handling row b's block prefill_blocks[b] + t + 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -47,58 +51,88 @@ class Plan:
   length: int
   phases: Tuple[Phase, ...]
   uniform: bool  # every call starts at the same cache row in every batch row
+  prefill: Optional[np.ndarray] = None  # [B, P] positions read by one first call (N = empty)
 
   @property
   def num_calls(self) -> int:
-    return sum(p.num_calls for p in self.phases)
+    return sum(p.num_calls for p in self.phases) + (self.prefill is not None)
 
   @property
-  def structure(self) -> Tuple[Tuple[int, int], ...]:
-    """Static (width, num_calls) per phase: what the compiled decoder depends on."""
-    return tuple((p.width, p.num_calls) for p in self.phases) + (self.uniform,)
+  def structure(self) -> Tuple[Any, ...]:
+    """Static (width, num_calls) per phase, the prefill width (0 = none) and `uniform`:
+    what the compiled decoder depends on."""
+    prefill = 0 if self.prefill is None else self.prefill.shape[1]
+    return tuple((p.width, p.num_calls) for p in self.phases) + (prefill, self.uniform)
 
   @property
   def max_width(self) -> int:
-    return max(p.width for p in self.phases)
+    return max([p.width for p in self.phases] +
+               [0 if self.prefill is None else self.prefill.shape[1]])
 
 
-def make_plan(block_ids: np.ndarray) -> Plan:
+def make_plan(block_ids: np.ndarray, prefill_blocks: Optional[np.ndarray] = None) -> Plan:
   """Plan for dense block ids [B, N]: call t handles every row's block t + 1.
 
-  Rows may have different numbers of blocks; missing blocks are all-empty calls.
+  prefill_blocks: optional int [B]; row b's blocks 1..prefill_blocks[b] are read by one
+  first call (the caller guarantees their tokens are known) and call 1 + t handles
+  block prefill_blocks[b] + t + 1. Rows may have different numbers of blocks; missing
+  blocks are all-empty calls.
   """
   ids = np.asarray(block_ids)
   orders.check_block_ids(ids)
   batch, length = ids.shape
-  num_blocks = int(ids.max())
+  pre = np.zeros(batch, np.int64) if prefill_blocks is None else np.asarray(prefill_blocks)
+  if pre.shape != (batch,) or (pre < 0).any() or (pre > ids.max(axis=1)).any():
+    raise ValueError(f"prefill_blocks must be [B={batch}] counts within each row's blocks, "
+                     f"got {pre!r}.")
   order = np.argsort(ids, axis=1, kind="stable")  # positions by block, ascending inside
-  sorted_ids = np.take_along_axis(ids, order, axis=1)
-  sizes = np.stack([np.bincount(r, minlength=num_blocks + 1)[1:] for r in ids])  # [B, K]
-  starts = np.cumsum(sizes, axis=1) - sizes  # [B, K]
-  rank = np.arange(length)[None, :] - np.take_along_axis(starts, sorted_ids - 1, axis=1)
-  widths = sizes.max(axis=0)  # [K]
-  table = np.full((num_blocks, batch, int(widths.max())), length, np.int32)
-  table[sorted_ids - 1, np.arange(batch)[:, None], rank] = order
-  runs = []  # (width, first call, end call)
-  for t, w in enumerate(widths):
-    if runs and runs[-1][0] == w:
-      runs[-1][2] = t + 1
-    else:
-      runs.append([int(w), t, t + 1])
-  if len(runs) > MAX_PHASES:
-    runs = [[int(widths.max()), 0, num_blocks]]
-  block_starts = np.ascontiguousarray(starts.T.astype(np.int32))  # [K, B]
-  phases = tuple(Phase(w, np.ascontiguousarray(table[a:b, :, :w]), block_starts[a:b])
-                 for w, a, b in runs)
-  uniform = bool((block_starts == block_starts[:, :1]).all())
-  return Plan(length, phases, uniform)
+  sorted_rest = np.take_along_axis(ids, order, axis=1) - pre[:, None]  # <= 0: prefill
+  prefill_sizes = (sorted_rest <= 0).sum(axis=1)  # [B] tokens read by the prefill call
+  num_blocks = int(sorted_rest.max())
+  phases, uniform = (), True
+  if num_blocks > 0:
+    sizes = np.stack([np.bincount(r[r > 0], minlength=num_blocks + 1)[1:]
+                      for r in sorted_rest])  # [B, K]
+    starts = prefill_sizes[:, None] + np.cumsum(sizes, axis=1) - sizes  # [B, K] cache rows
+    widths = sizes.max(axis=0)  # [K]
+    table = np.full((num_blocks, batch, int(widths.max())), length, np.int32)
+    rows, cols = np.nonzero(sorted_rest > 0)
+    block = sorted_rest[rows, cols] - 1
+    table[block, rows, cols - starts[rows, block]] = order[rows, cols]
+    runs = []  # (width, first call, end call)
+    for t, w in enumerate(widths):
+      if runs and runs[-1][0] == w:
+        runs[-1][2] = t + 1
+      else:
+        runs.append([int(w), t, t + 1])
+    if len(runs) > MAX_PHASES:
+      runs = [[int(widths.max()), 0, num_blocks]]
+    block_starts = np.ascontiguousarray(starts.T.astype(np.int32))  # [K, B]
+    phases = tuple(Phase(w, np.ascontiguousarray(table[a:b, :, :w]), block_starts[a:b])
+                   for w, a, b in runs)
+    uniform = bool((block_starts == block_starts[:, :1]).all())
+  prefill = None
+  if prefill_sizes.max() > 0:
+    width = int(prefill_sizes.max())
+    prefill = np.where(np.arange(width)[None, :] < prefill_sizes[:, None], order[:, :width],
+                       length).astype(np.int32)
+  return Plan(length, phases, uniform, prefill)
+
+
+def leading_known_blocks(block_ids: np.ndarray, known: np.ndarray) -> np.ndarray:
+  """[B] number of leading blocks of each row whose tokens are all known (prefillable)."""
+  ids = np.asarray(block_ids)
+  known = np.asarray(known, bool)
+  first_unknown = np.where(known, np.iinfo(np.int32).max, ids).min(axis=1)  # [B]
+  return np.minimum(first_unknown - 1, ids.max(axis=1)).astype(np.int64)
 
 
 def conditional_strided_order(known: np.ndarray, streams: int) -> np.ndarray:
   """Dense block ids [B, N]: known positions first, then strided over the unknown ones.
 
   Known positions (known[b, n] true) get singleton blocks in text order, so the content
-  stream reads a prompt exactly as left-to-right training shows it. The U unknown
+  stream reads a prompt exactly as left-to-right training shows it (the decoder reads
+  them all in one prefill call). The U unknown
   positions of a row, in text order, are split into S = `streams` contiguous streams
   whose heads come one per block, then the j-th token of every stream together
   (`orders.strided`): U/S + S - 1 blocks. S must divide U.

@@ -83,9 +83,14 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoint directory {directory!r}: train a model there "
                             "first (python -m armd_jax.main --workdir=...).")
+  import grain  # pylint: disable=g-import-not-at-top
+
+  # Both saved items are registered (an unregistered 'data' item makes orbax warn at
+  # every access); only 'state' is restored.
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",),
-      item_handlers={"state": ocp.StandardCheckpointHandler()})
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory!r} holds no finished checkpoint.")

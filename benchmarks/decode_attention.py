@@ -1,0 +1,101 @@
+"""CPU time of one decoding call's attention over a KV cache: cache layouts compared.
+
+  python benchmarks/decode_attention.py [--out=benchmarks/results/decode_attention.json]
+
+Why a strided call of width W cost about W width-1 calls (issue 13): the decoder kept
+its caches as [B, H, R, Dh] and transposed them to the [B, R, H, Dh] that
+`Block.attend` / the kernels' reference take, and XLA:CPU then ran the W > 1 score and
+mixing products as a slow batched product. This times, for B = 8, H = 4, R = 133 (the
+quickstart model at N = 128), Dh = 32 and W = 1, 2, 4, 8 queries, 200 attentions in a
+`lax.scan`:
+  old_transposed: cache [B, H, R, Dh] transposed into the reference (the old decoder);
+  reference_BRHD: a cache already [B, R, H, Dh] into the reference;
+  cache_layout:   `decoding`'s own attention math on [B, H, R, Dh] as stored (new).
+Process CPU time (not wall time, so a shared machine's load matters less), XLA:CPU
+single-threaded, best of --repeats, per attention. Writes a JSON results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                      "intra_op_parallelism_threads=1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from armd_jax.kernels.reference import block_causal_attention_reference  # noqa: E402
+
+B, H, R, D = 8, 4, 133, 32
+
+
+def cache_layout(q, k, v, q_ids, kv_ids):
+  """The decoder's attention math on a [B, H, R, Dh] cache (as `decoding._attend`)."""
+  qt = jnp.swapaxes(q, 1, 2)  # [B, H, W, Dh]
+  s = jnp.einsum("bhwd,bhrd->bhwr", qt, k, preferred_element_type=jnp.float32) * D ** -0.5
+  mask = (kv_ids[:, None, :] <= q_ids[:, :, None])[:, None]
+  s = jnp.where(mask, s, -1e30)
+  w = jnp.where(mask, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
+  p = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
+  return jnp.einsum("bhwr,bhrd->bwhd", p, v, preferred_element_type=jnp.float32)
+
+
+def old_transposed(q, k, v, q_ids, kv_ids):
+  """The old decoder: cache [B, H, R, Dh] transposed into the reference every call."""
+  return block_causal_attention_reference(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                          q_ids, kv_ids)
+
+
+VARIANTS = {"old_transposed": (old_transposed, True),
+            "reference_BRHD": (block_causal_attention_reference, False),
+            "cache_layout": (cache_layout, True)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--widths", default="1,2,4,8")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default="benchmarks/results/decode_attention.json")
+  args = parser.parse_args()
+  loops = {}
+  for name, (fn, heads_first) in VARIANTS.items():
+    for width in (int(w) for w in args.widths.split(",")):
+      shape = (B, H, R, D) if heads_first else (B, R, H, D)
+      k = jax.random.normal(jax.random.PRNGKey(0), shape)
+      q = jax.random.normal(jax.random.PRNGKey(1), (B, width, H, D))
+      q_ids = jnp.full((B, width), 60)
+      kv_ids = jnp.tile(jnp.arange(R)[None], (B, 1))
+      f = jax.jit(lambda q, k, fn=fn, q_ids=q_ids, kv_ids=kv_ids: jax.lax.scan(
+          lambda c, _: (fn(c, k, k, q_ids, kv_ids).astype(c.dtype), None), q, None,
+          length=200)[0])
+      f(q, k).block_until_ready()  # compile
+      loops[(name, width)] = (f, q, k)
+  best = {key: float("inf") for key in loops}
+  for _ in range(args.repeats):  # round-robin
+    for key, (f, q, k) in loops.items():
+      start = time.process_time()
+      f(q, k).block_until_ready()
+      best[key] = min(best[key], time.process_time() - start)
+  records = [{"variant": n, "width": w, "cpu_us_per_attention": best[(n, w)] / 200 * 1e6}
+             for n, w in loops]
+  for r in records:
+    print(json.dumps(r), flush=True)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "jax": jax.__version__, "load_average": os.getloadavg(),
+                           "xla_flags": os.environ["XLA_FLAGS"]},
+               "shape": {"B": B, "H": H, "R": R, "Dh": D},
+               "command": "python benchmarks/decode_attention.py " + " ".join(
+                   f"--{k}={v}" for k, v in vars(args).items()),
+               "records": records}, f, indent=1)
+  print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

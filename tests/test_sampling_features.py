@@ -1,0 +1,145 @@
+"""One-call prefill, stopping at EOS and confidence-ordered decoding: each exact, with
+its calls counted (spec section 4; docs/sampling.md)."""
+
+import jax
+import numpy as np
+import pytest
+
+from armd_jax import orders, sampling
+from armd_jax.losses import token_log_probs
+from armd_jax.sampling import SamplerConfig
+from conftest import init_model, tiny_config
+
+N = 12
+B = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return init_model(tiny_config())
+
+
+def one_pass(model, params, tokens, block_ids):
+  """The one-pass model's log-probs [B, N] of tokens under block_ids."""
+  return np.asarray(token_log_probs(model.apply(params, tokens, block_ids), tokens))
+
+
+def test_a_prompt_is_read_in_one_call_and_scored_as_the_one_pass_model(tiny):
+  model, params = tiny
+  prompt = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
+  out = sampling.generate(model, params, jax.random.PRNGKey(1), batch_size=B, length=N,
+                          streams=4, prompt=prompt)
+  assert out.num_calls == 1 + (N - 4) // 4 + 4 - 1  # one prefill call, then strided
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)
+  want = one_pass(model, params, out.tokens, out.block_ids)
+  np.testing.assert_allclose(out.log_probs, want, atol=1e-5, rtol=0)
+  assert (np.asarray(out.log_probs)[:, :4] < 0).all()  # the prompt was scored, not skipped
+
+
+def test_infill_rows_with_different_known_counts_prefill_in_one_call_like_recompute(tiny):
+  model, params = tiny
+  known = np.zeros((B, N), bool)
+  known[0, [1, 5, 6, 10]] = True  # 4 known, 8 to generate
+  known[1, [0, 11]] = True  # 2 known, 10 to generate
+  infill = (np.full((B, N), 7), known)
+  rng = jax.random.PRNGKey(3)
+  cached = sampling.generate(model, params, rng, batch_size=B, length=N, infill=infill)
+  reference = sampling.generate(model, params, rng, batch_size=B, length=N, infill=infill,
+                                mode="recompute")
+  assert cached.num_calls == reference.num_calls == 1 + 10  # prefill + the longest row
+  np.testing.assert_array_equal(cached.tokens, reference.tokens)
+  np.testing.assert_array_equal(np.asarray(cached.tokens)[known], 7)
+  np.testing.assert_allclose(cached.log_probs,
+                             one_pass(model, params, cached.tokens, cached.block_ids),
+                             atol=1e-5, rtol=0)
+
+
+def test_prefill_of_the_leading_known_blocks_of_an_explicit_order(tiny):
+  model, params = tiny
+  ids = np.asarray(orders.progressive_permutation(jax.random.PRNGKey(2), B, N, N))
+  known = ids <= 3  # the first three blocks are known: one prefill call reads them
+  infill = (np.full((B, N), 2), known)
+  out = sampling.generate(model, params, jax.random.PRNGKey(4), batch_size=B, length=N,
+                          order=ids, infill=infill)
+  assert out.num_calls == 1 + N - 3
+  np.testing.assert_allclose(out.log_probs, one_pass(model, params, out.tokens, ids),
+                             atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["strided", "random"])
+def test_stop_at_eos_ends_each_row_at_its_first_eos_in_text_order(tiny, order):
+  model, params = tiny
+  kwargs = dict(batch_size=B, length=N)
+  if order == "strided":
+    kwargs["streams"] = 2
+  else:
+    kwargs["order"] = np.asarray(orders.progressive_permutation(jax.random.PRNGKey(9), B, N, N))
+  rng = jax.random.PRNGKey(6)
+  free = sampling.generate(model, params, rng, **kwargs)
+  eos = int(np.asarray(free.tokens)[0, 4])  # row 0 meets this token at position <= 4
+  out = sampling.generate(model, params, rng, stop_at_eos=True, eos_id=eos, pad_id=12, **kwargs)
+  assert out.num_calls == free.num_calls
+  drawn, tokens, valid = (np.asarray(x) for x in (out.drawn, out.tokens, out.valid))
+  np.testing.assert_array_equal(drawn, free.tokens)  # decoding itself is unchanged
+  for b in range(B):
+    hits = np.flatnonzero(drawn[b] == eos)
+    end = hits[0] if len(hits) else N - 1
+    np.testing.assert_array_equal(valid[b], np.arange(N) <= end)
+    np.testing.assert_array_equal(tokens[b, :end + 1], drawn[b, :end + 1])
+    assert (tokens[b, end + 1:] == 12).all()
+  assert not valid[0].all()
+  log_probs = np.asarray(out.log_probs)
+  assert (log_probs[~valid] == 0).all()
+  want = one_pass(model, params, out.drawn, out.block_ids)
+  np.testing.assert_allclose(log_probs[valid], want[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k,prompt_len", [(1, 0), (3, 0), (5, 2)])
+def test_confidence_order_is_exact_under_the_realized_order_and_counts_every_probe(
+    tiny, k, prompt_len):
+  model, params = tiny
+  prompt = np.array([[4, 8], [1, 2]])[:, :prompt_len] if prompt_len else None
+  out = sampling.generate(model, params, jax.random.PRNGKey(5), batch_size=B, length=N,
+                          order="confidence", k=k, prompt=prompt)
+  steps = -(-(N - prompt_len) // k)
+  assert out.num_calls == (prompt_len > 0) + 2 * steps - 1
+  assert out.num_calls == sampling.confidence_calls(N, prompt_len, k)
+  ids = np.asarray(out.block_ids)
+  orders.check_block_ids(ids)
+  for b in range(B):  # prompt singletons, then blocks of k (the last one smaller)
+    sizes = np.bincount(ids[b])[1:]
+    np.testing.assert_array_equal(sizes[:prompt_len], 1)
+    assert (sizes[prompt_len:-1] == k).all() and 1 <= sizes[-1] <= k
+    np.testing.assert_array_equal(ids[b, :prompt_len], np.arange(1, prompt_len + 1))
+  np.testing.assert_allclose(out.log_probs, one_pass(model, params, out.tokens, ids),
+                             atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("criterion", sampling.CRITERIA)
+def test_confidence_reveals_first_the_positions_the_probe_finds_most_confident(tiny, criterion):
+  # The first probe is the one-pass model with every position in block 1: its k most
+  # confident positions must form the realized first block.
+  model, params = tiny
+  k = 4
+  out = sampling.generate(model, params, jax.random.PRNGKey(8), batch_size=B, length=N,
+                          order="confidence", k=k, criterion=criterion)
+  ones = np.ones((B, N), np.int32)
+  logits = model.apply(params, np.asarray(out.tokens), ones)  # tokens do not matter here
+  conf = np.asarray(sampling.confidence(logits, criterion))
+  for b in range(B):
+    np.testing.assert_array_equal(np.sort(np.argsort(-conf[b], kind="stable")[:k]),
+                                  np.flatnonzero(np.asarray(out.block_ids)[b] == 1))
+
+
+def test_confidence_rejects_what_it_does_not_support(tiny):
+  model, params = tiny
+  rng = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="per_call"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, order="confidence", k=0)
+  with pytest.raises(ValueError, match="prompt only"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, order="confidence", streams=2)
+  with pytest.raises(ValueError, match="criterion"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, order="confidence",
+                      criterion="luck")
+  with pytest.raises(ValueError, match="eos_id"):
+    sampling.generate(model, params, rng, batch_size=1, length=N, stop_at_eos=True)
