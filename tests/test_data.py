@@ -352,11 +352,14 @@ def test_per_process_caches_built_concurrently_agree(tmp_path):
   assert [n for n in os.listdir(tmp_path / "data_cache") if ".tmp" in n] == []
 
 
-def test_default_config_and_data_config_have_the_same_fields_and_defaults():
+def test_default_config_is_data_configs_defaults_and_its_placeholders_take_overrides():
   import dataclasses
-  defaults = data.default_config().to_dict()
-  fields = {f.name: f.default for f in dataclasses.fields(data.DataConfig)}
-  assert defaults == fields
+  c = data.default_config()
+  assert c.to_dict() == {f.name: f.default for f in dataclasses.fields(data.DataConfig)}
+  c.train_files, c.seed = "corpus.txt", 7  # `seed` is an int placeholder (default None)
+  with pytest.raises(TypeError):
+    c.seed = "seven"
+  assert data.DataConfig.from_config(c) == data.DataConfig(train_files="corpus.txt", seed=7)
 
 
 def test_byte_batch_encoding_equals_one_by_one_encoding():

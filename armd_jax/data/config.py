@@ -1,7 +1,8 @@
 """The data section of the experiment config: defaults, documentation and validation.
 
-`default_config()` returns the ml-collections `ConfigDict` that experiment configs override
-(`config.data`); `DataConfig.from_config` turns it once into a typed, validated, frozen
+`DataConfig` holds each field's default and meaning once; `default_config()` derives the
+ml-collections `ConfigDict` that experiment configs override (`config.data`) from it, and
+`DataConfig.from_config` turns that ConfigDict once into the typed, validated, frozen
 dataclass that the rest of `armd_jax.data` reads.
 """
 
@@ -11,7 +12,8 @@ import dataclasses
 from typing import Optional
 
 import ml_collections
-from ml_collections import config_dict
+
+from armd_jax.config_dict import section_config
 
 TASKS = ("text_files", "tiny_shakespeare", "lm1b", "openwebtext", "synthetic")
 SEQIO_PREFIX = "seqio:"  # task 'seqio:NAME': any registered seqio Task or Mixture
@@ -21,115 +23,91 @@ DOCUMENT_SPLITS = ("file", "paragraph", "line")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the data config with every field at its default (one comment per field).
+  """Returns the `config.data` ConfigDict at `DataConfig`'s defaults (documented there).
 
   Optional fields are typed placeholders (value None) so that `--config.data.x=...`
   overrides them from the command line.
   """
-  c = ml_collections.ConfigDict()
-  # Which corpus: 'text_files' (local UTF-8 files), 'tiny_shakespeare' (TFDS),
-  # 'lm1b' (TFDS), 'openwebtext' (Hugging Face `datasets`), 'synthetic' (in-memory
-  # Markov text that needs no files; for tests and smoke runs), or 'seqio:NAME' (any
-  # registered seqio Task or Mixture; its modules named by `seqio_module`).
-  c.task = "text_files"
-  # text_files: training files, one path or a glob; several separated by commas.
-  c.train_files = ""
-  # text_files: held-out files (path/glob/commas); '' = hold out `eval_fraction` of the
-  # training documents instead.
-  c.eval_files = ""
-  # text_files: what one document is: 'file' (a whole file), 'paragraph' (blank-line
-  # separated) or 'line'. Documents are joined with EOS ('concat') or padded ('pad').
-  c.document_split = "file"
-  # Fraction of documents held out when there is no explicit eval split (text_files
-  # without eval_files, openwebtext, synthetic). A single document is cut at a line
-  # boundary instead, its last `eval_fraction` of characters held out.
-  c.eval_fraction = 0.1
-  # TFDS tasks: data_dir of prepared TFDS datasets (None = the TFDS default).
-  c.tfds_data_dir = config_dict.placeholder(str)
-  # openwebtext: Hugging Face dataset name passed to `datasets.load_dataset`.
-  c.hf_dataset = "openwebtext"
-  # Cap on training documents read (0 = all); for quick runs on large corpora.
-  c.max_train_documents = 0
-  # Cap on held-out documents read (0 = all).
-  c.max_eval_documents = 0
-  # Tokenizer: 'byte' (UTF-8 bytes + pad/eos/unk, 259 ids), 'sentencepiece' (trained
-  # on the training split and cached in the workdir, or `sentencepiece_model`), or 'hf'
-  # (Hugging Face tokenizer files, `hf_tokenizer`). None = the task's default: 'hf'
-  # with bert-base-uncased for lm1b, 'hf' with gpt2 for openwebtext, 'byte' otherwise.
-  c.vocab = config_dict.placeholder(str)
-  # sentencepiece: vocabulary size of the model trained on the corpus.
-  c.sentencepiece_vocab_size = 1024
-  # sentencepiece: 'unigram' or 'bpe' model trained on the corpus.
-  c.sentencepiece_model_type = "unigram"
-  # sentencepiece: an existing .model file to use instead of training one ('' = train).
-  c.sentencepiece_model = ""
-  # sentencepiece: training reads at most this many characters of the training split.
-  c.sentencepiece_max_chars = 20_000_000
-  # hf: a tokenizer.json file, a directory holding one, or a hub name such as 'gpt2'
-  # (hub names need `transformers` and network access). '' = the task's default.
-  c.hf_tokenizer = ""
-  # Packing into fixed-length examples: 'concat' (documents joined with EOS and cut into
-  # windows of seq_len; no padding) or 'pad' (each document + EOS alone, padded; long
-  # documents split into several examples).
-  c.packing = "concat"
-  # Shuffle seed of the training stream; None = the `seed` passed to create_datasets.
-  c.seed = config_dict.placeholder(int)
-  # Directory of the tokenised-corpus cache; '' = <workdir>/data_cache. On multi-host
-  # runs with a remote workdir, point this at a local disk.
-  c.cache_dir = ""
-  # False: process 0 tokenises into cache_dir and the others wait for it (a shared
-  # disk). True: every process builds its own copy (cache_dir on each host's local disk).
-  c.cache_per_process = False
-  # grain read threads for the training iterator (0 = read in the training thread).
-  c.num_threads = 1
-  # grain prefetch buffer (batches) when num_threads > 0.
-  c.prefetch_buffer_size = 4
-  # seqio:NAME tasks: modules that register the Task / Mixture when imported, comma
-  # separated: importable module names ('my_project.tasks') or .py file paths.
-  c.seqio_module = ""
-  # seqio:NAME tasks: the Task's split read as our 'train' split.
-  c.seqio_train_split = "train"
-  # seqio:NAME tasks: the Task's split read as our held-out 'eval' split.
-  c.seqio_eval_split = "validation"
-  # seqio:NAME tasks: the output feature holding token ids (its vocabulary is the run's).
-  c.seqio_feature = "targets"
-  # synthetic: number of documents (sentences) generated.
-  c.synthetic_num_documents = 4000
-  # synthetic: seed of the Markov chain and of the generated text.
-  c.synthetic_seed = 0
-  return c
+  return section_config(DataConfig)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Typed, validated view of `default_config()`; see there for each field."""
+  """The data section: every field's default and meaning, written once here.
 
+  `default_config()` is derived from these defaults; `from_config` validates a
+  ConfigDict against them.
+  """
+
+  # Which corpus: 'text_files' (local UTF-8 files), 'tiny_shakespeare' (TFDS),
+  # 'lm1b' (TFDS), 'openwebtext' (Hugging Face `datasets`), 'synthetic' (in-memory
+  # Markov text that needs no files; for tests and smoke runs), or 'seqio:NAME' (any
+  # registered seqio Task or Mixture; its modules named by `seqio_module`).
   task: str = "text_files"
+  # text_files: training files, one path or a glob; several separated by commas.
   train_files: str = ""
+  # text_files: held-out files (path/glob/commas); '' = hold out `eval_fraction` of the
+  # training documents instead.
   eval_files: str = ""
+  # text_files: what one document is: 'file' (a whole file), 'paragraph' (blank-line
+  # separated) or 'line'. Documents are joined with EOS ('concat') or padded ('pad').
   document_split: str = "file"
+  # Fraction of documents held out when there is no explicit eval split (text_files
+  # without eval_files, openwebtext, synthetic). A single document is cut at a line
+  # boundary instead, its last `eval_fraction` of characters held out.
   eval_fraction: float = 0.1
+  # TFDS tasks: data_dir of prepared TFDS datasets (None = the TFDS default).
   tfds_data_dir: Optional[str] = None
+  # openwebtext: Hugging Face dataset name passed to `datasets.load_dataset`.
   hf_dataset: str = "openwebtext"
+  # Cap on training documents read (0 = all); for quick runs on large corpora.
   max_train_documents: int = 0
+  # Cap on held-out documents read (0 = all).
   max_eval_documents: int = 0
+  # Tokenizer: 'byte' (UTF-8 bytes + pad/eos/unk, 259 ids), 'sentencepiece' (trained
+  # on the training split and cached in the workdir, or `sentencepiece_model`), or 'hf'
+  # (Hugging Face tokenizer files, `hf_tokenizer`). None = the task's default: 'hf'
+  # with bert-base-uncased for lm1b, 'hf' with gpt2 for openwebtext, 'byte' otherwise.
   vocab: Optional[str] = None
+  # sentencepiece: vocabulary size of the model trained on the corpus.
   sentencepiece_vocab_size: int = 1024
+  # sentencepiece: 'unigram' or 'bpe' model trained on the corpus.
   sentencepiece_model_type: str = "unigram"
+  # sentencepiece: an existing .model file to use instead of training one ('' = train).
   sentencepiece_model: str = ""
+  # sentencepiece: training reads at most this many characters of the training split.
   sentencepiece_max_chars: int = 20_000_000
+  # hf: a tokenizer.json file, a directory holding one, or a hub name such as 'gpt2'
+  # (hub names need `transformers` and network access). '' = the task's default.
   hf_tokenizer: str = ""
+  # Packing into fixed-length examples: 'concat' (documents joined with EOS and cut into
+  # windows of seq_len; no padding) or 'pad' (each document + EOS alone, padded; long
+  # documents split into several examples).
   packing: str = "concat"
+  # Shuffle seed of the training stream; None = the `seed` passed to create_datasets.
   seed: Optional[int] = None
+  # Directory of the tokenised-corpus cache; '' = <workdir>/data_cache. On multi-host
+  # runs with a remote workdir, point this at a local disk.
   cache_dir: str = ""
+  # False: process 0 tokenises into cache_dir and the others wait for it (a shared
+  # disk). True: every process builds its own copy (cache_dir on each host's local disk).
   cache_per_process: bool = False
+  # grain read threads for the training iterator (0 = read in the training thread).
   num_threads: int = 1
+  # grain prefetch buffer (batches) when num_threads > 0.
   prefetch_buffer_size: int = 4
+  # seqio:NAME tasks: modules that register the Task / Mixture when imported, comma
+  # separated: importable module names ('my_project.tasks') or .py file paths.
   seqio_module: str = ""
+  # seqio:NAME tasks: the Task's split read as our 'train' split.
   seqio_train_split: str = "train"
+  # seqio:NAME tasks: the Task's split read as our held-out 'eval' split.
   seqio_eval_split: str = "validation"
+  # seqio:NAME tasks: the output feature holding token ids (its vocabulary is the run's).
   seqio_feature: str = "targets"
+  # synthetic: number of documents (sentences) generated.
   synthetic_num_documents: int = 4000
+  # synthetic: seed of the Markov chain and of the generated text.
   synthetic_seed: int = 0
 
   def __post_init__(self):

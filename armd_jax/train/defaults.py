@@ -1,13 +1,13 @@
 """`base_config()`: every experiment field at its default, derived from the typed configs.
 
 Each default is written once, in the typed frozen dataclass that documents it:
-`armd_jax.models.ModelConfig` (section `model`), `armd_jax.data.DataConfig` (`data`,
-whose ConfigDict is `armd_jax.data.default_config()`), and the dataclasses of
-`armd_jax.train.typed` (`order`, `optim`, `train`, `mesh`, `checkpoint`, `eval`,
-`sample`). `base_config()` builds the ConfigDict from those defaults; optional fields
-(default None, or no default such as `model.vocab_size`) become typed placeholders so
-`--config.model.vocab_size=...` still parses. Config files in `configs/` start from
-this and override what they change (each override commented there).
+`armd_jax.models.ModelConfig` (section `model`), `armd_jax.data.DataConfig` (`data`),
+and the dataclasses of `armd_jax.train.typed` (`order`, `optim`, `train`, `mesh`,
+`checkpoint`, `eval`, `sample`). `base_config()` builds the ConfigDict from those
+defaults with `armd_jax.config_dict.section_config`; optional fields (default None, or no
+default such as `model.vocab_size`) become typed placeholders so
+`--config.model.vocab_size=...` still parses. Config files in `configs/` start from this
+and override what they change (each override commented there).
 
 Importing this module is light: it pulls in ml_collections and the typed configs, never
 orbax, grain, optax or the trainer, so config files load fast.
@@ -15,39 +15,20 @@ orbax, grain, optax or the trainer, so config files load fast.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import typing
-from typing import Any, Type
 
 import ml_collections
-from ml_collections import config_dict
 
+from armd_jax.config_dict import section_config
 from armd_jax.data import config as data_config
 from armd_jax.models.config import ModelConfig
 from armd_jax.train import typed
 
-SECTION_TYPES = {"model": ModelConfig, "order": typed.OrderConfig, "optim": typed.OptimConfig,
+SECTION_TYPES = {"model": ModelConfig, "data": data_config.DataConfig,
+                 "order": typed.OrderConfig, "optim": typed.OptimConfig,
                  "train": typed.TrainConfig, "mesh": typed.MeshConfig,
                  "checkpoint": typed.CheckpointConfig, "eval": typed.EvalConfig,
                  "sample": typed.SampleConfig}
-
-
-def section_config(cls: Type[Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict of dataclass `cls`'s fields at their defaults (None -> placeholder)."""
-  hints = typing.get_type_hints(cls)
-  out = ml_collections.ConfigDict()
-  for field in dataclasses.fields(cls):
-    if field.default is not dataclasses.MISSING:
-      value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-      value = field.default_factory()
-    else:
-      value = None
-    if value is None:
-      value = config_dict.placeholder(_base_type(hints[field.name]))
-    out[field.name] = value
-  return out
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,8 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   checkpoint, eval and sample at their defaults (see the module doc)."""
   c = ml_collections.ConfigDict()
   for name in typed.SECTIONS:
-    c[name] = (data_config.default_config() if name == "data"
-               else section_config(SECTION_TYPES[name]))
+    c[name] = section_config(SECTION_TYPES[name])
   return c
 
 
@@ -68,11 +48,3 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def _base_type(hint: Any) -> Any:
-  """int for Optional[int] / int; object when the hint names no single type."""
-  args = [a for a in typing.get_args(hint) if a is not type(None)]
-  if typing.get_origin(hint) is typing.Union:
-    return args[0] if len(args) == 1 and isinstance(args[0], type) else object
-  return hint if isinstance(hint, type) else object
