@@ -1,7 +1,7 @@
 """Block-id flash attention (Pallas) vs. the XLA masked reference vs. cuDNN causal attention.
 
-Runs with only jax installed (the kernel modules are loaded by file path, so neither
-flax nor the rest of armd_jax is imported). The ids are a left-to-right order, i.e.
+Runs with only jax installed (`armd_jax.kernels` is imported without the package's
+`__init__`, so neither flax nor the rest of armd_jax is loaded). The ids are a left-to-right order, i.e.
 tokens already gathered into generation order: the block-id mask is then exactly the
 causal mask, so `jax.nn.dot_product_attention(..., is_causal=True)` (cuDNN on GPU) does
 the same work and is the bar to meet. Times are medians over --reps timed runs after
@@ -17,30 +17,36 @@ Writes a markdown table to --out (default benchmarks/results/attention_kernel.md
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = os.path.join(HERE, "..", "armd_jax", "kernels")
+PACKAGE = os.path.join(HERE, "..", "armd_jax")
 
 
-def load_module(name: str, path: str):
-  """Imports one file as a module without importing its package (no flax needed)."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
+def import_kernels():
+  """`armd_jax.kernels` without running `armd_jax/__init__.py` (which imports flax).
+
+  Registers a bare `armd_jax` package whose path is the source folder, so that only the
+  kernels subpackage (jax alone) is executed.
+  """
+  if "armd_jax" not in sys.modules:
+    package = types.ModuleType("armd_jax")
+    package.__path__ = [os.path.abspath(PACKAGE)]
+    sys.modules["armd_jax"] = package
+  import armd_jax.kernels  # pylint: disable=g-import-not-at-top
+  return armd_jax.kernels
 
 
-flash = load_module("armd_flash", os.path.join(KERNELS, "flash.py"))
-reference = load_module("armd_reference", os.path.join(KERNELS, "reference.py"))
+kernels = import_kernels()
+flash = sys.modules["armd_jax.kernels.flash"]
+reference = sys.modules["armd_jax.kernels.reference"]
 
 
 def parse_args() -> argparse.Namespace:

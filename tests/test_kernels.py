@@ -4,6 +4,8 @@ Shapes are tiny and tiles are 8 or 16 rows: the interpreter runs every grid step
 CPU, and several tiles per axis are needed for padding and skipping to be exercised.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ import pytest
 
 import armd_jax
 from armd_jax import kernels, orders
-from armd_jax.kernels import BlockSizes, block_causal_attention_reference, live_tiles
-from armd_jax.kernels.flash import block_causal_flash_attention
+from armd_jax.kernels import BlockSizes, block_causal_attention_reference, live_tiles, tile_plan
+from armd_jax.kernels.flash import (block_causal_flash_attention, key_tile_ranges,
+                                    query_tile_ranges)
 from armd_jax.losses import token_log_probs
 from armd_jax.models.armd import generation_order
 from conftest import init_model, tiny_config
@@ -53,27 +56,36 @@ def value_and_grads(attention, q, k, v, do):
   return out, vjp(do)
 
 
+RANGES, PER_TILE = {}, {"schedule": "per_tile"}
 CASES = [
-    # (ids kind, Nq, Nk, head dim, block sizes, backend, dtype)
-    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "tpu", jnp.float32),
-    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "gpu", jnp.float32),
-    ("sorted", 29, 40, 32, BlockSizes(8, 16), "gpu", jnp.bfloat16),
-    ("sorted", 40, 40, 24, BlockSizes(8, 8, 16, 8), "tpu", jnp.float32),
-    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "tpu", jnp.bfloat16),
-    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "gpu", jnp.float32),
-    ("random_ties", 24, 45, 64, BlockSizes(16, 16), "tpu", jnp.bfloat16),
+    # (ids kind, Nq, Nk, head dim, block sizes, backend, dtype, extra kernel kwargs)
+    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "tpu", jnp.float32, RANGES),
+    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "gpu", jnp.float32, RANGES),
+    ("sorted", 29, 40, 32, BlockSizes(8, 16), "gpu", jnp.bfloat16, RANGES),
+    ("sorted", 40, 40, 24, BlockSizes(8, 8, 16, 8), "tpu", jnp.float32, RANGES),
+    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "tpu", jnp.bfloat16, RANGES),
+    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "gpu", jnp.float32, RANGES),
+    # Each stream padded to its own tiles: no tile straddles the two streams.
+    ("two_streams", 37, 19, 16, BlockSizes(8, 8), "tpu", jnp.float32, {"q_segments": (19, 18)}),
+    ("two_streams", 37, 19, 16, BlockSizes(8, 8, 16, 8), "gpu", jnp.bfloat16,
+     {"q_segments": (19, 18)}),
+    ("random_ties", 24, 45, 64, BlockSizes(16, 16), "tpu", jnp.bfloat16, RANGES),
+    # The fallback schedule (whole-row residency, per-tile skip test).
+    ("random_ties", 37, 37, 16, BlockSizes(16, 8), "tpu", jnp.float32, PER_TILE),
+    ("two_streams", 21, 11, 8, BlockSizes(8, 8), "gpu", jnp.bfloat16, PER_TILE),
 ]
 
 
-@pytest.mark.parametrize("kind, nq, nk, dim, block_sizes, backend, dtype", CASES)
+@pytest.mark.parametrize("kind, nq, nk, dim, block_sizes, backend, dtype, extra", CASES)
 def test_kernel_output_and_gradients_match_the_reference(kind, nq, nk, dim, block_sizes,
-                                                         backend, dtype):
+                                                         backend, dtype, extra):
   rng_ids, rng_x = jax.random.split(jax.random.PRNGKey(nq * nk + dim))
   q_ids, kv_ids = make_ids(kind, rng_ids, 2, nq, nk)
   assert q_ids.shape == (2, nq) and kv_ids.shape == (2, nk)
   q, k, v, do = random_qkv(rng_x, 2, nq, nk, 2, dim, dtype)
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, q_ids, kv_ids, block_sizes=block_sizes, backend=backend, interpret=True)
+      q, k, v, q_ids, kv_ids, block_sizes=block_sizes, backend=backend, interpret=True,
+      **extra)
   # The reference in float32 on the same (possibly bfloat16-rounded) inputs.
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
   reference = lambda q, k, v: block_causal_attention_reference(  # noqa: E731
@@ -126,8 +138,9 @@ def test_live_tiles_of_two_streams_count_as_two_lower_triangles():
   np.testing.assert_array_equal(live[tiles:], np.tril(np.ones((tiles, tiles), bool)))
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_kernel_never_touches_skipped_tiles(backend):
+@pytest.mark.parametrize("backend, schedule", [("tpu", "ranges"), ("gpu", "ranges"),
+                                               ("tpu", "per_tile")])
+def test_kernel_never_touches_skipped_tiles(backend, schedule):
   """NaN in every tile the kernel should skip: any read of one would poison the result."""
   n, block = 32, 8
   ids = orders.left_to_right(1, n)
@@ -135,7 +148,8 @@ def test_kernel_never_touches_skipped_tiles(backend):
   live = np.asarray(live_tiles(ids, ids, BlockSizes(block, block)))[0]  # [4, 4]
   assert not live.all()
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, ids, ids, block_sizes=BlockSizes(block, block), backend=backend, interpret=True)
+      q, k, v, ids, ids, block_sizes=BlockSizes(block, block), backend=backend, interpret=True,
+      schedule=schedule)
   ref_out, ref_grads = value_and_grads(
       lambda q, k, v: block_causal_attention_reference(q, k, v, ids, ids), q, k, v, do)
   # Forward and dq: queries of tile 0 only read key tile 0, so NaN in key tiles 1.. must
@@ -155,6 +169,98 @@ def test_kernel_never_touches_skipped_tiles(backend):
       q.at[:, :n - block].set(0.0), k, v, do.at[:, :n - block].set(0.0))
   np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
   np.testing.assert_allclose(dv[:, -block:], ref_dv[:, -block:], atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_two_stream_kernel_never_touches_skipped_tiles(backend):
+  """Two streams, each padded to its tiles: NaN in every skipped tile never reaches the
+  exact rows, forward (key tiles) and dk/dv (query tiles of *both* streams)."""
+  n, block = 31, 8  # content rows: BOS + 31 = 32 (4 tiles); query rows: 31 (4 tiles, padded)
+  ids = orders.left_to_right(1, n) + 1
+  content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)  # ids 0..31
+  q_ids = jnp.concatenate([content, ids - 1], axis=1)  # [1, 63]; query ids 0..30
+  q, k, v, do = random_qkv(jax.random.PRNGKey(3), 1, 2 * n + 1, n + 1, 1, 16, jnp.float32)
+  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
+      q, k, v, q_ids, content, block_sizes=BlockSizes(block, block), backend=backend,
+      interpret=True, q_segments=(n + 1, n))
+  reference = lambda q, k, v: block_causal_attention_reference(  # noqa: E731
+      q, k, v, q_ids, content)
+  ref_out, ref_grads = value_and_grads(reference, q, k, v, do)
+  # The first tile of each stream reads key tile 0 only.
+  first = np.r_[0:block, n + 1:n + 1 + block]
+  out, (dq, _, _) = value_and_grads(kernel, q, k.at[:, block:].set(jnp.nan),
+                                    v.at[:, block:].set(jnp.nan), do)
+  np.testing.assert_allclose(out[:, first], ref_out[:, first], atol=2e-5)
+  np.testing.assert_allclose(dq[:, first], ref_grads[0][:, first], atol=2e-5)
+  # The last key tile (ids 24..31) is read by the last tile of each stream only: NaN in
+  # every earlier query tile of both streams must not reach its dk, dv.
+  earlier = np.r_[0:n + 1 - block, n + 1:n + 1 + 3 * block]
+  poison = lambda x, value: x.at[:, earlier].set(value)  # noqa: E731
+  _, (_, dk, dv) = value_and_grads(kernel, poison(q, jnp.nan), k, v, poison(do, jnp.nan))
+  _, (_, ref_dk, ref_dv) = value_and_grads(reference, poison(q, 0.0), k, v, poison(do, 0.0))
+  np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
+  np.testing.assert_allclose(dv[:, -block:], ref_dv[:, -block:], atol=2e-5)
+
+
+def test_tile_plan_masks_only_the_diagonal_of_a_left_to_right_order():
+  """Mask arithmetic only on partial tiles: for distinct sorted ids the diagonal ones."""
+  n, block = 64, 8
+  ids = orders.left_to_right(2, n)
+  computed, masked = (np.asarray(x) for x in tile_plan(ids, ids, BlockSizes(block, block)))
+  tiles = n // block
+  np.testing.assert_array_equal(computed[0], np.tril(np.ones((tiles, tiles), bool)))
+  np.testing.assert_array_equal(masked[0], np.eye(tiles, dtype=bool))
+  # Masked-diffusion ties: only tiles straddling a block boundary run the mask.
+  ids = jnp.sort(orders.masked_diffusion(jax.random.PRNGKey(0), 1, n, num_steps=4), axis=1)
+  computed, masked = (np.asarray(x)[0] for x in tile_plan(ids, ids, BlockSizes(block, block)))
+  ids_np = np.asarray(ids)[0].reshape(tiles, block)
+  for i in range(tiles):
+    for j in range(tiles):
+      visible = ids_np[j][None, :] <= ids_np[i][:, None]
+      assert computed[i, j] == visible.any(), (i, j)
+      assert masked[i, j] == (visible.any() and not visible.all()), (i, j)
+
+
+def test_key_tile_ranges_cover_both_streams_exactly():
+  """dk/dv ranges of the two-stream layout: one run per stream, no dead tile between."""
+  n, block = 31, 8
+  ids = orders.left_to_right(1, n) + 1
+  content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)  # 32 = 4 tiles
+  query = jnp.pad(ids - 1, ((0, 0), (0, 1)), constant_values=-(2 ** 30))  # 32 = 4 tiles
+  q_ids = jnp.concatenate([content, query], axis=1)
+  ranges = np.asarray(key_tile_ranges(q_ids, content, block, block))[0]  # [4, 8]
+  # Key tile 0 is live for every query tile: one run, masked up to the query stream's
+  # diagonal tile 4 (the fully visible content tiles 1..3 before it run masked too).
+  np.testing.assert_array_equal(ranges[0, :6], [0, 5, 8, 8, 8, 8])
+  for j in range(1, 4):  # key tile j: content tiles j..3 and query tiles 4+j..7
+    lo1, c1, end1, lo2, c2, end2 = ranges[j, :6]
+    assert (lo1, end1, lo2, end2) == (j, 4, 4 + j, 8), ranges[j]
+    assert (c1, c2) == (j + 1, 4 + j + 1), ranges[j]  # only the diagonal tiles are masked
+  fwd = np.asarray(query_tile_ranges(q_ids, content, block, block))[0]  # [8, 4]
+  for i in range(8):  # query tile i of either stream: key tiles 0..i%4, last one masked
+    assert tuple(fwd[i, :3]) == (0, i % 4, i % 4 + 1), fwd[i]
+
+
+@pytest.mark.parametrize("kind", ["random_ties", "sorted"])
+def test_tile_ranges_hold_every_visible_pair(kind):
+  """For any ids, every (query, key) pair the mask allows lies in a computed tile, and
+  every pair in an unmasked tile is allowed."""
+  q_ids, kv_ids = make_ids(kind, jax.random.PRNGKey(5), 2, 48, 48)
+  block = 8
+  fwd = np.asarray(query_tile_ranges(q_ids, kv_ids, block, block))
+  bwd = np.asarray(key_tile_ranges(q_ids, kv_ids, block, block))
+  allowed = np.asarray(kv_ids[:, None, :] <= q_ids[:, :, None]).reshape(2, 6, block, 6, block)
+  for b in range(2):
+    for i in range(6):
+      for j in range(6):
+        pair = allowed[b, i, :, j, :]
+        lo, full_end, hi = fwd[b, i, :3]
+        assert not pair.any() or lo <= j < hi
+        assert not (lo <= j < full_end) or pair.all()
+        lo1, c1, end1, lo2, c2, end2 = bwd[b, j, :6]
+        in_runs = lo1 <= i < end1 or lo2 <= i < end2
+        assert not pair.any() or in_runs
+        assert not (c1 <= i < end1 or c2 <= i < end2) or pair.all()
 
 
 def test_model_logits_and_gradients_are_the_same_with_the_kernel():
@@ -204,7 +310,12 @@ def test_gpu_kernel_lowers_to_triton_for_cuda():
       jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           shape, shape, shape, ids, ids)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+  module = exported.mlir_module()
+  assert module.count("__gpu$xla.gpu.triton") == 3
+  # Native [B, N, H, D] layout: no transpose of q, k, v, o or their gradients (only the
+  # [B, nq, nk] tile tables are transposed, for the dk/dv ranges).
+  transposed = re.findall(r"stablehlo\.transpose .*?: \(tensor<([0-9x]+)x[a-z0-9]+>\)", module)
+  assert transposed and all(shape.count("x") < 3 for shape in transposed), transposed
 
 
 def test_tpu_kernel_lowers_to_mosaic_for_tpu():
@@ -227,6 +338,8 @@ def test_tpu_kernel_lowers_to_mosaic_for_tpu():
     (dict(backend="tpu", block_sizes=BlockSizes(64, 128)), "block_q=64 must be a multiple of 128"),
     (dict(backend="gpu", block_sizes=BlockSizes(128, 48)), "block_kv=48 must be a power of two"),
     (dict(interpret=True, block_sizes=BlockSizes(12, 8)), "multiple of 8"),
+    (dict(interpret=True, schedule="rows"), "schedule must be one of"),
+    (dict(interpret=True, q_segments=(3, 4)), "must be positive and sum to Nq=8"),
 ])
 def test_bad_kernel_settings_raise_clear_errors(kwargs, message):
   q = jnp.zeros((1, 8, 1, 16))

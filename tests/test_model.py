@@ -172,6 +172,16 @@ def test_traced_inputs_skip_the_value_checks_but_eager_calls_do_not(tiny):
     model.apply(params, tokens, ids)
 
 
+def test_inputs_captured_as_constants_inside_jit_are_checked_not_traced(tiny):
+  model, params = tiny
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  good = orders.left_to_right(1, 8)
+  jax.make_jaxpr(lambda p: model.apply(p, tokens, good))(params)  # no ConcretizationTypeError
+  bad = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="block ids must be >= 1"):
+    jax.jit(lambda p: model.apply(p, tokens, bad))(params)
+
+
 # -- the leaner forward and the chunked prefix aggregation (issue 12) -----------------
 
 def full_two_stream_forward(module, tokens, block_ids):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import jax
 
-from armd_jax.kernels.flash import BlockSizes, block_causal_flash_attention, live_tiles
+from armd_jax.kernels.flash import (BlockSizes, block_causal_flash_attention, live_tiles,
+                                    tile_plan)
 from armd_jax.kernels.reference import (block_causal_attention_reference,
                                         check_attention_inputs)
 
@@ -20,7 +21,8 @@ IMPLEMENTATIONS = ("xla", "pallas")
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array,
                            kv_ids: jax.Array, *, implementation: str = "xla",
                            block_sizes: BlockSizes | None = None, backend: str = "auto",
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False,
+                           q_segments: tuple[int, ...] | None = None) -> jax.Array:
   """Attention where query n sees key i iff kv_ids[i] <= q_ids[n].
 
   Args:
@@ -30,6 +32,8 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
     block_sizes: Pallas tile sizes (default 128 x 128).
     backend: Pallas backend, 'auto' (by platform), 'tpu' or 'gpu'.
     interpret: run the Pallas kernel under the interpreter (CPU tests).
+    q_segments: lengths of the sorted query runs along Nq (e.g. ARMD's content and
+      query streams); the kernel pads each to a tile boundary. Ignored by 'xla'.
 
   Returns:
     [B, Nq, H, D] in q.dtype.
@@ -39,10 +43,11 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
     return block_causal_attention_reference(q, k, v, q_ids, kv_ids)
   if implementation == "pallas":
     return block_causal_flash_attention(q, k, v, q_ids, kv_ids, block_sizes=block_sizes,
-                                        backend=backend, interpret=interpret)
+                                        backend=backend, interpret=interpret,
+                                        q_segments=q_segments)
   raise ValueError(f"block_causal_attention: unknown implementation {implementation!r}; "
                    f"expected one of {IMPLEMENTATIONS}.")
 
 
 __all__ = ["BlockSizes", "IMPLEMENTATIONS", "block_causal_attention",
-           "block_causal_attention_reference", "block_causal_flash_attention", "live_tiles"]
+           "block_causal_attention_reference", "block_causal_flash_attention", "live_tiles", "tile_plan"]

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from armd_jax.models import prefix
 from armd_jax.models.config import ModelConfig
@@ -208,13 +209,19 @@ def check_values(config: ModelConfig, block_ids, positions=None) -> None:
 
   Traced arrays (inside jit / grad / vmap) are skipped: their values are unknown.
   """
+  # Concrete values are reduced with numpy: a jnp reduction of a captured constant would
+  # itself be traced when this runs inside jit / make_jaxpr.
   if not isinstance(block_ids, jax.core.Tracer):
-    low = int(jnp.min(block_ids)) if jnp.size(block_ids) else 1
+    ids = np.asarray(block_ids)
+    low = int(ids.min()) if ids.size else 1
     if low < 1:
       raise ValueError(f"block ids must be >= 1 (0 is the start token's), got a minimum of "
                        f"{low}.")
-  if positions is not None and not isinstance(positions, jax.core.Tracer) and jnp.size(positions):
-    low, high = int(jnp.min(positions)), int(jnp.max(positions))
+  if positions is not None and not isinstance(positions, jax.core.Tracer):
+    pos = np.asarray(positions)
+    if not pos.size:
+      return
+    low, high = int(pos.min()), int(pos.max())
     if low < 0 or high >= config.max_len:
       raise ValueError(f"positions must lie in [0, ModelConfig.max_len={config.max_len}), got "
                        f"range [{low}, {high}].")

@@ -141,18 +141,20 @@ class Attention(nn.Module):
             nn.with_logical_constraint(v, HEADS_ACTIVATION))
 
   def attend(self, h: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
-             v: jax.Array, kv_ids: jax.Array) -> jax.Array:
+             v: jax.Array, kv_ids: jax.Array,
+             q_segments: Tuple[int, ...] | None = None) -> jax.Array:
     """Queries from h [B, Nq, D] at `positions`, `ids` attend to k, v with `kv_ids`.
 
+    `q_segments`: lengths of the sorted query runs (the kernel pads each to a tile).
     Returns [B, Nq, D].
     """
     q = apply_rope(self.query(h), positions, self.config.rope_base)  # [B, Nq, H, Dh]
     q = nn.with_logical_constraint(q, HEADS_ACTIVATION)
-    return self.out(attention(self.config, q, k, v, ids, kv_ids))
+    return self.out(attention(self.config, q, k, v, ids, kv_ids, q_segments))
 
 
 def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array,
-              kv_ids: jax.Array) -> jax.Array:
+              kv_ids: jax.Array, q_segments: Tuple[int, ...] | None = None) -> jax.Array:
   """`kernels.block_causal_attention` of q [B, Nq, H, Dh] on k, v [B, Nk, H, Dh].
 
   The 'pallas' kernel is an opaque custom call that XLA cannot partition, so under a
@@ -161,11 +163,13 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   K/V they share) are split alike, batch over the 'activation_batch' mesh axes and
   heads over the 'activation_heads' axes of the rule table; ids split over the batch.
   Each device then runs the kernel on its own rows and heads; no communication.
+  `q_segments`: lengths of the sorted query runs along Nq (the kernel pads each to a tile).
   """
   call = functools.partial(
       kernels.block_causal_attention, implementation=cfg.attention_implementation,
       interpret=cfg.pallas_interpret,
-      block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv))
+      block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv),
+      q_segments=q_segments)
   mesh = jax.sharding.get_abstract_mesh()
   if cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1:
     return call(q, k, v, q_ids, kv_ids)
@@ -259,7 +263,9 @@ class Block(nn.Module):
              deterministic: bool) -> jax.Array:
     h = self.ln_attn(x)
     k, v = self.attn.keys_values(h[:, :kv_len], positions[:, :kv_len])
-    y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len])
+    # Two streams (content rows, then query rows): two sorted runs for the kernel.
+    segments = None if kv_len == x.shape[1] else (kv_len, x.shape[1] - kv_len)
+    y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len], q_segments=segments)
     return self._finish(x, y, deterministic)
 
   def _finish(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:

@@ -1,0 +1,571 @@
+"""The one prepared device run: kernel checks and timings, train steps with MFU, sampling.
+
+Run through `benchmarks/device_suite.sh` (which sets the output folder). Needs only jax,
+flax, optax, numpy and this package: nothing it imports from armd_jax pulls in grain,
+seqio, ml-collections, clu or TensorFlow (`--poison` makes any such import fail, as the
+CPU smoke test does). Sections, in priority order, each in its own try/except so that
+one failure is recorded in the json and the others still run, under a global time
+budget (`--budget_s`):
+
+  env             device, jax version, the card's peak bf16 rate used for MFU.
+  kernel_check    the Pallas kernel against the jnp reference on the device, values and
+                  (dq, dk, dv), bf16 and float32, for every benchmarked shape (one
+                  stream and ARMD's two-stream layout); any miss fails the run (exit 1).
+  attention       fwd and fwd+bwd ms of the kernel, the XLA masked reference and
+                  `jax.nn.dot_product_attention(implementation='cudnn', is_causal=True)`
+                  for N = 1,024 .. 8,192 (left-to-right ids: the block-id mask is then the
+                  causal mask), plus the two-stream layout (kernel vs reference).
+  train_step      GPT-2-small-size ARMD and AR train steps (forward, backward, AdamW),
+                  bf16, XLA attention and the kernel: ms/step and MFU (FLOPs from XLA's
+                  cost analysis of the XLA-attention program, over the card's peak).
+  sampling        sequential vs S=4 strided generation at N = 1,024.
+
+  python benchmarks/device_suite.py --out_dir=$OUT            # on the device
+  python benchmarks/device_suite.py --smoke --poison --out_dir=/tmp/x   # CPU, interpret
+Writes `device_suite.json` and prints a summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+FORBIDDEN = ("grain", "seqio", "ml_collections", "clu", "tensorflow", "tensorflow_datasets")
+
+
+class _RefuseImports:
+  """A meta-path finder that makes importing any FORBIDDEN top-level module fail."""
+
+  def find_spec(self, name, path=None, target=None):  # pylint: disable=unused-argument
+    if name.split(".")[0] in FORBIDDEN:
+      raise ImportError(f"device_suite: {name} must not be imported (not on the device)")
+    return None
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out_dir", default=os.environ.get("OUT", "/tmp/device_suite"))
+  parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
+  parser.add_argument("--poison", action="store_true", help="fail on grain/seqio/... imports")
+  parser.add_argument("--budget_s", type=float, default=420.0)
+  parser.add_argument("--sections", default="env,tile_sweep,kernel_check,attention,train_step,"
+                      "sampling,train_step_ar_pallas,train_flops")
+  parser.add_argument("--lengths", default="1024,2048,4096,8192")
+  parser.add_argument("--block_sizes", default="128,64,64,128",
+                      help="block_q,block_kv,block_q_dkv,block_kv_dkv of the kernel unless "
+                      "the sweep picks others")
+  parser.add_argument("--sweep64", default="128,64,64,128;64,64,64,64;128,128,64,128;"
+                      "128,64,64,64", help="tile sizes timed (fwd+bwd, N=2048) for D=64; the "
+                      "fastest is used for every D=64 shape")
+  parser.add_argument("--sweep128", default="128,64,64,64;64,64,64,64;64,32,32,64",
+                      help="the same for D=128")
+  parser.add_argument("--train_batch", type=int, default=16)
+  parser.add_argument("--reps", type=int, default=10)
+  return parser.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.poison:
+  sys.meta_path.insert(0, _RefuseImports())
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from armd_jax import ModelConfig, build_model, losses, orders, sampling  # noqa: E402
+from armd_jax.kernels import BlockSizes, block_causal_attention_reference  # noqa: E402
+from armd_jax.kernels.flash import block_causal_flash_attention  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM datasheets)
+START = time.time()
+RESULTS = {"argv": sys.argv[1:], "sections": {}, "failed_checks": []}
+
+
+def log(*parts) -> None:
+  print(f"[{time.time() - START:6.1f}s]", *parts, flush=True)
+
+
+def left_s() -> float:
+  return ARGS.budget_s - (time.time() - START)
+
+
+def save() -> None:
+  os.makedirs(ARGS.out_dir, exist_ok=True)
+  with open(os.path.join(ARGS.out_dir, "device_suite.json"), "w", encoding="utf-8") as f:
+    json.dump(RESULTS, f, indent=1, default=str)
+
+
+def section(name: str, fn, min_left_s: float) -> None:
+  """Runs fn() -> dict into RESULTS['sections'][name]; failures are recorded, not raised."""
+  if name not in ARGS.sections.split(","):
+    return
+  if left_s() < min_left_s:
+    RESULTS["sections"][name] = {"ok": False, "error": f"skipped: {left_s():.0f} s of budget "
+                                 f"left, needs {min_left_s:.0f}"}
+    log(name, "SKIPPED (budget)")
+    save()
+    return
+  log("==", name)
+  begin = time.time()
+  out = {}
+  try:
+    fn(out)
+    out["ok"] = True
+  except Exception as error:  # pylint: disable=broad-except
+    out.update(ok=False, error=f"{type(error).__name__}: {str(error)[:2000]}",
+               traceback=traceback.format_exc()[-4000:])
+    log(name, "FAILED:", out["error"][:500])
+  out["seconds"] = round(time.time() - begin, 1)
+  RESULTS["sections"][name] = out
+  save()
+
+
+def median_ms(fn, *args, reps=None) -> float:
+  """Median wall ms of fn(*args) after 2 warm-up calls (compile included there)."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps or ARGS.reps):
+    begin = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - begin) * 1e3)
+  return statistics.median(times)
+
+
+# -- attention ---------------------------------------------------------------------
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def block_sizes_from(spec: str) -> BlockSizes:
+  return BlockSizes(*(int(x) for x in spec.split(",")))
+
+
+CHOSEN = {}  # head dim -> tile spec picked by the sweep
+
+
+def sizes_for(dim: int) -> BlockSizes:
+  """Tiles for head dim `dim`: the sweep's pick, else --block_sizes (smoke: 8 x 8)."""
+  if dim in CHOSEN:
+    return block_sizes_from(CHOSEN[dim])
+  return BlockSizes(8, 8) if ARGS.smoke else block_sizes_from(ARGS.block_sizes)
+
+
+def kernel_fn(sizes: BlockSizes, segments=None, backend=None):
+  """attention(q, k, v, q_ids, kv_ids) through the Pallas kernel for this platform."""
+  if backend is None:
+    backend = "gpu" if on_gpu() else "tpu" if jax.default_backend() == "tpu" else "auto"
+  return lambda q, k, v, qi, ki: block_causal_flash_attention(
+      q, k, v, qi, ki, block_sizes=sizes, backend=backend, interpret=ARGS.smoke,
+      q_segments=segments)
+
+
+def reference_fn(q, k, v, qi, ki):
+  return block_causal_attention_reference(q, k, v, qi, ki)
+
+
+def cudnn_fn(q, k, v, qi, ki):  # ids unused: left-to-right ids are the causal mask
+  del qi, ki
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                      implementation="cudnn" if on_gpu() else None)
+
+
+def fwd_and_grad(attention):
+  """jit(fwd) and jit(fwd + VJP w.r.t. q, k, v)."""
+  forward = jax.jit(attention)
+
+  @jax.jit
+  def both(q, k, v, qi, ki, do):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, qi, ki), q, k, v)
+    return out, vjp(do)
+
+  return forward, both
+
+
+def attention_shapes():
+  """(name, batch, N, heads, D, layout) of every benchmarked shape."""
+  heads, dim = (2, 16) if ARGS.smoke else (12, 64)
+  lengths = [40] if ARGS.smoke else [int(n) for n in ARGS.lengths.split(",")]
+  tokens = 80 if ARGS.smoke else 16384
+  shapes = [(f"one_stream N={n}", max(1, tokens // n), n, heads, dim, "one") for n in lengths]
+  if not ARGS.smoke:
+    shapes.append(("one_stream N=2048 D=128", 8, 2048, 8, 128, "one"))
+  shapes += [(f"two_stream N={n}", max(1, tokens // n), n, heads, dim, "two")
+             for n in lengths[:2]]
+  return shapes
+
+
+def make_inputs(batch, n, heads, dim, layout, dtype, seed):
+  """q, k, v, do, q_ids, kv_ids, segments for left-to-right ids in `layout`."""
+  ids = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (batch, n))
+  if layout == "one":
+    q_ids = kv_ids = ids
+    nq, nk, segments = n, n, None
+  else:  # content rows (BOS id 0, then ids b) and query rows (ids b - 1); keys = content
+    kv_ids = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), ids], axis=1)
+    q_ids = jnp.concatenate([kv_ids, ids - 1], axis=1)
+    nq, nk, segments = 2 * n + 1, n + 1, (n + 1, n)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (batch, nq, heads, dim), dtype)
+  k = jax.random.normal(keys[1], (batch, nk, heads, dim), dtype)
+  v = jax.random.normal(keys[2], (batch, nk, heads, dim), dtype)
+  do = jax.random.normal(keys[3], (batch, nq, heads, dim), dtype)
+  return q, k, v, do, q_ids, kv_ids, segments
+
+
+def value_and_vjp(attention, q_ids, kv_ids):
+  """(q, k, v, do) -> (out, (dq, dk, dv)) of attention(q, k, v, q_ids, kv_ids)."""
+
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, q_ids, kv_ids), q, k, v)
+    return out, vjp(do)
+
+  return run
+
+
+def rel_err(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(x)):
+    return float("inf")
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_one(sizes, batch, n, heads, dim, layout, dtype) -> dict:
+  """Relative L2 errors of the kernel's out, dq, dk, dv against the float32 reference."""
+  q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, dtype, seed=n + dim)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  kernel = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))
+  ref = jax.jit(value_and_vjp(reference_fn, qi, ki))
+  with jax.default_matmul_precision("highest"):
+    ref_out, ref_grads = ref(f32(q), f32(k), f32(v), f32(do))
+  got_out, got_grads = kernel(q, k, v, do)
+  return {key: rel_err(a, b) for key, a, b in zip(
+      ("out", "dq", "dk", "dv"), (got_out,) + tuple(got_grads), (ref_out,) + tuple(ref_grads))}
+
+
+def kernel_check(out: dict) -> None:
+  tolerance = {"bfloat16": 2e-2, "float32": 5e-3}  # f32: Triton dots may use tf32
+  rows = []
+  shapes = attention_shapes()
+  f32_shapes = {shapes[0][0], next(s[0] for s in shapes if s[-1] == "two")}
+  for name, batch, n, heads, dim, layout in shapes:
+    sizes = sizes_for(dim)
+    dtypes = (jnp.bfloat16, jnp.float32) if name in f32_shapes else (jnp.bfloat16,)
+    if ARGS.smoke:  # CPU: one dtype per layout
+      dtypes = (jnp.bfloat16,) if layout == "one" else (jnp.float32,)
+    for dtype in dtypes:
+      dname = jnp.dtype(dtype).name
+      try:
+        errors = check_one(sizes, batch, n, heads, dim, layout, dtype)
+      except Exception as error:  # pylint: disable=broad-except  (recorded, run goes on)
+        errors = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+      ok = "error" not in errors and all(e <= tolerance[dname] for e in errors.values())
+      rows.append(dict(shape=name, batch=batch, heads=heads, dim=dim, dtype=dname, ok=ok,
+                       block_sizes=str(sizes), **{f"rel_err_{key}": e for key, e in errors.items()}))
+      log(f"check {name} B={batch} {dname}: {'ok' if ok else 'MISMATCH'} {errors}")
+      if not ok:
+        RESULTS["failed_checks"].append(f"{name} {dname}")
+  # backend='auto' (what the model uses: platform_dependent at lowering) on one shape.
+  _, batch, n, heads, dim, layout = shapes[0]
+  sizes = sizes_for(dim)
+  q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, jnp.bfloat16, seed=3)
+  auto = jax.jit(value_and_vjp(kernel_fn(sizes, seg, backend="auto"), qi, ki))(q, k, v, do)
+  explicit = jax.jit(value_and_vjp(kernel_fn(sizes, seg), qi, ki))(q, k, v, do)
+  out["auto_backend_max_abs_diff"] = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+      for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(explicit)))
+  log("backend='auto' vs explicit:", out["auto_backend_max_abs_diff"])
+  out["rows"] = rows
+  out["tolerance_rel_l2"] = tolerance
+
+
+def time_attention(fn, q, k, v, do, qi, ki, prefix: str, row: dict) -> None:
+  """Adds {prefix}_fwd_ms and {prefix}_fwd_bwd_ms (or {prefix}_error) to row."""
+  forward, both = fwd_and_grad(fn)
+  try:
+    row[f"{prefix}_fwd_ms"] = median_ms(forward, q, k, v, qi, ki)
+    row[f"{prefix}_fwd_bwd_ms"] = median_ms(both, q, k, v, qi, ki, do)
+  except Exception as error:  # pylint: disable=broad-except  (e.g. OOM, no cuDNN)
+    row[f"{prefix}_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def tile_sweep(out: dict) -> None:
+  """Times the kernel's tile choices at N=2048 (fwd+bwd) and keeps the fastest per D."""
+  rows = []
+  n, batch = (40, 2) if ARGS.smoke else (2048, 8)
+  sweeps = (((16, 2, "16,8"),) if ARGS.smoke else
+            ((64, 12, ARGS.sweep64), (128, 8, ARGS.sweep128)))
+  for dim, heads, specs in sweeps:
+    q, k, v, do, qi, ki, _ = make_inputs(batch, n, heads, dim, "one", jnp.bfloat16, seed=9)
+    best = None
+    for spec in [s for s in specs.split(";") if s]:
+      if left_s() < 300:
+        break
+      row = dict(dim=dim, n=n, batch=batch, heads=heads, block_sizes=spec)
+      time_attention(kernel_fn(block_sizes_from(spec)), q, k, v, do, qi, ki, "kernel", row)
+      rows.append(row)
+      log("sweep", row)
+      if "kernel_fwd_bwd_ms" in row and (best is None or row["kernel_fwd_bwd_ms"] < best[0]):
+        best = (row["kernel_fwd_bwd_ms"], spec)
+    if best:
+      CHOSEN[dim] = best[1]
+  out.update(rows=rows, chosen={str(k): v for k, v in CHOSEN.items()},
+             note="block_q,block_kv,block_q_dkv,block_kv_dkv; the fastest fwd+bwd is used for "
+             "every shape of that head dim (checks and timings)")
+
+
+def attention(out: dict) -> None:
+  rows = []
+  cudnn_name = "cudnn_causal" if on_gpu() else "xla_causal_dpa"
+  for name, batch, n, heads, dim, layout in attention_shapes()[:1 if ARGS.smoke else None]:
+    if left_s() < 60:
+      rows.append(dict(shape=name, skipped="budget"))
+      continue
+    q, k, v, do, qi, ki, seg = make_inputs(batch, n, heads, dim, layout, jnp.bfloat16, seed=7)
+    sizes = sizes_for(dim)
+    row = dict(shape=name, batch=batch, n=n, heads=heads, dim=dim, layout=layout,
+               block_sizes=str(sizes))
+    time_attention(kernel_fn(sizes, seg), q, k, v, do, qi, ki, "kernel", row)
+    time_attention(reference_fn, q, k, v, do, qi, ki, "xla_reference", row)
+    if layout == "one":
+      time_attention(cudnn_fn, q, k, v, do, qi, ki, cudnn_name, row)
+    for other in ("xla_reference", cudnn_name):
+      for kind in ("fwd", "fwd_bwd"):
+        if f"{other}_{kind}_ms" in row and f"kernel_{kind}_ms" in row:
+          row[f"kernel_over_{other}_{kind}"] = row[f"kernel_{kind}_ms"] / row[f"{other}_{kind}_ms"]
+    log(name, {key: round(val, 3) if isinstance(val, float) else val for key, val in row.items()
+               if key.endswith("ms") or key.startswith("kernel_over") or key.endswith("error")})
+    rows.append(row)
+  out["rows"] = rows
+  out["dtype"] = "bfloat16"
+  out["ids"] = "left-to-right (block-id mask == causal mask)"
+  out["ratios"] = "kernel_over_X = kernel ms / X ms (below 1: the kernel is faster)"
+
+
+# -- train steps -------------------------------------------------------------------
+
+
+def gpt2_small(kind: str, attention_impl: str) -> ModelConfig:
+  if ARGS.smoke:
+    return ModelConfig(vocab_size=64, kind=kind, d_model=32, num_layers=2, num_heads=2,
+                       mlp_dim=64, max_len=32, dtype="bfloat16", attention=attention_impl,
+                       pallas_block_q=8, pallas_block_kv=8, pallas_interpret=True)
+  return ModelConfig(vocab_size=50257, kind=kind, d_model=768, num_layers=12, num_heads=12,
+                     mlp_dim=3072, max_len=1024, dtype="bfloat16", attention=attention_impl,
+                     pallas_block_q=sizes_for(64).block_q, pallas_block_kv=sizes_for(64).block_kv)
+
+
+def train_step_fn(config: ModelConfig, batch: int, length: int):
+  """(jitted step, initial (params, opt_state), (tokens, ids)) of one AdamW train step."""
+  model = build_model(config)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, config.vocab_size)
+  if config.kind == "armd":
+    ids = orders.progressive_permutation(jax.random.PRNGKey(2), batch, length, 16)
+  else:
+    ids = orders.left_to_right(batch, length)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:1], ids[:1])
+  optimizer = optax.adamw(3e-4, weight_decay=0.1)
+  opt_state = optimizer.init(params)
+
+  def loss_fn(params, tokens, ids):
+    logits = model.apply(params, tokens, ids)
+    return losses.cross_entropy(logits, tokens, ids)[0]
+
+  def step(params, opt_state, tokens, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, ids)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), (tokens, ids)
+
+
+def lowered_flops(lowered) -> float:
+  """FLOPs of XLA's cost analysis of the lowered (not yet optimised) step.
+
+  The same on every platform. The compiled program's own analysis is not used: on the
+  H200 (jax 0.11.2) it gave ARMD and AR the same FLOPs to 0.2%, about half of either,
+  i.e. it misses the cuBLAS matrix products.
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def train_flops(out: dict) -> None:
+  """Model FLOPs of the ARMD and AR steps (lowered HLO only: runs on any host)."""
+  length = 32 if ARGS.smoke else 1024
+  batch = 2 if ARGS.smoke else ARGS.train_batch
+  rows = {}
+  for kind in ("armd", "ar"):
+    step, (params, opt_state), data = train_step_fn(gpt2_small(kind, "xla"), batch, length)
+    rows[kind] = lowered_flops(step.lower(params, opt_state, *data))
+    log("flops", kind, rows[kind])
+  out.update(flops=rows, ratio_armd_over_ar=rows["armd"] / rows["ar"], batch=batch,
+             length=length)
+
+
+def time_train_step(config, batch, length, reps):
+  step, (params, opt_state), data = train_step_fn(config, batch, length)
+  begin = time.time()
+  lowered = step.lower(params, opt_state, *data)
+  model_flops = lowered_flops(lowered)
+  compiled = lowered.compile()
+  compile_s = time.time() - begin
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  params, opt_state, first_loss = compiled(params, opt_state, *data)
+  params, opt_state, loss = compiled(params, opt_state, *data)
+  jax.block_until_ready(loss)
+  times = []
+  for _ in range(reps):
+    begin = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, *data)
+    jax.block_until_ready(loss)
+    times.append((time.perf_counter() - begin) * 1e3)
+  return dict(ms=statistics.median(times), xla_flops=model_flops, compiled_xla_flops=flops,
+              compile_s=round(compile_s, 1),
+              first_loss=float(first_loss), loss=float(loss))
+
+
+TRAIN_ROWS = {}
+
+
+def train_variants(out: dict, variants) -> None:
+  """Times (kind, attention) train steps into TRAIN_ROWS; ratios and MFU into out."""
+  length = 32 if ARGS.smoke else 1024
+  batch = 2 if ARGS.smoke else ARGS.train_batch
+  reps = 2 if ARGS.smoke else 5
+  peak = RESULTS["sections"].get("env", {}).get("peak_bf16_flops")
+  for kind, impl in variants:
+    if left_s() < 45:
+      TRAIN_ROWS[f"{kind}_{impl}"] = dict(skipped="budget")
+      continue
+    try:
+      TRAIN_ROWS[f"{kind}_{impl}"] = time_train_step(gpt2_small(kind, impl), batch, length,
+                                                     reps)
+    except Exception as error:  # pylint: disable=broad-except
+      TRAIN_ROWS[f"{kind}_{impl}"] = dict(error=f"{type(error).__name__}: {str(error)[:500]}")
+    log(kind, impl, TRAIN_ROWS[f"{kind}_{impl}"])
+  for kind in ("armd", "ar"):  # model FLOPs of the XLA-attention program for both impls
+    flops = TRAIN_ROWS.get(f"{kind}_xla", {}).get("xla_flops")
+    for impl in ("xla", "pallas"):
+      row = TRAIN_ROWS.get(f"{kind}_{impl}", {})
+      if flops and "ms" in row and peak:
+        row["mfu"] = flops / (row["ms"] * 1e-3) / peak
+  armd, ar = TRAIN_ROWS.get("armd_xla", {}), TRAIN_ROWS.get("ar_xla", {})
+  if armd.get("xla_flops") and ar.get("xla_flops"):
+    out["flop_ratio_armd_over_ar"] = armd["xla_flops"] / ar["xla_flops"]
+    for impl in ("xla", "pallas"):
+      a, b = TRAIN_ROWS.get(f"armd_{impl}", {}), TRAIN_ROWS.get(f"ar_{impl}", {})
+      if "ms" in a and "ms" in b:
+        out[f"time_ratio_armd_over_ar_{impl}"] = a["ms"] / b["ms"]
+  out.update(rows=TRAIN_ROWS, batch=batch, length=length, model="GPT-2-small size: 12 layers "
+             "(6 two-stream for ARMD), d=768, 12 heads, MLP 3072, vocab 50257, bf16 compute, "
+             "f32 params, AdamW; ARMD ids: progressive permutation with 16 shuffled tokens; "
+             "AR ids: left to right", pallas_tiles=str(sizes_for(64)),
+             flops_source="XLA cost_analysis of the XLA-attention step (the masked reference "
+             "computes full N x N attention; Pallas calls are not counted by XLA, so the same "
+             "model FLOPs serve both implementations)")
+
+
+def train_step(out: dict) -> None:
+  variants = (("armd", "xla"), ("ar", "xla"), ("armd", "pallas"))
+  train_variants(out, variants[:2] if ARGS.smoke else variants)  # CPU: no interpreted model
+
+
+def train_step_ar_pallas(out: dict) -> None:
+  if ARGS.smoke:  # CPU: the interpreted kernel inside a model is tested in tests/
+    out["skipped"] = "smoke"
+    return
+  train_variants(out, (("ar", "pallas"),))
+
+
+# -- sampling -----------------------------------------------------------------------
+
+
+def sampling_speed(out: dict) -> None:
+  length = 16 if ARGS.smoke else 1024
+  config = gpt2_small("armd", "xla")
+  model = build_model(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                               orders.left_to_right(1, 8))
+  rows = {}
+  for streams in (1, 4):
+    def run(seed, streams=streams):
+      result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=1,
+                                 length=length, streams=streams)
+      return result.tokens, result.num_calls
+    begin = time.time()
+    jax.block_until_ready(run(0)[0])
+    first_s = time.time() - begin
+    begin = time.perf_counter()
+    tokens, calls = run(1)
+    jax.block_until_ready(tokens)
+    seconds = time.perf_counter() - begin
+    rows[f"S={streams}"] = dict(seconds=seconds, calls=int(calls), first_run_s=round(first_s, 1),
+                                tokens_per_second=length / seconds)
+    log("sampling", streams, rows[f"S={streams}"])
+  out.update(rows=rows, length=length, batch=1, model="GPT-2-small size ARMD (bf16, random "
+             "weights), KV cache", speedup_s4=rows["S=1"]["seconds"] / rows["S=4"]["seconds"])
+
+
+def env(out: dict) -> None:
+  device = jax.devices()[0]
+  kind = device.device_kind
+  out.update(device_kind=kind, backend=jax.default_backend(), jax=jax.__version__,
+             smoke=ARGS.smoke, budget_s=ARGS.budget_s,
+             peak_bf16_flops=next((v for k, v in PEAK_BF16.items() if k in kind), None),
+             forbidden_modules_loaded=sorted({m.split(".")[0] for m in sys.modules}
+                                             & set(FORBIDDEN)))
+  log("device", kind, jax.default_backend(), "jax", jax.__version__)
+
+
+def main() -> int:
+  section("env", env, 0)
+  section("tile_sweep", tile_sweep, 300)
+  section("kernel_check", kernel_check, 30)
+  section("attention", attention, 60)
+  section("train_step", train_step, 60)
+  section("sampling", sampling_speed, 40)
+  section("train_step_ar_pallas", train_step_ar_pallas, 45)
+  section("train_flops", train_flops, 30)
+  RESULTS["total_seconds"] = round(time.time() - START, 1)
+  save()
+  summary()
+  failed = [name for name, sec in RESULTS["sections"].items() if not sec.get("ok")]
+  if RESULTS["failed_checks"]:
+    log("KERNEL != REFERENCE on the device:", RESULTS["failed_checks"])
+  if failed:
+    log("sections not ok:", failed)
+  return 1 if RESULTS["failed_checks"] or failed else 0
+
+
+def summary() -> None:
+  """A short table last (the device reply carries the end of the output)."""
+  sections = RESULTS["sections"]
+  print("\n== summary", {k: v.get("ok") for k, v in sections.items()})
+  for row in sections.get("attention", {}).get("rows", []):
+    print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+                 if k.endswith("ms") or "speedup" in k or k in ("shape", "block_sizes")})
+  print("   tiles:", sections.get("tile_sweep", {}).get("chosen"))
+  train = sections.get("train_step_ar_pallas", sections.get("train_step", {}))
+  for name, row in train.get("rows", {}).items():
+    print("  ", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+  print("  ", {k: v for k, v in train.items() if "ratio" in k})
+  print("  ", {k: v for k, v in sections.get("sampling", {}).items() if k != "rows"})
+
+
+if __name__ == "__main__":
+  sys.exit(main())

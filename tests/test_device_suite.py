@@ -1,0 +1,60 @@
+"""The prepared device script runs in its CPU smoke mode, and the kernel benchmark imports
+with jax alone (both are run on machines that lack the data and training stack)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ONLY_JAX = textwrap.dedent("""
+    import runpy, sys
+    class Refuse:  # what a machine with only jax installed lacks
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("flax", "optax", "orbax", "chex", "grain", "seqio",
+                                  "ml_collections", "clu", "tensorflow"):
+          raise ImportError("only jax here: " + name)
+    sys.meta_path.insert(0, Refuse())
+    module = runpy.run_path(sys.argv[1], run_name="imported")
+    assert callable(module["main"]) and module["flash"].block_causal_flash_attention
+    print("IMPORT_OK")
+""")
+
+
+def test_attention_kernel_benchmark_imports_with_only_jax():
+  script = os.path.join(ROOT, "benchmarks", "attention_kernel.py")
+  result = subprocess.run([sys.executable, "-c", ONLY_JAX, script], capture_output=True,
+                          text=True, timeout=300, check=False, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0 and "IMPORT_OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_device_suite_smoke_mode_runs_every_section_on_cpu(tmp_path):
+  """SMOKE=1: tiny shapes, Pallas interpreter; grain/seqio/ml-collections/clu/TF imports
+  are refused (--poison), as on the GPU machine."""
+  env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
+             JAX_PLATFORMS="cpu", SUITE_TIMEOUT_S="2400")
+  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"),
+                           "--budget_s=2400"], capture_output=True, text=True, timeout=2500,
+                          check=False, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
+    results = json.load(f)
+  assert (tmp_path / "log.txt").exists()
+  sections = results["sections"]
+  for name in ("env", "tile_sweep", "kernel_check", "attention", "train_step", "sampling",
+               "train_flops"):
+    assert sections[name]["ok"], (name, sections[name])
+  assert results["failed_checks"] == []
+  assert sections["env"]["forbidden_modules_loaded"] == []
+  assert all(row["ok"] for row in sections["kernel_check"]["rows"])
+  assert {row["dtype"] for row in sections["kernel_check"]["rows"]} == {"bfloat16", "float32"}
+  assert sections["train_step"]["flop_ratio_armd_over_ar"] > 1.0
+  assert sections["train_flops"]["ratio_armd_over_ar"] > 1.0
+  assert sections["tile_sweep"]["chosen"] == {"16": "16,8"}
+  assert sections["sampling"]["rows"]["S=4"]["calls"] < sections["sampling"]["rows"]["S=1"]["calls"]
