@@ -10,7 +10,9 @@ quickstart model at N = 128), Dh = 32 and W = 1, 2, 4, 8 queries, 200 attentions
 `lax.scan`:
   old_transposed: cache [B, H, R, Dh] transposed into the reference (the old decoder);
   reference_BRHD: a cache already [B, R, H, Dh] into the reference;
-  cache_layout:   `decoding`'s own attention math on [B, H, R, Dh] as stored (new).
+  cache_layout:   `decoding`'s own attention math on [B, H, R, Dh] as stored (one
+                  batched einsum; what the decoder runs on GPU/TPU);
+  split_queries:  the same math as W one-query attentions (the decoder on XLA:CPU).
 Process CPU time (not wall time, so a shared machine's load matters less), XLA:CPU
 single-threaded, best of --repeats, per attention. Writes a JSON results file.
 """
@@ -30,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from armd_jax.kernels.reference import block_causal_attention_reference  # noqa: E402
+from armd_jax.sampling import decoding  # noqa: E402  pylint: disable=protected-access
 
 B, H, R, D = 8, 4, 133, 32
 
@@ -51,9 +54,17 @@ def old_transposed(q, k, v, q_ids, kv_ids):
                                           q_ids, kv_ids)
 
 
+def split_queries(q, k, v, q_ids, kv_ids):
+  """The decoder on XLA:CPU (`decoding._attend`, 2 <= W <= 8): W one-query attentions."""
+  qt = jnp.swapaxes(q, 1, 2)  # [B, H, W, Dh]
+  return jnp.concatenate([decoding._attention(qt[:, :, w:w + 1], q_ids[:, w:w + 1], k, v,
+                                              kv_ids) for w in range(q.shape[1])], axis=1)
+
+
 VARIANTS = {"old_transposed": (old_transposed, True),
             "reference_BRHD": (block_causal_attention_reference, False),
-            "cache_layout": (cache_layout, True)}
+            "cache_layout": (cache_layout, True),
+            "split_queries": (split_queries, True)}
 
 
 def main():

@@ -144,7 +144,8 @@ def main():
     json.dump({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "backend": jax.default_backend(), "devices": str(jax.devices()),
-                    "jax": jax.__version__, "load_average": os.getloadavg()},
+                    "jax": jax.__version__, "load_average": os.getloadavg(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "command": "python benchmarks/sampling_speed.py " + " ".join(
             f"--{k}={v}" for k, v in vars(args).items()),
         "records": records, "ratios": ratios}, f, indent=1)

@@ -85,3 +85,15 @@ def test_precise_noise_is_the_default_and_fast_stays_available():
   np.testing.assert_allclose(freq, [0.7, 0.2, 0.1], atol=0.03)
   with pytest.raises(ValueError, match="noise"):
     SamplerConfig(noise="float16")
+
+
+def test_first_argmax_equals_argmax_with_ties_and_infinities():
+  from armd_jax.sampling.sampler import first_argmax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  values = rng.integers(0, 4, size=(64, 7)).astype(np.float32)  # many ties
+  values[3, 5] = np.inf
+  values[4] = -np.inf  # every entry -inf: index 0, as argmax
+  values[5, [1, 6]] = np.inf  # tied +inf: the first
+  got = np.asarray(first_argmax(jnp.asarray(values)))
+  np.testing.assert_array_equal(got, np.argmax(values, axis=-1))
+  assert got.dtype == np.int32

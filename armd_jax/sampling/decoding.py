@@ -238,28 +238,53 @@ def _init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
       count=jnp.ones((batch,), jnp.int32))  # revealed tokens + BOS
 
 
+# Widest call whose attention `_attend` splits into one-query attentions on XLA:CPU.
+_CPU_SPLIT_MAX_WIDTH = 8
+
+
+def _attention(q: jax.Array, ids: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+               kv_ids: jax.Array) -> jax.Array:
+  """Masked softmax attention of q [B, H, W, Dh] over a [B, H, R, Dh] cache: [B, W, H, Dh].
+
+  Float32 scores scaled by 1/sqrt(Dh); query n sees row i iff kv_ids[i] <= ids[n]; a
+  query with no visible row gives zeros (the kernels' reference math).
+  """
+  scores = jnp.einsum("bhwd,bhrd->bhwr", q, cache_k, preferred_element_type=jnp.float32)
+  mask = (kv_ids[:, None, :] <= ids[:, :, None])[:, None]  # [B, 1, W, R]
+  scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), _MASKED)
+  weights = jnp.where(mask, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
+  probs = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
+  return jnp.einsum("bhwr,bhrd->bwhd", probs.astype(cache_v.dtype), cache_v,
+                    preferred_element_type=jnp.float32)
+
+
 def _attend(layer, x: jax.Array, rope: jax.Array, ids: jax.Array, cache_k: jax.Array,
             cache_v: jax.Array, kv_ids: jax.Array) -> jax.Array:
   """`Block.attend` of rows x [B, W, D] over a [B, H, R, Dh] cache with row ids [B, R].
 
   The same layer (its norm, projections, MLP and residuals) and the same attention math
-  as the kernels' reference (float32 scores scaled by 1/sqrt(Dh), query n sees row i iff
-  kv_ids[i] <= ids[n], a row with nothing visible gives zeros); only the layout differs:
-  the matmuls batch over (B, H) on the cache as stored, with no per-call transpose of it.
-  (On XLA:CPU a call of W >= 2 queries still costs ~7x a single-query one, in this and
-  the reference layout alike: benchmarks/decode_attention.py, docs/sampling.md.)
+  as the kernels' reference (`_attention`); only the layout differs: the matmuls batch
+  over (B, H) on the cache as stored, with no per-call transpose of it.
+
+  Backend choice (made by `jax.default_backend()` when the decoder is traced): on
+  XLA:CPU a call of 2 <= W <= `_CPU_SPLIT_MAX_WIDTH` queries is computed as W
+  one-query attentions, which XLA:CPU fuses into multiply-reduce loops, instead of one
+  batched matmul of tiny (W x Dh) @ (Dh x R) products, which it runs ~7x slower than a
+  single query (benchmarks/decode_attention.py, docs/sampling.md). The math per query
+  is the same. GPU/TPU (and wider calls: the prefill, confidence probes) keep the
+  batched einsum.
   """
   cfg = layer.config
   h = layer.ln_attn(x)
   q = layer_lib.apply_rope(layer.attn.query(h), rope, cfg.rope_base)  # [B, W, H, Dh]
   q = jnp.swapaxes(q, 1, 2)  # [B, H, W, Dh] (small)
-  scores = jnp.einsum("bhwd,bhrd->bhwr", q, cache_k, preferred_element_type=jnp.float32)
-  mask = (kv_ids[:, None, :] <= ids[:, :, None])[:, None]  # [B, 1, W, R]
-  scores = jnp.where(mask, scores * (cfg.head_dim ** -0.5), _MASKED)
-  weights = jnp.where(mask, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
-  probs = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
-  y = jnp.einsum("bhwr,bhrd->bwhd", probs.astype(cache_v.dtype), cache_v,
-                 preferred_element_type=jnp.float32).astype(q.dtype)  # [B, W, H, Dh]
+  width = q.shape[2]
+  if jax.default_backend() == "cpu" and 1 < width <= _CPU_SPLIT_MAX_WIDTH:
+    y = jnp.concatenate([_attention(q[:, :, w:w + 1], ids[:, w:w + 1], cache_k, cache_v,
+                                    kv_ids) for w in range(width)], axis=1)
+  else:
+    y = _attention(q, ids, cache_k, cache_v, kv_ids)
+  y = y.astype(q.dtype)  # [B, W, H, Dh]
   return layer._finish(x, layer.attn.out(y), True)  # pylint: disable=protected-access
 
 
