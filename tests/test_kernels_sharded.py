@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import host_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -41,9 +43,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_inside_shard_map_over_batch_and_heads_matches_the_reference():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu")
+  env = host_devices_env(4, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600, check=False)
   assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]

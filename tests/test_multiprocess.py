@@ -22,6 +22,8 @@ import pytest
 from armd_jax import train
 from armd_jax.train import checkpoints
 
+from conftest import host_devices_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
 KILL_AFTER = 9  # process 0's progress line of this step triggers the SIGKILL
@@ -42,8 +44,7 @@ def command(workdir, distributed):
 
 
 def environment(devices, process_id=None, port=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = host_devices_env(devices)
   if process_id is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process_id))

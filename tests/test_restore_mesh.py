@@ -16,6 +16,8 @@ import pytest
 
 from armd_jax import train
 
+from conftest import host_devices_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -91,8 +93,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(args, devices, **kw):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = host_devices_env(devices)
   result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=2400, **kw)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -14,6 +14,8 @@ import textwrap
 import jax
 import pytest
 
+from conftest import host_devices_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -93,8 +95,7 @@ EXPECTED_SPECS = {  # layer_0 MLP wi kernel [embed, mlp], query kernel [embed, h
 
 @pytest.mark.slow
 def test_every_rule_table_gives_the_same_losses_and_state_as_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = host_devices_env(8)
   result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -120,8 +121,7 @@ def test_every_rule_table_gives_the_same_losses_and_state_as_one_device():
 
 @pytest.mark.slow
 def test_a_run_trained_on_a_fsdp_tensor_mesh_loads_on_one_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = host_devices_env(8)
   result = subprocess.run(
       [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
        f"--workdir={tmp_path}", "--config.mesh.shape=(1, 2, 4)", "--config.train.num_steps=4",
