@@ -43,3 +43,30 @@ train_command() {
   done
   printf '%s' "${cmd}"
 }
+
+# parse_args NAME... -- "$@": the launchers' shared options. Each --NAME=VALUE of the
+# listed names sets the variable NAME (declare it, with its default, before the call);
+# --config=, --workdir= (both required), --keep (keep=1), --dry_run (DRY_RUN=1), and any
+# --config.<field>=<value> overrides (collected in the array `overrides`). Anything else
+# stops with an error naming it.
+parse_args() {
+  local names=(config workdir)
+  while [[ "$1" != "--" ]]; do names+=("$1"); shift; done
+  shift
+  overrides=()
+  local arg key
+  for arg in "$@"; do
+    case "${arg}" in
+      --keep) keep=1 ;;
+      --dry_run) DRY_RUN=1 ;;
+      --config.*) overrides+=("${arg}") ;;
+      --*=*)
+        key="${arg%%=*}"
+        key="${key#--}"
+        [[ " ${names[*]} " == *" ${key} "* ]] || die "unknown argument '${arg}' (see the usage at the top of $0)"
+        printf -v "${key}" '%s' "${arg#*=}" ;;
+      *) die "unknown argument '${arg}' (see the usage at the top of $0)" ;;
+    esac
+  done
+  [[ -n "${config}" && -n "${workdir}" ]] || die "--config and --workdir are required"
+}

@@ -25,24 +25,7 @@ extras="tpu,hf"
 config=""
 workdir=""
 keep=0
-overrides=()
-for arg in "$@"; do
-  case "${arg}" in
-    --name=*) name="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
-    --accelerator_type=*) accelerator_type="${arg#*=}" ;;
-    --version=*) version="${arg#*=}" ;;
-    --extras=*) extras="${arg#*=}" ;;
-    --config=*) config="${arg#*=}" ;;
-    --workdir=*) workdir="${arg#*=}" ;;
-    --keep) keep=1 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --config.*) overrides+=("${arg}") ;;
-    *) die "unknown argument '${arg}' (see the usage at the top of $0)" ;;
-  esac
-done
-[[ -n "${config}" && -n "${workdir}" ]] || die "--config and --workdir are required"
+parse_args name zone project accelerator_type version extras -- "$@"
 [[ -n "${zone}" ]] || die "--zone (or TPU_ZONE) is required"
 if [[ -z "${version}" ]]; then  # the TPU VM software image of the chip generation
   case "${accelerator_type}" in

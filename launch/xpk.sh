@@ -28,26 +28,7 @@ extras="tpu,hf"
 config=""
 workdir=""
 keep=0
-overrides=()
-for arg in "$@"; do
-  case "${arg}" in
-    --cluster=*) cluster="${arg#*=}" ;;
-    --workload=*) workload="${arg#*=}" ;;
-    --tpu_type=*) tpu_type="${arg#*=}" ;;
-    --num_slices=*) num_slices="${arg#*=}" ;;
-    --project=*) project="${arg#*=}" ;;
-    --zone=*) zone="${arg#*=}" ;;
-    --base_image=*) base_image="${arg#*=}" ;;
-    --extras=*) extras="${arg#*=}" ;;
-    --config=*) config="${arg#*=}" ;;
-    --workdir=*) workdir="${arg#*=}" ;;
-    --keep) keep=1 ;;
-    --dry_run) DRY_RUN=1 ;;
-    --config.*) overrides+=("${arg}") ;;
-    *) die "unknown argument '${arg}' (see the usage at the top of $0)" ;;
-  esac
-done
-[[ -n "${config}" && -n "${workdir}" ]] || die "--config and --workdir are required"
+parse_args cluster workload tpu_type num_slices project zone base_image extras -- "$@"
 [[ -n "${cluster}" ]] || die "--cluster (or XPK_CLUSTER) is required"
 where=(--cluster="${cluster}")
 [[ -z "${project}" ]] || where+=(--project="${project}")
