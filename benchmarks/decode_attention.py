@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
@@ -33,6 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from armd_jax.kernels.reference import block_causal_attention_reference  # noqa: E402
 from armd_jax.sampling import decoding  # noqa: E402  pylint: disable=protected-access
+
+import results_file  # noqa: E402  benchmarks/, the script's folder
 
 B, H, R, D = 8, 4, 133, 32
 
@@ -96,16 +97,7 @@ def main():
              for n, w in loops]
   for r in records:
     print(json.dumps(r), flush=True)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "jax": jax.__version__, "load_average": os.getloadavg(),
-                           "xla_flags": os.environ["XLA_FLAGS"]},
-               "shape": {"B": B, "H": H, "R": R, "Dh": D},
-               "command": "python benchmarks/decode_attention.py " + " ".join(
-                   f"--{k}={v}" for k, v in vars(args).items()),
-               "records": records}, f, indent=1)
-  print(f"wrote {args.out}", flush=True)
+  results_file.write(args.out, args, shape={"B": B, "H": H, "R": R, "Dh": D}, records=records)
 
 
 if __name__ == "__main__":

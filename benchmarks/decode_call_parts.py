@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sampling_speed import init  # noqa: E402
+import results_file  # noqa: E402
 
 from armd_jax.losses import token_log_probs  # noqa: E402
 from armd_jax.sampling import decoding  # noqa: E402
@@ -97,17 +97,7 @@ def main():
   records = [{"part": n, "width": w, "cpu_us": best[(n, w)] / LOOPS * 1e6} for n, w in loops]
   for r in records:
     print(json.dumps(r), flush=True)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "jax": jax.__version__, "backend": jax.default_backend(),
-                           "load_average": os.getloadavg(),
-                           "xla_flags": os.environ["XLA_FLAGS"]},
-               "batch": BATCH,
-               "command": "PYTHONPATH=. python benchmarks/decode_call_parts.py " + " ".join(
-                   f"--{k}={v}" for k, v in vars(args).items()),
-               "records": records}, f, indent=1)
-  print(f"wrote {args.out}", flush=True)
+  results_file.write(args.out, args, batch=BATCH, records=records)
 
 
 if __name__ == "__main__":

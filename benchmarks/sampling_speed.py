@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import numpy as np
 
 from armd_jax import ModelConfig, build_model, orders, sampling
+
+import results_file  # benchmarks/ (the script's folder) is on sys.path
 
 MODELS = {  # byte-level vocabulary, as for tiny Shakespeare
     "tiny": dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, mlp_dim=512, d_pe=64),
@@ -139,17 +140,7 @@ def main():
       if ("strided", s) in rows:
         ratios[key][f"strided_S{s}_vs_cached"] = rows[("cached", 1)] / rows[("strided", s)]
   print(json.dumps(ratios, indent=1), flush=True)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "backend": jax.default_backend(), "devices": str(jax.devices()),
-                    "jax": jax.__version__, "load_average": os.getloadavg(),
-                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "command": "python benchmarks/sampling_speed.py " + " ".join(
-            f"--{k}={v}" for k, v in vars(args).items()),
-        "records": records, "ratios": ratios}, f, indent=1)
-  print(f"wrote {args.out}", flush=True)
+  results_file.write(args.out, args, records=records, ratios=ratios)
 
 
 if __name__ == "__main__":
