@@ -147,8 +147,7 @@ class ARMD(nn.Module):
       x, g = both[:, :length + 1], both[:, length + 1:]
     if num_lower:
       last = self.layers[num_lower - 1]
-      k, v = last.keys_values(x, ctx_rope)  # [B, N+1, H, Dh]
-      g = last.attend(g, rope, block_ids - 1, k, v, ctx_ids, deterministic=deterministic)
+      g = last.cross(g, rope, block_ids - 1, x, ctx_rope, ctx_ids, deterministic=deterministic)
 
     # Causal upper half on the query stream alone (inclusive mask stays strictly causal).
     for layer in self.layers[num_lower:]:

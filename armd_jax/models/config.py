@@ -56,8 +56,7 @@ class ModelConfig:
       'none' (keep every activation for the backward pass), 'full' (keep only each
       block's input, recompute the rest) or 'save_dots' (keep the outputs of the
       weight matmuls, recompute the rest: attention scores, softmax, GELU, norms).
-      Applies to every `Block.__call__`; ARMD's lean last two-stream layer (run through
-      `keys_values` / `attend`) is not rematerialised.
+      Applies to every layer, ARMD's lean last two-stream layer (`Block.cross`) included.
     d_pe: width of the prefix-aggregation position table.
     prefix_aggregation: how G0 is computed: 'dense' (materialises a [B, N, N+1] weight
       tensor), 'chunked' (linear attention in generation order, O(N) memory; the

@@ -252,12 +252,33 @@ class Block(nn.Module):
     that policy (`REMAT_POLICIES`): same values and gradients, less memory kept.
     """
     kv_len = x.shape[1] if kv_len is None else kv_len
-    if self.config.remat == "none":
-      return self._layer(x, positions, ids, kv_len, deterministic)
     # Arguments: 0 the module, 1 x, 2 positions, 3 ids, 4 kv_len, 5 deterministic.
-    layer = nn.remat(Block._layer, policy=REMAT_POLICIES[self.config.remat],
-                     static_argnums=(4, 5))
-    return layer(self, x, positions, ids, kv_len, deterministic)
+    return self._maybe_remat(Block._layer, (4, 5))(self, x, positions, ids, kv_len,
+                                                   deterministic)
+
+  def cross(self, x: jax.Array, positions: jax.Array, ids: jax.Array, kv_x: jax.Array,
+            kv_positions: jax.Array, kv_ids: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Updates query rows x [B, Nq, D] attending to the K/V of other rows kv_x [B, Nk, D].
+
+    ARMD's lean last two-stream layer: the content rows only contribute keys and values,
+    the query rows are updated. Rematerialised like `__call__` under `config.remat`.
+    """
+    # Arguments: 0 the module, 1 x, 2 positions, 3 ids, 4 kv_x, 5 kv_positions, 6 kv_ids,
+    # 7 deterministic.
+    return self._maybe_remat(Block._cross, (7,))(self, x, positions, ids, kv_x, kv_positions,
+                                                 kv_ids, deterministic)
+
+  def _maybe_remat(self, method, static_argnums: Tuple[int, ...]):
+    """`method` (unbound) under `nn.remat` with the config's policy, or as it is."""
+    if self.config.remat == "none":
+      return method
+    return nn.remat(method, policy=REMAT_POLICIES[self.config.remat],
+                    static_argnums=static_argnums)
+
+  def _cross(self, x: jax.Array, positions: jax.Array, ids: jax.Array, kv_x: jax.Array,
+             kv_positions: jax.Array, kv_ids: jax.Array, deterministic: bool) -> jax.Array:
+    k, v = self.keys_values(kv_x, kv_positions)
+    return self.attend(x, positions, ids, k, v, kv_ids, deterministic)
 
   def _layer(self, x: jax.Array, positions: jax.Array, ids: jax.Array, kv_len: int,
              deterministic: bool) -> jax.Array:
