@@ -2,6 +2,8 @@
 `tfds.testing.mock_data` fed with local text, and OpenWebText with `datasets` replaced by
 local documents. These import TensorFlow (once per module), hence `slow`."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -189,6 +191,42 @@ def test_a_registered_seqio_task_is_a_training_source(tmp_path, registry, name):
   one = next(data.create_datasets(c, seq_len=16, global_batch_size=4,
                                   workdir=str(tmp_path / "run"), seed=0).train_iter)["tokens"]
   np.testing.assert_array_equal(np.concatenate(parts), one)
+
+
+def test_with_shard_by_process_each_process_reads_and_trains_on_its_own_shard(tmp_path,
+                                                                             registry):
+  c = config(task="seqio:armd_test_registered_lines", seqio_module=registry,
+             seqio_shard_by_process=True, packing="pad")
+  vocab = data.ByteVocabulary()
+  documents = {vocab.decode(vocab.encode(t)) for t in LINES["train"]}
+  held_out = sum((vocab.encode(t) + [vocab.eos_id] for t in LINES["validation"]), [])
+  seen, runs = [], []
+  for p in range(2):
+    ds = data.create_datasets(c, seq_len=48, global_batch_size=4, workdir=str(tmp_path / "run"),
+                              seed=0, process_index=p, process_count=2)
+    runs.append(ds)
+    shard = [vocab.decode(ds.train_examples.gather(np.array([i]))["tokens"][0]).strip()
+             for i in range(len(ds.train_examples))]
+    assert 0 < len(shard) < len(LINES["train"])
+    seen.append(set(shard))
+    batches = [next(ds.train_iter)["tokens"] for _ in range(3)]
+    for batch in batches:  # only this process's documents
+      assert {vocab.decode(row).strip() for row in batch} <= seen[-1]
+    # The held-out split is read whole by every process.
+    np.testing.assert_array_equal(np.asarray(ds.eval_examples.tokens), held_out)
+    # The iterator position restores as for the built-in corpora.
+    state = ds.train_iter.get_state()
+    after = next(ds.train_iter)["tokens"]
+    fresh = data.create_datasets(c, seq_len=48, global_batch_size=4,
+                                 workdir=str(tmp_path / "run"), seed=0, process_index=p,
+                                 process_count=2)
+    fresh.train_iter.set_state(state)
+    np.testing.assert_array_equal(next(fresh.train_iter)["tokens"], after)
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == documents  # a partition
+  entries = sorted(os.listdir(tmp_path / "run" / "data_cache"))
+  assert sum("shard0of2" in e for e in entries) == 1 == sum("shard1of2" in e for e in entries)
+  with pytest.raises(ValueError, match="seqio_shard_by_process=True needs a task 'seqio:NAME'"):
+    data.DataConfig.from_config(config(task="synthetic", seqio_shard_by_process=True))
 
 
 def test_unregistered_seqio_names_and_text_vocabularies_are_clear_errors(tmp_path, registry):

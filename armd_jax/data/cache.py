@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Iterable
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,8 +42,10 @@ class TokenizedSplit:
     return int(self.doc_ends.shape[0])
 
 
-def cache_key(config: DataConfig, vocab) -> str:
-  """Digest of everything the tokenised corpus depends on."""
+def cache_key(config: DataConfig, vocab, splits: Sequence[str] = sources.SPLITS,
+              shard: Optional[Tuple[int, int]] = None) -> str:
+  """Digest of everything the tokenised corpus depends on (and of which splits / shard
+  of it a cache entry holds)."""
   fields = {
       "format": FORMAT_VERSION,
       "task": config.task,
@@ -66,8 +68,13 @@ def cache_key(config: DataConfig, vocab) -> str:
                        config.seqio_feature]
   else:
     fields["tfds_data_dir"] = config.tfds_data_dir
+  if tuple(splits) != tuple(sources.SPLITS):
+    fields["splits"] = list(splits)
+  if shard is not None:
+    fields["shard"] = list(shard)
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-  return f"{config.task.replace(':', '_')}-{digest}"
+  suffix = "" if shard is None else f"-shard{shard[0]}of{shard[1]}"
+  return f"{config.task.replace(':', '_')}-{digest}{suffix}"
 
 
 def _file_stamps(files):
@@ -130,17 +137,22 @@ def join_token_documents(docs: Iterable[np.ndarray], vocab) -> TokenizedSplit:
 
 
 def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool = True,
-                  wait_s: float = 7 * 24 * 3600.0) -> dict[str, TokenizedSplit]:
-  """Returns {'train', 'eval'} TokenizedSplits, tokenising into `cache_dir` on first use.
+                  wait_s: float = 7 * 24 * 3600.0, splits: Sequence[str] = sources.SPLITS,
+                  shard: Optional[Tuple[int, int]] = None) -> dict[str, TokenizedSplit]:
+  """Returns {split: TokenizedSplit} for `splits`, tokenising into `cache_dir` on first use.
 
   A writer builds the cache in a private temporary directory and renames it into place
   (concurrent writers are safe: the first rename wins); a non-writer waits for it.
+  shard: (index, count) holds only that shard of a seqio task's splits
+  (`sources.seqio_token_documents`), in its own cache entry.
   """
-  directory = os.path.join(cache_dir, cache_key(config, vocab))
+  if shard is not None and not config.is_seqio:
+    raise ValueError(f"Only seqio tasks are read by shard, not {config.task!r}.")
+  directory = os.path.join(cache_dir, cache_key(config, vocab, splits, shard))
   done = os.path.join(directory, "meta.json")
   if not os.path.exists(done):
     if is_writer:
-      _build(config, vocab, directory)
+      _build(config, vocab, directory, splits, shard)
     else:
       print(f"[armd_jax.data] waiting for process 0 to build the data cache {directory}",
             flush=True)
@@ -152,28 +164,33 @@ def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool 
   return {split: TokenizedSplit(
       tokens=np.load(os.path.join(directory, f"{split}_tokens.npy"), mmap_mode="r"),
       doc_ends=np.load(os.path.join(directory, f"{split}_doc_ends.npy")))
-          for split in sources.SPLITS}
+          for split in splits}
 
 
-def _build(config: DataConfig, vocab, directory: str) -> None:
+def _build(config: DataConfig, vocab, directory: str, splits: Sequence[str],
+           shard: Optional[Tuple[int, int]]) -> None:
   tmp = f"{directory}.tmp-{uuid.uuid4().hex}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   meta = {"task": config.task, "vocab_size": vocab.vocab_size, "pad_id": vocab.pad_id,
           "eos_id": vocab.eos_id, "vocab": vocab.fingerprint}
-  for split in sources.SPLITS:
+  if shard is not None:
+    meta["shard"] = list(shard)
+  for split in splits:
     start = time.time()
     if config.is_seqio:
-      data = join_token_documents(sources.seqio_token_documents(config, split), vocab)
+      data = join_token_documents(sources.seqio_token_documents(config, split, shard), vocab)
     else:
       data = tokenize_documents(sources.documents(config, split), vocab,
                                 name=f"{config.task}/{split}")
     if data.num_tokens == 0:
-      raise ValueError(f"config.data.task={config.task!r}: the {split!r} split is empty.")
+      part = "" if shard is None else f" shard {shard[0]} of {shard[1]} of"
+      raise ValueError(f"config.data.task={config.task!r}:{part} the {split!r} split is empty.")
     np.save(os.path.join(tmp, f"{split}_tokens.npy"), data.tokens)
     np.save(os.path.join(tmp, f"{split}_doc_ends.npy"), data.doc_ends)
     meta[split] = {"documents": data.num_documents, "tokens": data.num_tokens}
-    print(f"[armd_jax.data] {config.task}/{split}: {data.num_documents} documents, "
+    name = split if shard is None else f"{split} (shard {shard[0]} of {shard[1]})"
+    print(f"[armd_jax.data] {config.task}/{name}: {data.num_documents} documents, "
           f"{data.num_tokens} tokens ({time.time() - start:.1f}s)", flush=True)
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)

@@ -105,6 +105,12 @@ class DataConfig:
   seqio_eval_split: str = "validation"
   # seqio:NAME tasks: the output feature holding token ids (its vocabulary is the run's).
   seqio_feature: str = "targets"
+  # seqio:NAME tasks: True = each process reads only its shard of the training split
+  # (`seqio.ShardInfo(process_index, process_count)`) into its own cache entry and
+  # draws its local batches from it, so no process tokenises the whole split (the
+  # global batch then depends on the process count). The held-out split is read whole.
+  # False = one global training stream, the same for any process count.
+  seqio_shard_by_process: bool = False
   # synthetic: number of documents (sentences) generated.
   synthetic_num_documents: int = 4000
   # synthetic: seed of the Markov chain and of the generated text.
@@ -121,6 +127,9 @@ class DataConfig:
       object.__setattr__(self, "vocab", "seqio")
     else:
       _choice("task", self.task, TASKS + (SEQIO_PREFIX + "NAME",))
+      if self.seqio_shard_by_process:
+        raise ValueError(f"config.data.seqio_shard_by_process=True needs a task 'seqio:NAME', "
+                         f"got {self.task!r}.")
       if self.vocab == "seqio":
         raise ValueError("config.data.vocab='seqio' needs a task 'seqio:NAME'.")
     _choice("packing", self.packing, PACKINGS)

@@ -170,6 +170,7 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
 
   Returns:
     `Datasets` with `.train_iter` (infinite grain iterator of per-process batches
+    (from this process's own shard when `config.data.seqio_shard_by_process`)
     {'tokens', 'mask'}, int32 [local_batch, seq_len], local_batch = global_batch_size //
     process_count), `.eval_batches()` (fresh finite held-out pass) and `.vocab`.
 
@@ -206,8 +207,13 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
   vocab = build_vocab(config, workdir, lambda: sources.documents(config, "train"),
                       is_writer=is_writer)
   cache_dir = config.cache_dir or os.path.join(workdir, "data_cache")
-  splits = cache.load_or_build(config, vocab, cache_dir,
-                               is_writer=is_writer or config.cache_per_process)
+  shared = is_writer or config.cache_per_process
+  if config.seqio_shard_by_process:  # own train shard (every process writes its own)
+    splits = cache.load_or_build(config, vocab, cache_dir, is_writer=shared, splits=("eval",))
+    splits.update(cache.load_or_build(config, vocab, cache_dir, splits=("train",),
+                                      shard=(process_index, process_count)))
+  else:
+    splits = cache.load_or_build(config, vocab, cache_dir, is_writer=shared)
   train_examples = make_examples(splits["train"], seq_len, config.packing, vocab.pad_id,
                                  keep_remainder=False)
   eval_examples = make_examples(splits["eval"], seq_len, config.packing, vocab.pad_id,
@@ -217,8 +223,12 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
                      f"one example of seq_len={seq_len}.")
   local_batch = global_batch_size // process_count
   shuffle_seed = (config.seed if config.seed is not None else seed) % 2**32
-  dataset = train_dataset(train_examples, local_batch_size=local_batch, seed=shuffle_seed,
-                          process_index=process_index, process_count=process_count)
+  if config.seqio_shard_by_process:  # a local stream over this process's shard
+    dataset = train_dataset(train_examples, local_batch_size=local_batch, seed=shuffle_seed,
+                            process_index=0, process_count=1)
+  else:  # this process's rows of one global stream
+    dataset = train_dataset(train_examples, local_batch_size=local_batch, seed=shuffle_seed,
+                            process_index=process_index, process_count=process_count)
   return Datasets(
       train_iter=make_iterator(dataset, config),
       train_dataset=dataset, vocab=vocab, seq_len=seq_len,

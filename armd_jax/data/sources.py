@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -236,19 +236,26 @@ def seqio_provider(config: DataConfig):
   return provider
 
 
-def seqio_token_documents(config: DataConfig, split: str) -> Iterator[np.ndarray]:
+def seqio_token_documents(config: DataConfig, split: str,
+                          shard: Optional[Tuple[int, int]] = None) -> Iterator[np.ndarray]:
   """Yields the token ids (int32 [n]) of `config.seqio_feature` of each example of
   `split` ('train' / 'eval' -> `seqio_train_split` / `seqio_eval_split`), in order.
 
   One pass, unshuffled, not packed or trimmed by seqio (sequence_length=None): our
-  pipeline packs them (the EOS the Task appends ends each document).
+  pipeline packs them (the EOS the Task appends ends each document). shard: (index,
+  count) reads only that shard of the split (`seqio.ShardInfo`: the source's files
+  where it has enough, else every count-th example).
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   provider = seqio_provider(config)
   name = config.seqio_train_split if split == "train" else config.seqio_eval_split
+  shard_info = None
+  if shard is not None:
+    import seqio  # pylint: disable=g-import-not-at-top
+    shard_info = seqio.ShardInfo(index=shard[0], num_shards=shard[1])
   dataset = provider.get_dataset(sequence_length=None, split=name, shuffle=False,
-                                 num_epochs=1, use_cached=False)
+                                 num_epochs=1, use_cached=False, shard_info=shard_info)
   limit = config.max_train_documents if split == "train" else config.max_eval_documents
   examples = dataset.as_numpy_iterator()
   for example in itertools.islice(examples, limit) if limit else examples:
