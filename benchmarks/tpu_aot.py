@@ -144,11 +144,9 @@ def model_rows(mesh: Mesh, smoke: bool, length: int | None = None,
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), jax.lax.pmean(loss, "data")
 
-    # check_vma=False: the kernel's custom_vjp backward, lowered for TPU inside this
-    # outer shard_map, returns cotangents without the 'data' varying type and the
-    # check rejects them (the model's own sharded path, layers.py, has its own shard_map).
+    # Inside this shard_map the model calls the kernel on each device's rows directly.
     sharded_step = jax.shard_map(step, mesh=flat, in_specs=(P(), P("data"), P("data")),
-                                 out_specs=(P(), P()), check_vma=False)
+                                 out_specs=(P(), P()))
     replicated = NamedSharding(flat, P())
     state = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)

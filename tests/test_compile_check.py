@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -93,3 +94,48 @@ def test_bad_topology_is_a_clear_error():
        "--topology=v5litepod-4"], cwd=REPO, capture_output=True, text=True, timeout=300,
       env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
   assert run.returncode != 0 and "Could not describe TPU topology 'v5litepod-4'" in run.stderr
+
+
+CALLER_SHARD_MAP = textwrap.dedent("""
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import armd_jax
+    from armd_jax.losses import cross_entropy
+    mesh = Mesh(np.array(topologies.get_topology_desc("v5e:2x2", "tpu").devices), ("data",))
+    n = 256
+    model = armd_jax.build_model(armd_jax.ModelConfig(
+        attention="pallas", vocab_size=256, d_model=128, num_layers=2, num_heads=1,
+        mlp_dim=256, max_len=n, dtype="bfloat16"))
+    params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
+        r, jnp.zeros((1, n), jnp.int32), armd_jax.orders.left_to_right(1, n))),
+        jax.random.PRNGKey(0))
+
+    def step(params, tokens, ids):  # per device: its own rows
+      loss_fn = lambda p: cross_entropy(model.apply(p, tokens, ids), tokens, ids)[0]
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      return jax.lax.pmean(grads, "data"), jax.lax.pmean(loss, "data")
+
+    sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                    out_specs=(P(), P()), check_vma=True))
+    as_sds = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                  sharding=NamedSharding(mesh, spec))
+    batch = as_sds(jax.ShapeDtypeStruct((4, n), jnp.int32), P("data"))
+    compiled = sharded.lower(jax.tree.map(lambda a: as_sds(a, P()), params), batch,
+                             batch).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    print("COMPILED")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu])")
+def test_the_pallas_model_inside_a_callers_shard_map_with_check_vma_compiles_for_tpu():
+  # Inside the caller's shard_map the model calls the kernel on its per-device rows
+  # directly; wrapping it in a second shard_map (unchecked, as a CPU host picks) made the
+  # custom VJP's cotangents lose their varying axes and check_vma reject the backward.
+  run = subprocess.run([sys.executable, "-c", CALLER_SHARD_MAP], cwd=REPO, capture_output=True,
+                       text=True, timeout=900,
+                       env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "JAX_PLATFORMS": ""})
+  assert run.returncode == 0 and "COMPILED" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]

@@ -162,7 +162,9 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   inside `jax.shard_map` on that mesh: q, k and v (both ARMD streams' queries and the
   K/V they share) are split alike, batch over the 'activation_batch' mesh axes and
   heads over the 'activation_heads' axes of the rule table; ids split over the batch.
-  Each device then runs the kernel on its own rows and heads; no communication.
+  Each device then runs the kernel on its own rows and heads; no communication. Called
+  inside the caller's own `shard_map` (every mesh axis manual), it runs the kernel on the
+  per-device rows it is given.
   `q_segments`: lengths of the sorted query runs along Nq (the kernel pads each to a tile).
   """
   call = functools.partial(
@@ -171,7 +173,8 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
       block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv),
       q_segments=q_segments)
   mesh = jax.sharding.get_abstract_mesh()
-  if cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1:
+  if (cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1
+      or mesh.are_all_axes_manual):  # inside the caller's shard_map: already per device
     return call(q, k, v, q_ids, kv_ids)
   spec = divisible_spec(nn.logical_to_mesh_axes(HEADS_ACTIVATION), q.shape, mesh)
   id_spec = P(spec[0], None)
