@@ -318,6 +318,28 @@ def test_gpu_kernel_lowers_to_triton_for_cuda():
   assert transposed and all(shape.count("x") < 3 for shape in transposed), transposed
 
 
+def test_without_block_sizes_each_platform_lowers_with_its_own_tiles():
+  """GPU: the H200 sweep's 64-wide tiles (Triton grids of N / 64 query tiles); TPU 128."""
+  assert kernels.default_block_sizes("tpu", 64) == BlockSizes(128, 128)
+  assert kernels.default_block_sizes("gpu", 64) == BlockSizes(64, 64)
+  assert kernels.default_block_sizes("gpu", 128) == BlockSizes(128, 64, 64, 64)
+  shape = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def grids(block_sizes):
+    def loss(q, k, v, q_ids, kv_ids):
+      return block_causal_flash_attention(q, k, v, q_ids, kv_ids,
+                                          block_sizes=block_sizes).astype(jnp.float32).sum()
+    module = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            shape, shape, shape, ids, ids).mlir_module()
+    return re.findall(r"grid_x = (\d+)", module)
+
+  assert grids(None) == grids(BlockSizes(64, 64)) == ["4"] * 3  # 256 / 64 tiles
+  assert grids(BlockSizes(128, 128)) == ["2"] * 3
+
+
 def test_tpu_kernel_lowers_to_mosaic_for_tpu():
   """Forward and both backward kernels lower to Mosaic calls (compiling needs libtpu:
   see benchmarks/tpu_aot.py)."""
@@ -355,5 +377,7 @@ def test_bad_block_sizes_and_shapes_raise_clear_errors():
   with pytest.raises(ValueError, match="q_ids must be"):
     kernels.block_causal_attention(q, q, q, jnp.zeros((1, 7), jnp.int32),
                                    jnp.zeros((1, 8), jnp.int32), implementation="pallas")
-  with pytest.raises(ValueError, match="pallas_block_q"):
-    tiny_config(pallas_block_q=0)
+  with pytest.raises(ValueError, match="pallas_block_q=12"):
+    tiny_config(pallas_block_q=12, pallas_block_kv=16)
+  with pytest.raises(ValueError, match="set together"):
+    tiny_config(pallas_block_q=0, pallas_block_kv=64)

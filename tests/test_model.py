@@ -285,7 +285,8 @@ def test_auto_attention_resolves_by_backend_and_tile_sizes_are_validated():
       "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla")
   assert tiny_config(attention="pallas").prefix_implementation == "chunked"
   assert tiny_config(attention="xla").prefix_implementation == "dense"
-  with pytest.raises(ValueError, match="pallas_block_kv=12 must be a multiple of 8"):
-    tiny_config(pallas_block_kv=12)
+  with pytest.raises(ValueError, match="pallas_block_kv=12 must be 0 .per platform. or a "
+                     "positive multiple of 8"):
+    tiny_config(pallas_block_q=16, pallas_block_kv=12)
   with pytest.raises(ValueError, match="prefix_aggregation"):
     tiny_config(prefix_aggregation="sparse")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import jax
 
-from armd_jax.kernels.flash import (BlockSizes, block_causal_flash_attention, live_tiles,
-                                    tile_plan)
+from armd_jax.kernels.flash import (BlockSizes, block_causal_flash_attention,
+                                    default_block_sizes, live_tiles, tile_plan)
 from armd_jax.kernels.reference import (block_causal_attention_reference,
                                         check_attention_inputs)
 
@@ -29,7 +29,7 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
     q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; q_ids: [B, Nq]; kv_ids: [B, Nk] (int).
     implementation: 'xla' (jnp reference; materialises the [Nq, Nk] mask) or 'pallas'
       (flash kernel; the remaining arguments apply to it only).
-    block_sizes: Pallas tile sizes (default 128 x 128).
+    block_sizes: Pallas tile sizes (None: per platform, `default_block_sizes`).
     backend: Pallas backend, 'auto' (by platform), 'tpu' or 'gpu'.
     interpret: run the Pallas kernel under the interpreter (CPU tests).
     q_segments: lengths of the sorted query runs along Nq (e.g. ARMD's content and
@@ -50,4 +50,5 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.
 
 
 __all__ = ["BlockSizes", "IMPLEMENTATIONS", "block_causal_attention",
-           "block_causal_attention_reference", "block_causal_flash_attention", "live_tiles", "tile_plan"]
+           "block_causal_attention_reference", "block_causal_flash_attention",
+           "default_block_sizes", "live_tiles", "tile_plan"]

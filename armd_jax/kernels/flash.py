@@ -95,11 +95,29 @@ class BlockSizes:
     return (self.block_q_dkv or self.block_q, self.block_kv_dkv or self.block_kv)
 
 
+def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
+  """The tiles a kernel call without `block_sizes` uses on `backend` ('tpu' or 'gpu').
+
+  TPU: 128 x 128 (Mosaic wants multiples of 128). GPU: the fastest of the H200 tile sweep
+  (fwd+bwd at N = 2048, bf16; docs/kernels.md): 64 x 64 for head dims up to 64, and
+  128 x 64 (dk/dv pass 64 x 64) above. Every tile divides 128, so inputs padded to 128 fit
+  both platforms.
+  """
+  if backend == "tpu":
+    return BlockSizes()
+  if backend == "gpu":
+    return BlockSizes(64, 64) if head_dim <= 64 else BlockSizes(128, 64, 64, 64)
+  raise ValueError(f"default_block_sizes: backend must be 'tpu' or 'gpu', got {backend!r}.")
+
+
+_DEFAULT_PAD = 128  # what inputs are padded to when the tiles are chosen per platform
+
+
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """Static (hashable) settings of one kernel call."""
+  """Static (hashable) settings of one kernel call (block_sizes None: per platform)."""
 
-  block_sizes: BlockSizes
+  block_sizes: BlockSizes | None
   backend: str
   interpret: bool
   sm_scale: float
@@ -945,18 +963,24 @@ def _backward(opts: _Options, backend: str, *args):
 
 
 def _on_platform(opts: _Options, fn, *args):
-  """Runs fn(opts, backend, *args) for the backend the options (or the platform) pick."""
+  """Runs fn(opts, backend, *args) for the backend the options (or the platform) pick,
+  with that backend's default tiles where the options leave them to the platform."""
+  head_dim = args[0].shape[-1]
+
+  def run(run_opts: _Options, backend: str):
+    if run_opts.block_sizes is None:
+      run_opts = dataclasses.replace(run_opts,
+                                     block_sizes=default_block_sizes(backend, head_dim))
+    return lambda *a: fn(run_opts, backend, *a)
+
   if opts.backend != "auto":
-    return fn(opts, opts.backend, *args)
+    return run(opts, opts.backend)(*args)
   if opts.interpret:
-    return fn(opts, "tpu", *args)
+    return run(opts, "tpu")(*args)
   interpreted = dataclasses.replace(opts, interpret=True)
   return lax.platform_dependent(
-      *args,
-      tpu=lambda *a: fn(opts, "tpu", *a),
-      cuda=lambda *a: fn(opts, "gpu", *a),
-      rocm=lambda *a: fn(opts, "gpu", *a),
-      default=lambda *a: fn(interpreted, "tpu", *a))
+      *args, tpu=run(opts, "tpu"), cuda=run(opts, "gpu"), rocm=run(opts, "gpu"),
+      default=run(interpreted, "tpu"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -1053,7 +1077,8 @@ def block_causal_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids
       e.g. ARMD's two streams concatenated).
     kv_ids: [B, Nk] int block ids; tiles are skipped best when non-decreasing.
       All ids must lie strictly between -2**30 and 2**30 (padding sentinels).
-    block_sizes: tile sizes; default BlockSizes() (128 x 128).
+    block_sizes: tile sizes; None: per platform (`default_block_sizes`: 128 x 128 on
+      TPU and in the interpreter, 64-wide tiles on GPU).
     backend: 'auto' (by platform at lowering time), 'tpu' (Mosaic) or 'gpu' (Triton).
     interpret: run the kernel under the Pallas interpreter (any platform, slow).
     sm_scale: logit scale; defaults to 1/sqrt(D).
@@ -1080,16 +1105,19 @@ def block_causal_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids
   if sum(segments) != nq_len or min(segments) <= 0:
     raise ValueError(f"block_causal_flash_attention: q_segments {q_segments} must be positive "
                      f"and sum to Nq={nq_len}.")
-  block_sizes = BlockSizes() if block_sizes is None else block_sizes
-  rules = _tile_rules(backend, interpret)
-  for name, value in zip(("block_q", "block_kv", "block_q_dkv", "block_kv_dkv"),
-                         (block_sizes.block_q, block_sizes.block_kv) + block_sizes.dkv):
-    _check_block(name, value, rules)
+  if block_sizes is None and backend != "auto":
+    block_sizes = default_block_sizes(backend, d)
+  if block_sizes is None:  # chosen per platform when lowered; valid by construction
+    bq = bk = _DEFAULT_PAD
+  else:
+    rules = _tile_rules(backend, interpret)
+    for name, value in zip(("block_q", "block_kv", "block_q_dkv", "block_kv_dkv"),
+                           (block_sizes.block_q, block_sizes.block_kv) + block_sizes.dkv):
+      _check_block(name, value, rules)
+    bq = int(np.lcm(block_sizes.block_q, block_sizes.dkv[0]))
+    bk = int(np.lcm(block_sizes.block_kv, block_sizes.dkv[1]))
   sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   opts = _Options(block_sizes, backend, interpret, sm_scale, schedule)
-
-  bq = int(np.lcm(block_sizes.block_q, block_sizes.dkv[0]))
-  bk = int(np.lcm(block_sizes.block_kv, block_sizes.dkv[1]))
   # GPU: tl.dot wants power-of-two head dims >= 16; zero columns change nothing.
   d_pad = max(16, 1 << (d - 1).bit_length()) if backend in ("gpu", "auto") else d
   pad_d = lambda x: _pad_axis(x, 3, d_pad, 0)  # noqa: E731

@@ -48,7 +48,9 @@ class ModelConfig:
       `attention_implementation`).
     pallas_block_q: query tile of the Pallas kernel (multiple of 128 on TPU, power of
       two >= 16 on GPU, multiple of 8 in interpret mode); passed to the kernel entry
-      point `armd_jax.kernels.block_causal_attention` as `BlockSizes`.
+      point `armd_jax.kernels.block_causal_attention` as `BlockSizes`. 0 (default, with
+      pallas_block_kv 0): per platform, `armd_jax.kernels.default_block_sizes` (128 x 128
+      on TPU, 64-wide tiles on GPU from the H200 tile sweep).
     pallas_block_kv: key tile of the Pallas kernel (same constraints).
     pallas_interpret: run the Pallas kernel under the Pallas interpreter (CPU tests;
       on CPU 'pallas' is always interpreted).
@@ -82,8 +84,8 @@ class ModelConfig:
   dropout_rate: float = 0.0
   dtype: Any = "float32"
   attention: str = "xla"
-  pallas_block_q: int = 128
-  pallas_block_kv: int = 128
+  pallas_block_q: int = 0
+  pallas_block_kv: int = 0
   pallas_interpret: bool = False
   remat: str = "none"
   d_pe: int = 64
@@ -98,7 +100,7 @@ class ModelConfig:
     if self.num_two_stream_layers is None:
       object.__setattr__(self, "num_two_stream_layers", self.num_layers // 2)
     _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
-              "max_len", "d_pe", "pallas_block_q", "pallas_block_kv", "prefix_chunk")
+              "max_len", "d_pe", "prefix_chunk")
     if self.d_model % self.num_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide "
                        f"ModelConfig.d_model={self.d_model}.")
@@ -119,9 +121,14 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
     for name in ("pallas_block_q", "pallas_block_kv"):
-      if getattr(self, name) % 8:
-        raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be a multiple of 8 "
-                         "(Pallas tiles: multiples of 128 on TPU, powers of two >= 16 on GPU).")
+      if getattr(self, name) < 0 or getattr(self, name) % 8:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be 0 (per platform) "
+                         "or a positive multiple of 8 (Pallas tiles: multiples of 128 on TPU, "
+                         "powers of two >= 16 on GPU).")
+    if (self.pallas_block_q == 0) != (self.pallas_block_kv == 0):
+      raise ValueError("ModelConfig.pallas_block_q and pallas_block_kv are set together: both "
+                       f"0 (per platform) or both tiles, got {self.pallas_block_q} and "
+                       f"{self.pallas_block_kv}.")
     if self.prefix_aggregation not in PREFIX_AGGREGATIONS:
       raise ValueError(f"ModelConfig.prefix_aggregation must be one of {PREFIX_AGGREGATIONS}, "
                        f"got {self.prefix_aggregation!r}.")

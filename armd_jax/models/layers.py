@@ -170,7 +170,8 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_ids:
   call = functools.partial(
       kernels.block_causal_attention, implementation=cfg.attention_implementation,
       interpret=cfg.pallas_interpret,
-      block_sizes=kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv),
+      block_sizes=(kernels.BlockSizes(cfg.pallas_block_q, cfg.pallas_block_kv)
+                   if cfg.pallas_block_q else None),  # None: per platform
       q_segments=q_segments)
   mesh = jax.sharding.get_abstract_mesh()
   if (cfg.attention_implementation != "pallas" or mesh.empty or mesh.size == 1
