@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -195,8 +196,27 @@ def compile_train_step(config, devices: Sequence[Any]) -> Dict[str, Any]:
   state_bytes = state_bytes_per_chip(abstract)
   print(f"train state (params, optimiser, EMA) per chip: {state_bytes / GIB:.3f} GiB; "
         "compiling the train step ...", flush=True)
-  return dict(mesh=dict(mesh.shape), params=num_params, abstract=abstract, model=model,
-              state_bytes=state_bytes, compiled=compile_program(step, abstract, batch))
+  out = dict(mesh=dict(mesh.shape), params=num_params, abstract=abstract, model=model,
+             state_bytes=state_bytes, compiled=None, out_of_memory=None)
+  start = time.time()
+  try:
+    out["compiled"] = compile_program(step, abstract, batch)
+  except jax.errors.JaxRuntimeError as e:  # XLA could not schedule it in the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    out["out_of_memory"] = out_of_memory_report(str(e), time.time() - start)
+  return out
+
+
+def out_of_memory_report(message: str, seconds: float) -> Dict[str, Any]:
+  """What XLA's out-of-HBM compile error says: the message, and the temporaries it needed
+  against the HBM it had (GiB, as XLA prints them with a 'G'), when it names them."""
+  found = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+                    message)
+  line = next((l for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l), message[:300])
+  return dict(message=line.strip(), seconds=seconds,
+              temp_gib=float(found.group(1)) if found else None,
+              available_gib=float(found.group(2)) if found else None)
 
 
 def compile_decode(config, model, abstract_state, devices: Sequence[Any]) -> Optional[Compiled]:
@@ -266,25 +286,32 @@ def check(config, topology: str) -> Dict[str, Any]:
   train = compile_train_step(config, devices)
   tc = config.train
   tokens = int(tc.global_batch_size) * int(tc.seq_len)
-  step: Compiled = train["compiled"]
+  step: Optional[Compiled] = train["compiled"]
   report: Dict[str, Any] = dict(
       topology=topology, chips=len(devices), device_kind=kind,
       chip=dataclasses.asdict(chip) if chip else None, mesh=train["mesh"],
       params=train["params"], state_bytes=train["state_bytes"],
       attention=config.model.attention,
       rule_table=config.mesh.get("rule_table"), remat=config.model.get("remat", "none"),
-      global_batch=int(tc.global_batch_size),
-      seq_len=int(tc.seq_len), train_step=dict(dataclasses.asdict(step),
-                                               total_bytes=step.total_bytes))
+      global_batch=int(tc.global_batch_size), seq_len=int(tc.seq_len),
+      train_step=(dict(dataclasses.asdict(step), total_bytes=step.total_bytes) if step else
+                  dict(out_of_memory=train["out_of_memory"])))
   print(f"model {config.model.kind} {train['params'] / 1e6:.1f}M parameters, attention "
         f"{report['attention']}, remat {report['remat']}, mesh {train['mesh']} "
         f"({report['rule_table']}), batch {tc.global_batch_size} x {tc.seq_len}", flush=True)
-  for line in _memory_lines("train step", step, chip):
-    print(line, flush=True)
-  fits = [chip is None or step.total_bytes <= chip.hbm_bytes]
-  print(f"  FLOPs per chip per step {step.flops:.4g}, HBM bytes accessed {step.bytes_accessed:.4g}",
-        flush=True)
-  if chip:
+  if step is None:
+    oom = train["out_of_memory"]
+    print(f"train step: XLA ran out of HBM compiling it after {oom['seconds']:.0f} s "
+          f"(temporaries {oom['temp_gib']}G, available {oom['available_gib']}G): "
+          f"{oom['message']}", flush=True)
+    fits = [False]
+  else:
+    for line in _memory_lines("train step", step, chip):
+      print(line, flush=True)
+    fits = [chip is None or step.total_bytes <= chip.hbm_bytes]
+    print(f"  FLOPs per chip per step {step.flops:.4g}, HBM bytes accessed "
+          f"{step.bytes_accessed:.4g}", flush=True)
+  if chip and step is not None:
     rl = roofline(step, chip, tokens, len(devices))
     report["train_step"]["roofline"] = rl
     print(f"  roofline step {rl['step_s'] * 1e3:.1f} ms ({rl['bound']}-bound: compute "

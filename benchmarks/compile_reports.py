@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -164,7 +165,8 @@ def gather() -> str:
     if name.endswith(f"_L{SHALLOW[0]}"):
       base = name[:-len(f"_L{SHALLOW[0]}")]
       deeper = by_name.get(f"{base}_L{SHALLOW[1]}")
-      if deeper is not None:
+      if deeper is not None and not _out_of_memory(deeper) and not _out_of_memory(
+          by_name[name]):
         layers = LAYERS[base.split("_v5")[0]]
         report = extrapolate(by_name[name], deeper, layers)
         report["name"] = f"{base} (extrapolated to L={layers})"
@@ -176,6 +178,12 @@ def gather() -> str:
            "decode GiB/chip | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
+    oom = _out_of_memory(r)
+    if oom:
+      lines.append(f"| {r['name']} | {_mesh(r) if 'mesh' in r else ''} | "
+                   f"{r.get('remat', 'none')} | does not fit: XLA ran out of HBM compiling it "
+                   f"({oom}) | | NO | | | | | {r.get('wall_s', 0):.0f} |")
+      continue
     if r.get("failed"):
       lines.append(f"| {r['name']} | | | compile failed (exit {r['exit_status']}) | | | | | | | "
                    f"{r['wall_s']:.0f} |")
@@ -215,6 +223,19 @@ def gather() -> str:
   with open(os.path.join(RESULTS, "compile_reports.md"), "w", encoding="utf-8") as f:
     f.write(table)
   return table
+
+
+def _out_of_memory(report) -> str:
+  """XLA's out-of-HBM verdict on a report's train step ('' if none): from compile_check's
+  report, or from the log of a run that predates that report field."""
+  oom = report.get("train_step", {}).get("out_of_memory") if isinstance(
+      report.get("train_step"), dict) else None
+  if oom:
+    return (f"temporaries {oom['temp_gib']}G > {oom['available_gib']}G available"
+            if oom.get("temp_gib") else oom["message"])
+  found = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+                    report.get("log_tail", "")) if report.get("failed") else None
+  return f"temporaries {found.group(1)}G > {found.group(2)}G available" if found else ""
 
 
 def _mesh(report) -> str:

@@ -88,6 +88,36 @@ def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install -e .[tpu])")
+def test_a_step_xla_cannot_fit_is_reported_as_not_fitting(tmp_path):
+  out = tmp_path / "report.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
+       "--topology=v5e:2x2", "--config.train.global_batch_size=4096",
+       "--config.train.seq_len=1024", "--config.model.max_len=1024",
+       "--config.sample.num_samples=2", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+  assert "XLA ran out of HBM" in run.stdout and "DOES NOT FIT" in run.stdout
+  report = json.loads(out.read_text())
+  oom = report["train_step"]["out_of_memory"]
+  assert report["fits"] is False and oom["temp_gib"] > oom["available_gib"] > 14
+  assert report["decode"]["total_bytes"] > 0  # the decode call is still compiled
+
+
+def test_out_of_memory_messages_are_parsed():
+  message = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the "
+             "total memory required for HLO temporaries (17.11G) exceeds available HBM "
+             "(15.75G).")
+  oom = compile_check.out_of_memory_report("traceback\n" + message, 12.0)
+  assert (oom["temp_gib"], oom["available_gib"], oom["seconds"]) == (17.11, 15.75, 12.0)
+  assert oom["message"] == message
+  assert compile_check.out_of_memory_report("RESOURCE_EXHAUSTED: other", 1.0)["temp_gib"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu])")
 def test_bad_topology_is_a_clear_error():
   run = subprocess.run(
       [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
