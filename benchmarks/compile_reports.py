@@ -65,10 +65,12 @@ def cases():
 
 
 def extra_cases():
-  """Remat where the config's own mesh does not fit: `owt_medium` on v5e-64, whose
-  XLA-attention extrapolation needs 31.9 GiB per chip of 14.9 (2- and 4-layer copies
-  with `model.remat=full`, extrapolated in depth like the others)."""
-  out = []
+  """Remat where the config's own mesh does not fit: `owt_medium` on v5e-64 (with the
+  Pallas kernel XLA ran out of HBM at full depth; the XLA-attention extrapolation needs
+  31.9 GiB per chip of 14.9): `model.remat=full` at full depth with the kernel, and 2-
+  and 4-layer copies extrapolated in depth like the others."""
+  out = [("owt_medium_v5e-64_pallas_remat_full", "configs/owt_medium.py", TOPOLOGIES["v5e-64"],
+          ["--config.model.attention=pallas", "--config.model.remat=full"])]  # full depth
   for attention in ("xla", "pallas"):
     for layers in SHALLOW:
       out.append((f"owt_medium_v5e-64_{attention}_remat_full_L{layers}", "configs/owt_medium.py",
