@@ -6,6 +6,9 @@ Mesh: target slice TPU v5p-128 (64 chips, 128 TensorCores): FSDP x 4-way tensor
 parallelism, mesh (data 1, fsdp 16, tensor 4) with the 'fsdp_tensor' rule table (heads,
 MLP and vocabulary over 'tensor', the embed dimension over 'fsdp'); `(1, -1, 4)` takes
 any device count that is a multiple of 4 and divides 4 x 512.
+On a v5e-64 slice this mesh does not fit (docs/scaling.md); there use
+`--config.mesh.shape='(1,-1,1)' --config.mesh.rule_table=fsdp --config.model.remat=full`
+(compiled: 4.94 GiB of 14.90 per chip with the Pallas kernel).
 Expected result: better than owt_small at equal steps (the paper reports the medium
 model in its generative-perplexity study).
 
