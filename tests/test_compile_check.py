@@ -55,17 +55,23 @@ def test_published_chip_figures():
   assert (v5p.peak_flops, v5p.hbm_bytes, v5p.hbm_bandwidth) == (459e12, 95e9, 2765e9)
 
 
+def compile_tiny(tmp_path, *flags):
+  """`compile_check` of configs/tiny.py (2 samples) for v5e:2x2: (the run, report path)."""
+  out = tmp_path / "report.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
+       "--topology=v5e:2x2", "--config.sample.num_samples=2", *flags, f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  return run, out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install -e .[tpu])")
 def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
-  out = tmp_path / "report.json"
-  run = subprocess.run(
-      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
-       "--topology=v5e:2x2", "--config.sample.num_samples=2", "--config.mesh.shape=(1,2,2)",
-       "--config.mesh.rule_table=fsdp_tensor", f"--out={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
-      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  run, out = compile_tiny(tmp_path, "--config.mesh.shape=(1,2,2)",
+                          "--config.mesh.rule_table=fsdp_tensor")
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert "FITS" in run.stdout and "tokens/s per chip" in run.stdout
   report = json.loads(out.read_text())
@@ -89,14 +95,8 @@ def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install -e .[tpu])")
 def test_a_step_xla_cannot_fit_is_reported_as_not_fitting(tmp_path):
-  out = tmp_path / "report.json"
-  run = subprocess.run(
-      [sys.executable, "-m", "armd_jax.compile_check", "--config=configs/tiny.py",
-       "--topology=v5e:2x2", "--config.train.global_batch_size=4096",
-       "--config.train.seq_len=1024", "--config.model.max_len=1024",
-       "--config.sample.num_samples=2", f"--out={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
-      env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  run, out = compile_tiny(tmp_path, "--config.train.global_batch_size=4096",
+                          "--config.train.seq_len=1024", "--config.model.max_len=1024")
   assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
   assert "XLA ran out of HBM" in run.stdout and "DOES NOT FIT" in run.stdout
   report = json.loads(out.read_text())
