@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from armd_jax import compile_check  # noqa: E402  (light: no jax at import)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -234,15 +236,15 @@ def gather() -> str:
 
 def _out_of_memory(report) -> str:
   """XLA's out-of-HBM verdict on a report's train step ('' if none): from compile_check's
-  report, or from the log of a run that predates that report field."""
-  oom = report.get("train_step", {}).get("out_of_memory") if isinstance(
-      report.get("train_step"), dict) else None
-  if oom:
-    return (f"temporaries {oom['temp_gib']}G > {oom['available_gib']}G available"
-            if oom.get("temp_gib") else oom["message"])
-  found = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
-                    report.get("log_tail", "")) if report.get("failed") else None
-  return f"temporaries {found.group(1)}G > {found.group(2)}G available" if found else ""
+  report, or (parsed the same way) from the log of a run that predates that report field."""
+  train = report.get("train_step")
+  oom = train.get("out_of_memory") if isinstance(train, dict) else None
+  if oom is None and report.get("failed") and "RESOURCE_EXHAUSTED" in report.get("log_tail", ""):
+    oom = compile_check.out_of_memory_report(report["log_tail"], report.get("wall_s", 0.0))
+  if not oom:
+    return ""
+  return (f"temporaries {oom['temp_gib']}G > {oom['available_gib']}G available"
+          if oom.get("temp_gib") else oom["message"])
 
 
 def _mesh(report) -> str:
