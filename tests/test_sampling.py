@@ -182,8 +182,70 @@ def test_repeated_generation_reuses_one_compiled_decoder(tiny):
   model, params = tiny
   for seed in range(3):
     sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=B, length=N, streams=2)
-  key = (model, SamplerConfig(), ((1, 2), (2, 5), 0, True), B, N, "cached")  # 0: no prefill
+  # (width, calls, one scan over the whole cache) per phase; 0: no prefill; uniform
+  structure = ((1, 2, ((2, None),)), (2, 5, ((5, None),)), 0, True)
+  key = (model, SamplerConfig(), structure, B, N, "cached")
   assert decode_lib.TRACE_COUNTS[key] == 1
+
+
+def test_plan_segments_cover_every_row_a_call_can_see_and_grow_with_the_calls():
+  ids = np.asarray(orders.strided(2, 1024, 4))
+  plan = sampling.make_plan(ids)
+  heads, body = plan.segments  # S = 4: 4 stream heads (too few calls to split), 255 calls
+  assert heads == ((4, None),)
+  assert [end for end, _ in body] == [64, 128, 191, 255]
+  visible = [rows for _, rows in body]
+  assert visible[:-1] == sorted(visible[:-1]) and visible[0] < 1024 // 3
+  phase, begin = plan.phases[1], 0
+  for end, rows in body:  # every call's block ends within its segment's visible rows
+    assert (phase.starts[begin:end] + phase.width).max() <= (rows or 1024 + plan.max_width)
+    begin = end
+  short = sampling.make_plan(np.asarray(orders.strided(2, 64, 1)))
+  assert short.segments == (((64, None),),), "short caches keep one scan per phase"
+
+
+@pytest.fixture
+def segmented(monkeypatch):
+  """Plans split phases of >= 4 calls on caches of >= 8 rows into segments."""
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8)
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+
+
+@pytest.mark.parametrize("order", ["left_to_right", "strided", "multi_token_blocks"])
+def test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass(
+    tiny, segmented, monkeypatch, order):
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 2 * N), 0, model.config.vocab_size)
+  ids = make_order(order, 2, 2 * N)
+  if order == "multi_token_blocks":  # enough blocks (of uneven sizes) to split
+    ids = orders.masked_diffusion(jax.random.PRNGKey(7), 2, 2 * N, num_steps=16)
+  plan = sampling.make_plan(np.asarray(ids))
+  full_rows = 2 * N + plan.max_width
+  assert any(rows is not None for phase in plan.segments for _, rows in phase)
+  read_rows = []
+  real_attend = decode_lib._attend
+
+  def recording_attend(layer, x, rope, q_ids, cache_k, cache_v, kv_ids):
+    read_rows.append(kv_ids.shape[1])
+    return real_attend(layer, x, rope, q_ids, cache_k, cache_v, kv_ids)
+
+  monkeypatch.setattr(decode_lib, "_attend", recording_attend)
+  want = token_log_probs(model.apply(params, tokens, ids), tokens)
+  got = sampling.score(model, params, tokens, ids)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert min(read_rows) < full_rows, "some calls attend over only the rows they can see"
+
+
+def test_segmented_generation_draws_the_same_tokens_as_one_scan(tiny, monkeypatch):
+  model, params = tiny
+  kwargs = dict(batch_size=B, length=2 * N, streams=2)
+  one_scan = sampling.generate(model, params, jax.random.PRNGKey(4), **kwargs)
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8)
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+  segmented = sampling.generate(model, params, jax.random.PRNGKey(4), **kwargs)
+  np.testing.assert_array_equal(segmented.tokens, one_scan.tokens)
+  np.testing.assert_allclose(segmented.log_probs, one_scan.log_probs, atol=1e-6, rtol=0)
+  assert segmented.num_calls == one_scan.num_calls == 2 * N // 2 + 1
 
 
 def test_decoder_trace_guard_fires_on_a_second_trace():

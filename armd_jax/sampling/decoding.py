@@ -152,7 +152,7 @@ def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: 
   key = (model, sampler, structure, batch, length, mode)
   TRACE_COUNTS[key] = 0
   *phases, prefill_width, uniform = structure
-  max_width = max([width for width, _ in phases] + [prefill_width])
+  max_width = max([width for width, _, _ in phases] + [prefill_width])
 
   def run(params, rng, tokens, known, block_ids, positions, prefill, slot_tables):
     _count_trace(key)
@@ -169,14 +169,25 @@ def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: 
       state = _init_state(bound, tokens, max_width)
       if prefill_width:
         state = _prefill_call(bound, inputs, state, prefill)
-      call = functools.partial(_cached_call, bound, sampler, inputs, uniform=uniform)
+      call = functools.partial(_cached_call, bound, sampler, uniform=uniform)
     else:
       state = _init_light_state(tokens)
       if prefill_width:
         state = _recompute_prefill(bound, inputs, state, prefill)
-      call = functools.partial(_recompute_call, bound, sampler, inputs)
-    for table in slot_tables:  # one scan per phase
-      state, _ = jax.lax.scan(lambda s, xs: (call(s, *xs), None), state, table)
+      call = functools.partial(_recompute_call, bound, sampler)
+    for table, (_, num_calls, segments) in zip(slot_tables, phases):
+      if mode != "cached":  # no cache to cut: one scan per phase
+        segments = ((num_calls, None),)
+      begin = 0
+      for end, rows in segments:  # one scan per segment of the phase (plan_lib.Plan.segments)
+        part = jax.tree.map(lambda a, b=begin, e=end: a[b:e], table)
+
+        def scan(state, inputs, part=part):
+          body = lambda s, xs: (call(inputs, s, *xs), None)  # noqa: E731
+          return jax.lax.scan(body, state, part)[0]
+
+        state = _on_cache_prefix(scan, state, inputs, rows)
+        begin = end
     return state["tokens"], state["log_probs"], state["calls"]
 
   return jax.jit(run)
@@ -405,6 +416,31 @@ def _cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array, 
   index, valid, ids, pos = _slot_inputs(inputs, slots)  # [B, W]
   return _block_call(m, sampler, inputs, state, slots, index, valid, ids, pos, start, uniform,
                      inputs["content_ids"], inputs["upper_ids"])
+
+
+_CACHE_ROWS = {"upper_k": 0, "upper_v": 0, "content_k": 1, "content_v": 1}  # extra rows
+
+
+def _on_cache_prefix(scan, state, inputs, rows: Optional[int]):
+  """`scan(state, inputs)` on the first `rows` rows of the caches (rows + 1 of the
+  content caches, whose row 0 is BOS) and of their ids; None = on the whole caches.
+
+  The calls of a segment (`plan_lib.Plan.segments`) can neither see nor write a later
+  row, so their attention reads only this prefix; the rest of each cache is set aside
+  and joined back after the scan (two copies per segment, not per call).
+  """
+  if rows is None:
+    return scan(state, inputs)
+  rest = {name: [c[:, :, rows + extra:] for c in state[name]]
+          for name, extra in _CACHE_ROWS.items()}
+  state = dict(state, **{name: [c[:, :, :rows + extra] for c in state[name]]
+                         for name, extra in _CACHE_ROWS.items()})
+  inputs = dict(inputs, upper_ids=inputs["upper_ids"][:, :rows],
+                content_ids=inputs["content_ids"][:, :rows + 1])
+  state = scan(state, inputs)
+  return dict(state, **{name: [jnp.concatenate([c, r], axis=2)
+                               for c, r in zip(state[name], rest[name])]
+                        for name in _CACHE_ROWS})
 
 
 def _prefill_call(m, inputs, state, slots: jax.Array):

@@ -12,6 +12,11 @@ the block of call t occupies the contiguous cache rows `starts[t, b] + [0, width
 When every row has the same starts (`Plan.uniform`: all strided and singleton orders),
 one `dynamic_update_slice` writes a block; otherwise the decoder scatters per row.
 
+Visible rows: call t can only see the cache rows of blocks up to its own, the first
+`starts[t] + width` rows. On long caches a phase is split into `SEGMENTS` scans
+(`Plan.segments`), each of which attends only over the rows its calls can see instead of
+the whole cache (about 0.6x the attention work over a sequence at 4 segments).
+
 Prefill: the first `prefill_blocks[b]` blocks of row b (known tokens: a prompt or
 infill) can be read by ONE call (`Plan.prefill`, their positions in generation order);
 the remaining blocks then follow, call t handling row b's block prefill_blocks[b] + t + 1.
@@ -29,6 +34,12 @@ from armd_jax import orders
 # More phases than this (irregular multi-token orders) fall back to one phase of the
 # widest block, so the number of compiled loops stays small.
 MAX_PHASES = 4
+# A phase of at least SEGMENT_MIN_CALLS calls on caches of at least SEGMENT_MIN_ROWS rows
+# runs as SEGMENTS scans that attend over a growing prefix of the cache (more segments
+# save more attention and cost more compiled loops).
+SEGMENTS = 4
+SEGMENT_MIN_CALLS = 16
+SEGMENT_MIN_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +70,32 @@ class Plan:
 
   @property
   def structure(self) -> Tuple[Any, ...]:
-    """Static (width, num_calls) per phase, the prefill width (0 = none) and `uniform`:
-    what the compiled decoder depends on."""
+    """Static (width, num_calls, segments) per phase, the prefill width (0 = none) and
+    `uniform`: what the compiled decoder depends on."""
     prefill = 0 if self.prefill is None else self.prefill.shape[1]
-    return tuple((p.width, p.num_calls) for p in self.phases) + (prefill, self.uniform)
+    return tuple((p.width, p.num_calls, segments)
+                 for p, segments in zip(self.phases, self.segments)) + (prefill, self.uniform)
+
+  @property
+  def segments(self) -> Tuple[Tuple[Tuple[int, Optional[int]], ...], ...]:
+    """Per phase, its scans as (end call, visible rows): calls [previous end, end) can see
+    only the first `visible rows` rows of the upper-half caches (one more of the content
+    cache, whose row 0 is BOS); None = the whole cache. Rounded up to a multiple of 8."""
+    rows = self.length + self.max_width  # upper-half cache rows
+    out = []
+    for phase in self.phases:
+      if phase.num_calls < SEGMENT_MIN_CALLS or rows < SEGMENT_MIN_ROWS:
+        out.append(((phase.num_calls, None),))
+        continue
+      ends = np.linspace(0, phase.num_calls, SEGMENTS + 1).round().astype(int)[1:]
+      segments, begin = [], 0
+      for end in ends:
+        visible = int((phase.starts[begin:end] + phase.width).max())
+        visible = -(-visible // 8) * 8
+        segments.append((int(end), visible if visible < rows else None))
+        begin = end
+      out.append(tuple(segments))
+    return tuple(out)
 
   @property
   def max_width(self) -> int:
