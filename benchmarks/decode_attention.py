@@ -1,20 +1,22 @@
 """CPU time of one decoding call's attention over a KV cache: cache layouts compared.
 
-  python benchmarks/decode_attention.py [--out=benchmarks/results/decode_attention.json]
+  python benchmarks/decode_attention.py [--heads=4 --rows=133] \
+      [--out=benchmarks/results/decode_attention.json]
 
 Why a strided call of width W cost about W width-1 calls (issue 13): the decoder kept
 its caches as [B, H, R, Dh] and transposed them to the [B, R, H, Dh] that
 `Block.attend` / the kernels' reference take, and XLA:CPU then ran the W > 1 score and
 mixing products as a slow batched product. This times, for B = 8, H = 4, R = 133 (the
-quickstart model at N = 128), Dh = 32 and W = 1, 2, 4, 8 queries, 200 attentions in a
-`lax.scan`:
+quickstart model at N = 128; --heads=8 --rows=1029 is the small model at N = 1,024),
+Dh = 32 and W = 1, 2, 4, 8 queries, --loops attentions in a `lax.scan`:
   old_transposed: cache [B, H, R, Dh] transposed into the reference (the old decoder);
   reference_BRHD: a cache already [B, R, H, Dh] into the reference;
   cache_layout:   `decoding`'s own attention math on [B, H, R, Dh] as stored (one
                   batched einsum; what the decoder runs on GPU/TPU);
   split_queries:  the same math as W one-query attentions (the decoder on XLA:CPU).
 Process CPU time (not wall time, so a shared machine's load matters less), XLA:CPU
-single-threaded, best of --repeats, per attention. Writes a JSON results file.
+single-threaded, best of --repeats, per attention, and the rate at which that streams
+the K and V caches (2 B H R Dh float32 per attention). Writes a JSON results file.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from armd_jax.sampling import decoding  # noqa: E402  pylint: disable=protected-
 
 import results_file  # noqa: E402  benchmarks/, the script's folder
 
-B, H, R, D = 8, 4, 133, 32
+B, D = 8, 32
 
 
 def cache_layout(q, k, v, q_ids, kv_ids):
@@ -72,32 +74,40 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--widths", default="1,2,4,8")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--rows", type=int, default=133, help="cache rows R")
+  parser.add_argument("--loops", type=int, default=200, help="attentions per timed scan")
   parser.add_argument("--out", default="benchmarks/results/decode_attention.json")
   args = parser.parse_args()
+  heads, rows, n = args.heads, args.rows, args.loops
   loops = {}
   for name, (fn, heads_first) in VARIANTS.items():
     for width in (int(w) for w in args.widths.split(",")):
-      shape = (B, H, R, D) if heads_first else (B, R, H, D)
+      shape = (B, heads, rows, D) if heads_first else (B, rows, heads, D)
       k = jax.random.normal(jax.random.PRNGKey(0), shape)
-      q = jax.random.normal(jax.random.PRNGKey(1), (B, width, H, D))
-      q_ids = jnp.full((B, width), 60)
-      kv_ids = jnp.tile(jnp.arange(R)[None], (B, 1))
-      f = jax.jit(lambda q, k, fn=fn, q_ids=q_ids, kv_ids=kv_ids: jax.lax.scan(
-          lambda c, _: (fn(c, k, k, q_ids, kv_ids).astype(c.dtype), None), q, None,
-          length=200)[0])
-      f(q, k).block_until_ready()  # compile
-      loops[(name, width)] = (f, q, k)
+      v = jax.random.normal(jax.random.PRNGKey(2), shape)
+      q = jax.random.normal(jax.random.PRNGKey(1), (B, width, heads, D))
+      q_ids = jnp.full((B, width), rows // 2)
+      kv_ids = jnp.tile(jnp.arange(rows)[None], (B, 1))
+      f = jax.jit(lambda q, k, v, fn=fn, q_ids=q_ids, kv_ids=kv_ids: jax.lax.scan(
+          lambda c, _: (fn(c, k, v, q_ids, kv_ids).astype(c.dtype), None), q, None,
+          length=n)[0])
+      f(q, k, v).block_until_ready()  # compile
+      loops[(name, width)] = (f, q, k, v)
   best = {key: float("inf") for key in loops}
   for _ in range(args.repeats):  # round-robin
-    for key, (f, q, k) in loops.items():
+    for key, (f, q, k, v) in loops.items():
       start = time.process_time()
-      f(q, k).block_until_ready()
+      f(q, k, v).block_until_ready()
       best[key] = min(best[key], time.process_time() - start)
-  records = [{"variant": n, "width": w, "cpu_us_per_attention": best[(n, w)] / 200 * 1e6}
-             for n, w in loops]
+  cache_bytes = 2 * B * heads * rows * D * 4
+  records = [{"variant": name, "width": width, "cpu_us_per_attention": best[(name, width)] / n * 1e6,
+              "cache_gb_per_s": cache_bytes / (best[(name, width)] / n) / 1e9}
+             for name, width in loops]
   for r in records:
     print(json.dumps(r), flush=True)
-  results_file.write(args.out, args, shape={"B": B, "H": H, "R": R, "Dh": D}, records=records)
+  results_file.write(args.out, args, shape={"B": B, "H": heads, "R": rows, "Dh": D},
+                     records=records)
 
 
 if __name__ == "__main__":
