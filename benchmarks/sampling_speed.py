@@ -62,6 +62,31 @@ def best_time(run, repeats: int) -> float:
   return min(times)
 
 
+def cached_seconds(model, params, batch: int, length: int, widths, repeats: int):
+  """({S: best seconds}, {S: calls}) of `generate(streams=S)` for each S in `widths`.
+
+  One untimed compile run each, then --repeats rounds timed round-robin, so that changes
+  in the load of a shared machine hit every setting alike.
+  """
+  runs, calls = {}, {}
+  for s in widths:
+    def run(seed, s=s):
+      result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
+                                 length=length, streams=s)
+      calls[s] = result.num_calls
+      return result.tokens
+    runs[s] = run
+    jax.block_until_ready(run(0))  # compile
+  best = {s: float("inf") for s in widths}
+  for seed in range(1, repeats + 1):
+    for s in widths:
+      start = time.perf_counter()
+      jax.block_until_ready(runs[s](seed))
+      best[s] = min(best[s], time.perf_counter() - start)
+    print(f"  repeat {seed}/{repeats}: best so far {best}", flush=True)
+  return best, calls
+
+
 def nocache_order(batch: int, length: int, calls: int) -> np.ndarray:
   """Left-to-right for the first `calls - 1` positions, the rest in one final block."""
   ids = np.minimum(np.arange(1, length + 1), calls)
@@ -108,22 +133,7 @@ def main():
     # (b) cached sequential and (c) cached strided, timed round-robin so that changes
     # in the load of the shared machine hit every setting alike.
     widths = [st for st in [1] + streams if length % st == 0]
-    runs, calls = {}, {}
-    for st in widths:
-      def run(seed, st=st):
-        result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
-                                   length=length, streams=st)
-        calls[st] = result.num_calls
-        return result.tokens
-      runs[st] = run
-      jax.block_until_ready(run(0))  # compile
-    best = {st: float("inf") for st in widths}
-    for seed in range(1, args.repeats + 1):
-      for st in widths:
-        start = time.perf_counter()
-        jax.block_until_ready(runs[st](seed))
-        best[st] = min(best[st], time.perf_counter() - start)
-      print(f"  repeat {seed}/{args.repeats}: best so far {best}", flush=True)
+    best, calls = cached_seconds(model, params, batch, length, widths, args.repeats)
     for st in widths:
       record(model=name, params=count, length=length, batch=batch,
              method="cached" if st == 1 else "strided", streams=st, calls=calls[st],

@@ -13,8 +13,8 @@ on one pinned core (XLA:CPU, Eigen single-threaded), for randomly initialised
   1. FLOPs of one decode call of width 1 and of width S, from XLA's cost analysis of the
      compiled decoder (it counts each scan body once: the S = 1 program gives
      init + call(1), the strided one init + call(1) + call(S)).
-  2. Decode time of `generate(streams=1)` and `generate(streams=S)` (best of --repeats,
-     round-robin, compile excluded), hence seconds per call: t1 = T1 / N and
+  2. Decode time of `generate(streams=1)` and `generate(streams=S)`
+     (`sampling_speed.cached_seconds`: best of --repeats, round-robin, compile excluded), hence seconds per call: t1 = T1 / N and
      tS = (T_S - n1 t1) / nS for the strided plan's n1 width-1 and nS width-S calls.
   3. This core's matmul rate at the call's widest matmul, [B S, d] @ [d, mlp] (the MLP
      input projection), best of 3 in a jitted loop.
@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sampling_speed import MODELS, init  # noqa: E402
+from sampling_speed import MODELS, cached_seconds, init  # noqa: E402
 import results_file  # noqa: E402
 
 from armd_jax import orders, sampling  # noqa: E402
@@ -85,34 +85,13 @@ def matmul_rate(rows: int, d_in: int, d_out: int) -> float:
   return 2 * rows * d_in * d_out * reps / best
 
 
-def decode_seconds(model, params, batch: int, length: int, widths, repeats: int):
-  """({S: best seconds}, {S: calls}) of `generate(streams=S)`, timed round-robin."""
-  runs, calls = {}, {}
-  for s in widths:
-    def run(seed, s=s):
-      result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
-                                 length=length, streams=s)
-      calls[s] = result.num_calls
-      return result.tokens
-    runs[s] = run
-    jax.block_until_ready(run(0))  # compile
-  best = {s: float("inf") for s in widths}
-  for seed in range(1, repeats + 1):
-    for s in widths:
-      start = time.perf_counter()
-      jax.block_until_ready(runs[s](seed))
-      best[s] = min(best[s], time.perf_counter() - start)
-    print(f"  repeat {seed}/{repeats}: best so far {best}", flush=True)
-  return best, calls
-
-
 def analyse(name: str, length: int, streams: int, batch: int, repeats: int) -> dict:
   """The record of one model and length (see the module docstring for the steps)."""
   model, params, count = init(name, length)
   print(f"model {name}: {count:,} parameters, N = {length}, S = {streams}", flush=True)
   flops_1 = program_flops(model, params, batch, length, 1)
   flops_s = program_flops(model, params, batch, length, streams) - flops_1  # one width-S call
-  seconds, calls = decode_seconds(model, params, batch, length, (1, streams), repeats)
+  seconds, calls = cached_seconds(model, params, batch, length, (1, streams), repeats)
   n1 = streams  # the strided plan: S width-1 calls (the stream heads), then width-S calls
   ns = calls[streams] - n1
   if calls[1] != length or n1 + ns * streams != length:
