@@ -17,8 +17,9 @@ Spec section 4. One model call handles one block (all its positions at once):
 Caches have fixed shapes (content: N + 1 slots, slot 0 = BOS, slot 1 + n = position n;
 upper half: N slots) and the mask ids are the order's block ids, so unwritten slots
 (later blocks) are masked out by the id comparison itself. Each phase of the plan is one
-`lax.scan`; the whole decode is one jitted function, traced once per static
-signature (guarded: see `TRACE_COUNTS`).
+`lax.scan`, or on long caches a few, each on the prefix of the caches its calls can see
+(`plan.Plan.segments`, `_on_cache_prefix`); the whole decode is one jitted function,
+traced once per static signature (guarded: see `TRACE_COUNTS`).
 
 The BOS content states are computed once when the cache is built (one row, independent
 of the data); that is not counted as a model call.
