@@ -236,6 +236,28 @@ def test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass
   assert min(read_rows) < full_rows, "some calls attend over only the rows they can see"
 
 
+def test_segments_are_lowered_for_cpu_only(tiny, monkeypatch):
+  """Cutting the caches is measured on CPU only: a TPU lowering keeps one scan per phase."""
+  model, params = tiny
+  monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)  # fresh traces
+  ids = np.asarray(orders.left_to_right(2, 2 * N))
+  zeros = np.zeros((2, 2 * N), np.int32)
+  positions = np.broadcast_to(np.arange(2 * N, dtype=np.int32), (2, 2 * N))
+
+  def loops(platform, split):
+    monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8 if split else 10**9)
+    monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+    run, inputs, plan = decode_lib.decode_program(model, zeros, zeros.astype(bool), ids,
+                                                  positions)
+    assert (len(plan.segments[0]) > 1) == split
+    lowered = run.trace(params, jax.random.PRNGKey(0), *inputs).lower(
+        lowering_platforms=(platform,))
+    return lowered.as_text().count("stablehlo.while")
+
+  assert loops("cpu", split=True) == loops("cpu", split=False) + 3  # 4 scans instead of 1
+  assert loops("tpu", split=True) == loops("tpu", split=False)
+
+
 def test_segmented_generation_draws_the_same_tokens_as_one_scan(tiny, monkeypatch):
   model, params = tiny
   kwargs = dict(batch_size=B, length=2 * N, streams=2)

@@ -17,8 +17,8 @@ Spec section 4. One model call handles one block (all its positions at once):
 Caches have fixed shapes (content: N + 1 slots, slot 0 = BOS, slot 1 + n = position n;
 upper half: N slots) and the mask ids are the order's block ids, so unwritten slots
 (later blocks) are masked out by the id comparison itself. Each phase of the plan is one
-`lax.scan`, or on long caches a few, each on the prefix of the caches its calls can see
-(`plan.Plan.segments`, `_on_cache_prefix`); the whole decode is one jitted function,
+`lax.scan`, or on long caches on CPU a few, each on the prefix of the caches its calls
+can see (`plan.Plan.segments`, `_on_cache_prefix`); the whole decode is one jitted function,
 traced once per static signature (guarded: see `TRACE_COUNTS`).
 
 The BOS content states are computed once when the cache is built (one row, independent
@@ -176,19 +176,30 @@ def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: 
       if prefill_width:
         state = _recompute_prefill(bound, inputs, state, prefill)
       call = functools.partial(_recompute_call, bound, sampler)
-    for table, (_, num_calls, segments) in zip(slot_tables, phases):
-      if mode != "cached":  # no cache to cut: one scan per phase
-        segments = ((num_calls, None),)
-      begin = 0
-      for end, rows in segments:  # one scan per segment of the phase (plan_lib.Plan.segments)
-        part = jax.tree.map(lambda a, b=begin, e=end: a[b:e], table)
+    def calls(state, segmented: bool):
+      for table, (_, num_calls, segments) in zip(slot_tables, phases):
+        if not segmented:
+          segments = ((num_calls, None),)
+        begin = 0
+        for end, rows in segments:  # one scan per segment (plan_lib.Plan.segments)
+          part = jax.tree.map(lambda a, b=begin, e=end: a[b:e], table)
 
-        def scan(state, inputs, part=part):
-          body = lambda s, xs: (call(inputs, s, *xs), None)  # noqa: E731
-          return jax.lax.scan(body, state, part)[0]
+          def scan(state, inputs, part=part):
+            body = lambda s, xs: (call(inputs, s, *xs), None)  # noqa: E731
+            return jax.lax.scan(body, state, part)[0]
 
-        state = _on_cache_prefix(scan, state, inputs, rows)
-        begin = end
+          state = _on_cache_prefix(scan, state, inputs, rows)
+          begin = end
+      return state
+
+    if mode == "cached" and any(rows for _, _, segments in phases for _, rows in segments):
+      # Segments on XLA:CPU only, where they were measured (docs/sampling.md); elsewhere
+      # one scan per phase (cutting the caches costs a copy of them per segment, unmeasured
+      # there). Decided when lowered, so an AOT compile for TPU gets the TPU program.
+      state = jax.lax.platform_dependent(state, cpu=lambda s: calls(s, True),
+                                         default=lambda s: calls(s, False))
+    else:
+      state = calls(state, False)
     return state["tokens"], state["log_probs"], state["calls"]
 
   return jax.jit(run)
