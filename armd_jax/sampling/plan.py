@@ -13,9 +13,10 @@ When every row has the same starts (`Plan.uniform`: all strided and singleton or
 one `dynamic_update_slice` writes a block; otherwise the decoder scatters per row.
 
 Visible rows: call t can only see the cache rows of blocks up to its own, the first
-`starts[t] + width` rows. On long caches a phase is split into `SEGMENTS` scans
-(`Plan.segments`), each of which attends only over the rows its calls can see instead of
-the whole cache (about 0.6x the attention work over a sequence at 4 segments).
+`starts[t] + width` rows. On long caches the decoder on XLA:CPU splits a phase into
+`SEGMENTS` scans (`Plan.segments`), each of which attends only over the rows its calls
+can see instead of the whole cache (about 0.6x the attention work over a sequence at 4
+segments).
 
 Prefill: the first `prefill_blocks[b]` blocks of row b (known tokens: a prompt or
 infill) can be read by ONE call (`Plan.prefill`, their positions in generation order);
