@@ -12,10 +12,8 @@ optimiser, step 0, fresh data order), else scratch. A checkpoint that fails to r
 `<workdir>/checkpoints_damaged/<step>` and the next older one is tried
 (`restore_newest_good`).
 
-One trainer per workdir: `WorkdirLock` holds `<workdir>/train.lock` (pid, host, start
-time) for the run; a second trainer stops with `WorkdirBusyError` naming the holder. A
-lock left by a dead process on this host is taken over (stale); a lock from another
-host cannot be checked and must be removed by hand.
+Every path goes through `armd_jax.storage.path`, so a workdir may be a local folder or
+a URL such as `gs://bucket/run` (orbax and tensorstore take the URL as is).
 """
 
 from __future__ import annotations
@@ -23,23 +21,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from armd_jax import storage
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
-LOCK_FILE = "train.lock"
 
 
-def checkpoint_dir(workdir: str) -> str:
-  """<workdir>/checkpoints (absolute; orbax wants absolute paths)."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+def checkpoint_dir(workdir: storage.PathLike) -> epath.Path:
+  """<workdir>/checkpoints: absolute when local, the URL as given otherwise.
+
+  Raises:
+    ValueError: `workdir` is a URL whose scheme no installed client handles.
+  """
+  return storage.path(workdir) / CHECKPOINT_DIR
 
 
 def make_manager(workdir: str, max_to_keep: int, async_save: bool,
@@ -77,11 +80,11 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   written on any mesh (e.g. 8 devices) loads on one device. Raises FileNotFoundError
   naming the directory when it holds no checkpoint.
   """
-  directory = workdir
-  if os.path.basename(os.path.normpath(workdir)) != CHECKPOINT_DIR:
-    directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoint directory {directory!r}: train a model there "
+  directory = storage.path(workdir)
+  if directory.name != CHECKPOINT_DIR:
+    directory = directory / CHECKPOINT_DIR
+  if not directory.is_dir():
+    raise FileNotFoundError(f"No checkpoint directory '{directory}': train a model there "
                             "first (python -m armd_jax.main --workdir=...).")
   import grain  # pylint: disable=g-import-not-at-top
 
@@ -93,7 +96,7 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
                      "data": grain.checkpoint.CheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"{directory!r} holds no finished checkpoint.")
+    raise FileNotFoundError(f"'{directory}' holds no finished checkpoint.")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
@@ -104,25 +107,27 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   return restored["state"], int(step)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
   """Writes the (filled) experiment config to <workdir>/config.json (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  directory = storage.path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if storage.is_local(directory):  # atomic: a reader never sees half a file
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, directory / CONFIG_FILE)
+  else:  # an object store writes an object whole
+    (directory / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
   """The experiment config saved in a workdir."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path!r} does not exist: {workdir!r} is not a training workdir.")
-  with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+  path = storage.path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"'{path}' does not exist: {workdir!r} is not a training workdir.")
+  values = json.loads(path.read_text(encoding="utf-8"))
   return ml_collections.ConfigDict(_tuples(values))
 
 
@@ -149,14 +154,13 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: str,
       return restore_step(step)
     except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore errors vary)
       first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR, str(step))
+      target = storage.path(workdir) / DAMAGED_DIR / str(step)
       log(f"checkpoint at step {step} is damaged ({type(e).__name__}: {first_line}); "
           f"moved aside to {target}, trying the previous one")
       if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.exists(target):
-          target = f"{target}.{int(time.time())}"
-        shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), target)
+        if target.exists():
+          target = target.parent / f"{step}.{int(time.time())}"
+        _move_dir(checkpoint_dir(workdir) / str(step), target)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices(f"armd_damaged_checkpoint_{step}")
@@ -164,73 +168,14 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: str,
   return None
 
 
-class WorkdirBusyError(RuntimeError):
-  """Another live trainer holds the workdir's lock."""
+def _move_dir(source: epath.Path, target: epath.Path) -> None:
+  """Moves the folder `source` to `target` (a rename on local disk, copy + delete on an
+  object store, whose 'folders' are name prefixes that need not exist beforehand)."""
+  if storage.is_local(source):
+    os.makedirs(target.parent, exist_ok=True)
+    shutil.move(os.fspath(source), os.fspath(target))
+    return
+  import fsspec  # pylint: disable=g-import-not-at-top
 
-
-class WorkdirLock:
-  """`<workdir>/train.lock` held for one training run (process 0 only; a context manager).
-
-  The file holds {'pid', 'host', 'started'}. Taking a lock that exists raises
-  `WorkdirBusyError` naming its holder, unless the holder is a dead process on this
-  host (a stale lock, which is taken over with a note).
-  """
-
-  def __init__(self, workdir: str, log: Callable[[str], None] = print):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-    self.log = log
-    self.held = False
-
-  def __enter__(self) -> "WorkdirLock":
-    if jax.process_index() != 0:
-      return self
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = _read_lock(self.path)
-        if not _is_stale(holder):
-          raise WorkdirBusyError(
-              f"{os.path.dirname(self.path)} is in use by another trainer (pid "
-              f"{holder.get('pid')} on host {holder.get('host')!r}, lock {self.path}). "
-              "Wait for it, use another --workdir, or delete the lock file if that trainer "
-              "is gone.") from None
-        self.log(f"removing a stale lock {self.path} (pid {holder.get('pid')} on this host "
-                 "is not running)")
-        os.remove(self.path)
-        continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(mine, f)
-      self.held = True
-      return self
-    raise WorkdirBusyError(f"could not take the lock {self.path}.")
-
-  def __exit__(self, *exc) -> None:
-    if self.held and _read_lock(self.path).get("pid") == os.getpid():
-      os.remove(self.path)
-    self.held = False
-
-
-def _read_lock(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def _is_stale(holder: dict) -> bool:
-  """True when the lock's process is known to be gone (same host, pid not running)."""
-  if not holder:
-    return True  # unreadable / half-written lock
-  if holder.get("host") != socket.gethostname():
-    return False  # cannot check another host's processes
-  try:
-    os.kill(int(holder["pid"]), 0)
-  except ProcessLookupError:
-    return True
-  except (PermissionError, KeyError, ValueError, TypeError):
-    return False
-  return False
+  fs, _ = fsspec.core.url_to_fs(os.fspath(source))
+  fs.mv(os.fspath(source), os.fspath(target), recursive=True)
