@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable, Dict, Tuple
 
 import chex
@@ -29,7 +30,8 @@ class TrainState:
     step: int32 scalar, the number of optimiser steps taken.
     params: model variables {'params': ...} (float32).
     opt_state: optax state.
-    ema_params: EMA of `params` (same tree), or None without EMA.
+    ema_params: bias-corrected EMA of `params` (same tree; `ema_update`), or None
+      without EMA.
     rng: base PRNG key (uint32 [2]); step s uses `fold_in(rng, s)`.
   """
 
@@ -60,6 +62,49 @@ def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransfor
   if optim.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
   return adamw
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The per-step decay that makes a running EMA the bias-corrected (debiased) average.
+
+  With the plain EMA e_t = d e_{t-1} + (1 - d) p_t from e_0 = 0, the debiased average is
+  m_t = e_t / (1 - d^t) = sum_{i<=t} d^(t-i) (1 - d) p_i / (1 - d^t). It obeys
+  m_t = d_t m_{t-1} + (1 - d_t) p_t with 1 - d_t = (1 - d) / (1 - d^t), so d_1 = 0: the
+  value held before step 1 (the initial parameters) gets no weight, and d_t -> d.
+
+  Args:
+    decay: the configured EMA decay d (`config.optim.ema_decay`), in (0, 1).
+    step: int scalar t >= 1, the number of optimiser steps taken *including* this one.
+
+  Returns:
+    float32 scalar d_t.
+
+  Raises:
+    ValueError: `decay` is not in (0, 1).
+  """
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"config.optim.ema_decay={decay} must be in (0, 1) to keep an EMA.")
+  log_d = jnp.float32(math.log(decay))  # taken in float64: d = 0.9999 keeps its digits
+  t = jnp.asarray(step, jnp.float32)
+  # d_t = d (1 - d^(t-1)) / (1 - d^t); expm1 keeps 1 - d^k accurate for d near 1, and
+  # d_1 is exactly 0.
+  return jnp.float32(decay) * jnp.expm1((t - 1.0) * log_d) / jnp.expm1(t * log_d)
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+  """The bias-corrected EMA after optimiser step `step` (see `ema_decay_at`).
+
+  Args:
+    ema: the EMA tree after step `step - 1` (at step 1 any value: it gets no weight).
+    params: the parameters after step `step` (same tree).
+    decay: `config.optim.ema_decay`, in (0, 1).
+    step: int scalar t >= 1 (a traced `state.step + 1` in the train step).
+
+  Returns:
+    the tree d_t * ema + (1 - d_t) * params, in the dtypes of `ema`.
+  """
+  d = ema_decay_at(decay, step)
+  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
 
 
 def init_variables(model: nn.Module, batch_size: int, seq_len: int, rng: jax.Array) -> Any:
@@ -162,8 +207,7 @@ def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      d = optim.ema_decay
-      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+      ema = ema_update(ema, params, optim.ema_decay, state.step + 1)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(params), "learning_rate": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
