@@ -346,3 +346,23 @@ def test_bad_generation_requests_give_clear_errors(tiny):
     sampling.generate(model, params, rng, batch_size=1, length=N, prompt=[99])
   with pytest.raises(ValueError, match="dense"):
     sampling.score(model, params, np.zeros((1, 4), int), np.array([[1, 3, 3, 4]]))
+
+
+def test_the_cpu_only_attention_split_is_lowered_for_cpu_only(tiny, monkeypatch):
+  """A TPU lowering of the decode built on this CPU host holds no one-query split of the
+  attention (XLA:CPU's fast form); the CPU lowering of the same program still does."""
+  model, params = tiny
+  monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)  # fresh traces
+  known = np.zeros((2, 2 * N), bool)
+  ids = sampling.plan.conditional_strided_order(known, 4)  # calls of 4 queries
+  positions = np.broadcast_to(np.arange(2 * N, dtype=np.int32), known.shape)
+  run, inputs, _ = decode_lib.decode_program(model, np.zeros(known.shape, np.int32), known,
+                                             ids, positions)
+  traced = run.trace(params, jax.random.PRNGKey(0), *inputs)
+
+  def split_ops(platform):
+    text = traced.lower(lowering_platforms=(platform,)).as_text(debug_info=True)
+    return text.count(decode_lib.CPU_SPLIT_SCOPE)
+
+  assert split_ops("cpu") > 0
+  assert split_ops("tpu") == 0

@@ -281,6 +281,18 @@ def _attention(q: jax.Array, ids: jax.Array, cache_k: jax.Array, cache_v: jax.Ar
                     preferred_element_type=jnp.float32)
 
 
+# Named scope of the one-query attentions of the XLA:CPU program (in lowered text).
+CPU_SPLIT_SCOPE = "cpu_split_attention"
+
+
+def _split_attention(q: jax.Array, ids: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                     kv_ids: jax.Array) -> jax.Array:
+  """`_attention` computed as W one-query attentions (XLA:CPU's fast form): [B, W, H, Dh]."""
+  with jax.named_scope(CPU_SPLIT_SCOPE):
+    return jnp.concatenate([_attention(q[:, :, w:w + 1], ids[:, w:w + 1], cache_k, cache_v,
+                                       kv_ids) for w in range(q.shape[2])], axis=1)
+
+
 def _attend(layer, x: jax.Array, rope: jax.Array, ids: jax.Array, cache_k: jax.Array,
             cache_v: jax.Array, kv_ids: jax.Array) -> jax.Array:
   """`Block.attend` of rows x [B, W, D] over a [B, H, R, Dh] cache with row ids [B, R].
@@ -289,22 +301,23 @@ def _attend(layer, x: jax.Array, rope: jax.Array, ids: jax.Array, cache_k: jax.A
   as the kernels' reference (`_attention`); only the layout differs: the matmuls batch
   over (B, H) on the cache as stored, with no per-call transpose of it.
 
-  Backend choice (made by `jax.default_backend()` when the decoder is traced): on
-  XLA:CPU a call of 2 <= W <= `_CPU_SPLIT_MAX_WIDTH` queries is computed as W
-  one-query attentions, which XLA:CPU fuses into multiply-reduce loops, instead of one
-  batched matmul of tiny (W x Dh) @ (Dh x R) products, which it runs ~7x slower than a
-  single query (benchmarks/decode_attention.py, docs/sampling.md). The math per query
-  is the same. GPU/TPU (and wider calls: the prefill, confidence probes) keep the
-  batched einsum.
+  Backend choice (by `lax.platform_dependent`, when the decoder is lowered, so an
+  ahead-of-time TPU compile on a CPU host gets the TPU program): on XLA:CPU a call of
+  2 <= W <= `_CPU_SPLIT_MAX_WIDTH` queries is computed as W one-query attentions
+  (named scope `CPU_SPLIT_SCOPE`), which XLA:CPU fuses into multiply-reduce loops,
+  instead of one batched matmul of tiny (W x Dh) @ (Dh x R) products, which it runs ~7x
+  slower than a single query (benchmarks/decode_attention.py, docs/sampling.md). The
+  math per query is the same. GPU/TPU (and wider calls: the prefill, confidence probes)
+  keep the batched einsum.
   """
   cfg = layer.config
   h = layer.ln_attn(x)
   q = layer_lib.apply_rope(layer.attn.query(h), rope, cfg.rope_base)  # [B, W, H, Dh]
   q = jnp.swapaxes(q, 1, 2)  # [B, H, W, Dh] (small)
   width = q.shape[2]
-  if jax.default_backend() == "cpu" and 1 < width <= _CPU_SPLIT_MAX_WIDTH:
-    y = jnp.concatenate([_attention(q[:, :, w:w + 1], ids[:, w:w + 1], cache_k, cache_v,
-                                    kv_ids) for w in range(width)], axis=1)
+  if 1 < width <= _CPU_SPLIT_MAX_WIDTH:
+    y = jax.lax.platform_dependent(q, ids, cache_k, cache_v, kv_ids, cpu=_split_attention,
+                                   default=_attention)
   else:
     y = _attention(q, ids, cache_k, cache_v, kv_ids)
   y = y.astype(q.dtype)  # [B, W, H, Dh]
