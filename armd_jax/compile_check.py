@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -333,6 +334,12 @@ def check(config, topology: str) -> Dict[str, Any]:
   return report
 
 
+def command_line(flags: Sequence[str]) -> str:
+  """The shell command that runs compile_check with `flags`, runnable as written from the
+  repository root (each flag quoted for the shell: mesh shapes hold parentheses)."""
+  return shlex.join(["python", "-m", "armd_jax.compile_check", *flags])
+
+
 def main(argv) -> None:
   """Entry point: `python -m armd_jax.compile_check --config=... --topology=...`."""
   if len(argv) > 1:
@@ -342,6 +349,7 @@ def main(argv) -> None:
   report = check(config, flags.FLAGS.topology)
   report["config"] = flags.FLAGS["config"].config_filename if hasattr(
       flags.FLAGS["config"], "config_filename") else None
+  report["command"] = command_line(sys.argv[1:])
   if flags.FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
     with open(flags.FLAGS.out, "w", encoding="utf-8") as f:

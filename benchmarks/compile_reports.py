@@ -127,14 +127,22 @@ def extrapolate(shallow: dict, deeper: dict, layers: int) -> dict:
   return out
 
 
+def case_flags(name: str, config: str, topology: str, overrides) -> list:
+  """compile_check's flags for one case, its report path relative to the repository root
+  (the commands run there)."""
+  out = os.path.relpath(os.path.join(REPORTS, f"{name}.json"), ROOT)
+  return [f"--config={config}", f"--topology={topology}", f"--out={out}", *overrides]
+
+
 def run_case(name: str, config: str, topology: str, overrides, timeout_s: int) -> None:
   """Runs one compile_check (niced, with a timeout) and writes REPORTS/name.json (+ .log)."""
   os.makedirs(REPORTS, exist_ok=True)
   out = os.path.join(REPORTS, f"{name}.json")
+  flags = case_flags(name, config, topology, overrides)
+  command = compile_check.command_line(flags)  # what the report records: runnable as is
   cmd = ["nice", "-n", "10", "timeout", str(timeout_s), sys.executable, "-m",
-         "armd_jax.compile_check", f"--config={config}", f"--topology={topology}",
-         f"--out={out}", *overrides]
-  print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[4:])}", flush=True)
+         "armd_jax.compile_check", *flags]
+  print(f"[{time.strftime('%H:%M:%S')}] {name}: {command}", flush=True)
   start = time.time()
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   with open(os.path.join(REPORTS, f"{name}.log"), "w", encoding="utf-8") as log:
@@ -143,14 +151,12 @@ def run_case(name: str, config: str, topology: str, overrides, timeout_s: int) -
   if os.path.exists(out):
     with open(out, encoding="utf-8") as f:
       report = json.load(f)
-    report.update(name=name, command=" ".join(["python -m armd_jax.compile_check"] + cmd[7:]),
-                  exit_status=rc, wall_s=seconds)
+    report.update(name=name, command=command, exit_status=rc, wall_s=seconds)
     with open(out, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1)
   else:  # compile failed or timed out: keep the reason
     with open(out, "w", encoding="utf-8") as f:
-      json.dump(dict(name=name, exit_status=rc, wall_s=seconds, failed=True,
-                     command=" ".join(["python -m armd_jax.compile_check"] + cmd[7:]),
+      json.dump(dict(name=name, exit_status=rc, wall_s=seconds, failed=True, command=command,
                      log_tail=_tail(os.path.join(REPORTS, f"{name}.log"))), f, indent=1)
   print(f"  exit {rc} after {seconds:.0f} s", flush=True)
 

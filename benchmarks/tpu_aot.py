@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import flax.linen as nn
@@ -244,7 +245,7 @@ def memory_scaling(args, mesh: Mesh, devices) -> None:
       write_table(rows, args.out, args.topology, devices)
       with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump({"topology": args.topology, "jax": jax.__version__,
-                   "command": " ".join(sys.argv), "rows": records}, f, indent=2)
+                   "command": shlex.join(["python", *sys.argv]), "rows": records}, f, indent=2)
   print(open(args.out, encoding="utf-8").read())
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -66,12 +67,21 @@ def compile_tiny(tmp_path, *flags):
   return run, out
 
 
+NEEDS_LIBTPU = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="needs libtpu (pip install -e .[tpu])")
+
+
+@pytest.fixture(scope="module")
+def tiny_fsdp_tensor(tmp_path_factory):
+  """One compile of tiny on an fsdp x tensor mesh for v5e:2x2: (the run, report path)."""
+  return compile_tiny(tmp_path_factory.mktemp("tiny"), "--config.mesh.shape=(1,2,2)",
+                      "--config.mesh.rule_table=fsdp_tensor")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs libtpu (pip install -e .[tpu])")
-def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
-  run, out = compile_tiny(tmp_path, "--config.mesh.shape=(1,2,2)",
-                          "--config.mesh.rule_table=fsdp_tensor")
+@NEEDS_LIBTPU
+def test_tiny_compiles_for_v5e_2x2_and_fits(tiny_fsdp_tensor):
+  run, out = tiny_fsdp_tensor
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert "FITS" in run.stdout and "tokens/s per chip" in run.stdout
   report = json.loads(out.read_text())
@@ -92,8 +102,55 @@ def test_tiny_compiles_for_v5e_2x2_and_fits(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs libtpu (pip install -e .[tpu])")
+@NEEDS_LIBTPU
+def test_the_command_a_report_records_runs_as_written(tiny_fsdp_tensor):
+  """The report's `command`, pasted into a shell at the repository root, compiles the
+  same program again (its mesh shape's parentheses quoted) and writes the same report."""
+  run, out = tiny_fsdp_tensor
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  first = json.loads(out.read_text())
+  command = first["command"]
+  assert command.startswith("python -m armd_jax.compile_check --config=configs/tiny.py ")
+  out.unlink()
+  env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+  again = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env=env)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  second = json.loads(out.read_text())
+  assert second["command"] == command and second["mesh"] == first["mesh"]
+  assert second["train_step"]["flops"] == first["train_step"]["flops"]
+
+
+def _stored_reports():
+  folder = os.path.join(REPO, "benchmarks", "results", "compile")
+  return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+
+
+def test_every_stored_compile_report_records_the_command_that_writes_it():
+  """Each benchmarks/results/compile/*.json names, as one shell command from the repository
+  root, compile_check with an existing config file and --out pointing at that very file;
+  the cases of benchmarks/compile_reports.py record the same command."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import compile_reports  # pylint: disable=import-outside-toplevel
+  cases = {c[0]: c for c in compile_reports.cases() + compile_reports.extra_cases()}
+  reports = _stored_reports()
+  assert reports
+  for path in reports:
+    with open(path, encoding="utf-8") as f:
+      command = json.load(f)["command"]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "armd_jax.compile_check"], (path, command)
+    flags = dict(w[2:].split("=", 1) for w in words[3:] if "=" in w)
+    assert os.path.isfile(os.path.join(REPO, flags["config"])), (path, command)
+    assert os.path.join(REPO, flags["out"]) == path, (path, command)
+    name = os.path.basename(path)[:-len(".json")]
+    if name in cases:
+      assert command == compile_check.command_line(compile_reports.case_flags(*cases[name]))
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
 def test_a_step_xla_cannot_fit_is_reported_as_not_fitting(tmp_path):
   run, out = compile_tiny(tmp_path, "--config.train.global_batch_size=4096",
                           "--config.train.seq_len=1024", "--config.model.max_len=1024")
