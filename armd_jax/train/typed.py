@@ -207,15 +207,20 @@ class CheckpointConfig:
     async_save: save in a background thread (orbax async checkpointing).
     init_from: a workdir (or its checkpoints/ folder) whose latest parameters (and EMA)
       start a fresh run when the workdir holds no checkpoint ('' = scratch).
+    lock_timeout_s: the workdir lock (`armd_jax.train.lock`) is stale, and taken over,
+      when its holder's heartbeat is older than this (whatever host wrote it).
   """
 
   max_to_keep: int = 3
   async_save: bool = True
   init_from: str = ""
+  lock_timeout_s: float = 600.0
 
   def __post_init__(self):
     if self.max_to_keep < 1:
       raise ValueError(f"config.checkpoint.max_to_keep={self.max_to_keep} must be >= 1.")
+    if not self.lock_timeout_s > 0:
+      raise ValueError(f"config.checkpoint.lock_timeout_s={self.lock_timeout_s} must be > 0.")
 
 
 @dataclasses.dataclass(frozen=True)
