@@ -12,6 +12,9 @@ coordinator from the cluster (TPU VM metadata, SLURM, ...) or from the environme
 JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (set all three
 for a plain cluster or several processes on one machine). On CPU, collectives across
 processes use gloo.
+
+`--force_unlock` removes `<workdir>/train.lock` first (printing whose it was), for a person
+who knows its trainer is gone; see `armd_jax.train.lock`.
 """
 
 import os
@@ -25,6 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, cache).")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
                                  "Call jax.distributed.initialize() first (multi-host).")
+_FORCE_UNLOCK = flags.DEFINE_bool(
+    "force_unlock", False, "Remove <workdir>/train.lock before starting, whoever holds it "
+    "(only when you know its trainer is gone; a lock also goes stale by itself "
+    "config.checkpoint.lock_timeout_s after its last heartbeat).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,6 +50,9 @@ def main(argv):
   print(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s); "
         f"process {jax.process_index()} of {jax.process_count()}.", flush=True)
   try:
+    if _FORCE_UNLOCK.value and jax.process_index() == 0:  # only process 0 touches the lock
+      from armd_jax.train import lock  # pylint: disable=g-import-not-at-top
+      lock.force_unlock(_WORKDIR.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, train.NonFiniteError, train.WorkdirBusyError) as e:
     if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback

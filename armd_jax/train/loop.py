@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from armd_jax import registry
-from armd_jax.train import checkpoints, objective, observe, partitioning
+from armd_jax.train import checkpoints, lock, objective, observe, partitioning
 from armd_jax.train import state as state_lib
 from armd_jax.train.typed import Settings, model_config_from, settings_from
 
@@ -36,11 +36,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ValueError: a bad config value (the message names `config.<section>.<field>`).
     observe.NonFiniteError: loss or grad norm became NaN/inf (names the step; the last
       good checkpoint is kept).
-    checkpoints.WorkdirBusyError: another live trainer holds `workdir`.
+    lock.WorkdirBusyError: another live trainer holds `workdir` (raised on every
+      process, naming the holder).
   """
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy, references resolved
   settings = settings_from(config)
-  with checkpoints.WorkdirLock(workdir):  # one trainer per workdir
+  # One trainer per workdir: process 0 takes the lock, every process obeys its outcome.
+  with lock.hold_workdir(workdir, settings.checkpoint.lock_timeout_s):
     return _train(config, settings, workdir)
 
 

@@ -1,0 +1,576 @@
+"""One trainer per workdir: `<workdir>/train.lock`, which cannot be won twice.
+
+The lock file holds {'pid', 'host', 'started', 'heartbeat', 'token'} (JSON). It is
+created complete and atomically, so a contender either wins it whole or sees the
+winner's:
+  - local folders: the content goes to a temporary file first, which is then
+    `os.link`ed to the lock name (fails if the name exists);
+  - `gs://`: the object is uploaded with the precondition `ifGenerationMatch=0`;
+  - other fsspec URLs (s3://, az://, hf://): exists-then-write, then a read-back of the
+    token. Best effort only: two contenders within one round trip can both win there.
+
+The holder refreshes `heartbeat` from a daemon thread every `timeout_s / 4`, rewriting
+the lock only while it is still its own (local: the inode it created; `gs://`: the
+generation it wrote, as a precondition). A lock is stale, and is taken over with a
+printed note, when
+  - its heartbeat is older than `timeout_s` (`config.checkpoint.lock_timeout_s`),
+    whatever host wrote it (a requeued job on another node resumes by itself);
+  - it was written on this host by a pid that is no longer running;
+  - it has no readable content and was last modified `grace_s` (60 s) ago or more (a
+    younger unreadable lock may be a trainer that is starting: busy).
+Taking over is race-free: it deletes exactly the version that was judged stale (local:
+the inode read, moved aside under a takeover claim that only one contender can create;
+`gs://`: a delete with `ifGenerationMatch` of the generation read), then creates the
+lock atomically as above; of two contenders that judged one lock stale, the loser sees
+the winner's fresh lock and stops busy.
+
+Several processes: only process 0 touches the lock (`hold_workdir`); the outcome is
+broadcast and every process raises the same `WorkdirBusyError`, naming the holder.
+`force_unlock` (`python -m armd_jax.main ... --force_unlock`) removes a lock by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Optional
+
+from armd_jax import storage
+
+LOCK_FILE = "train.lock"
+TAKEOVER_SUFFIX = ".takeover"  # local only: the claim of the one contender taking over
+DEFAULT_TIMEOUT_S = 600.0
+GRACE_S = 60.0  # an unreadable lock younger than this is busy (its writer may be starting)
+ATTEMPTS = 20  # create / judge / take over rounds before giving up as contended
+MESSAGE_BYTES = 4096  # the broadcast busy message, utf-8, cut to this
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live trainer holds the workdir's lock."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """What a contender read of an existing lock.
+
+  Attributes:
+    content: the decoded JSON dict, or None when the lock has no readable content.
+    version: what identifies this very lock (local: inode; gs://: generation).
+    age_s: seconds since the lock was last modified (its mtime).
+  """
+
+  content: Optional[dict]
+  version: Any
+  age_s: float
+
+
+def encode(content: dict, size: int = 0) -> bytes:
+  """The lock's JSON bytes, padded with spaces to `size` (a local rewrite keeps one size)."""
+  data = json.dumps(content, sort_keys=True).encode("utf-8")
+  return data + b" " * max(0, size - len(data) - 1) + b"\n"
+
+
+def decode(data: bytes) -> Optional[dict]:
+  """The lock's dict, or None when `data` is empty, truncated or not a JSON object."""
+  try:
+    content = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError):
+    return None
+  return content if isinstance(content, dict) else None
+
+
+def describe(content: Optional[dict], now: Optional[float] = None) -> str:
+  """'pid 12 on host 'h', heartbeat 3 s ago' (what a busy message names)."""
+  if content is None:
+    return "no readable content"
+  now = time.time() if now is None else now
+  text = f"pid {content.get('pid')} on host {content.get('host')!r}"
+  beat = _heartbeat(content)
+  if beat is not None:
+    text += f", heartbeat {now - beat:.0f} s ago"
+  return text
+
+
+def stale_reason(snapshot: Snapshot, now: float, host: str, timeout_s: float,
+                 grace_s: float = GRACE_S) -> Optional[str]:
+  """Why the lock in `snapshot` is stale, or None when it is live (busy).
+
+  Args:
+    snapshot: the lock as read.
+    now: the current time (seconds since the epoch).
+    host: this machine's host name.
+    timeout_s: a heartbeat older than this is stale, whatever host wrote it.
+    grace_s: an unreadable lock is busy until it is this old (by modification time).
+  """
+  content = snapshot.content
+  beat = None if content is None else _heartbeat(content)
+  if beat is None:
+    if snapshot.age_s >= grace_s:
+      return f"no readable content, last written {snapshot.age_s:.0f} s ago"
+    return None
+  if now - beat > timeout_s:
+    return f"its heartbeat is {now - beat:.0f} s old (timeout {timeout_s:g} s)"
+  if content.get("host") == host and not _pid_alive(content.get("pid")):
+    return f"pid {content.get('pid')} on this host is not running"
+  return None
+
+
+def _heartbeat(content: dict) -> Optional[float]:
+  """The lock's last heartbeat (its start time for a lock written before heartbeats)."""
+  value = content.get("heartbeat", content.get("started"))
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def _pid_alive(pid: Any) -> bool:
+  """False only when `pid` is known not to run on this host."""
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, ValueError, TypeError, OverflowError):
+    return True
+  return True
+
+
+# ---------------------------------------------------------------------------------------
+# Stores: atomic create, read, conditional remove and rewrite of one lock object.
+
+
+class LocalStore:
+  """The lock as a file on this machine's file system (or a shared mount)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd: Optional[int] = None
+    self._size = 0
+
+  def create(self, data: bytes) -> Any:
+    """Creates the lock with `data` (complete) unless one exists; its inode, or None."""
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    temp = f"{self.path}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+      os.write(fd, data)
+      os.fsync(fd)
+      os.link(temp, self.path)
+    except BaseException as e:
+      os.close(fd)
+      if isinstance(e, FileExistsError):
+        return None
+      raise
+    finally:
+      os.unlink(temp)
+    self._fd, self._size = fd, len(data)
+    return os.fstat(fd).st_ino
+
+  def read(self) -> Optional[Snapshot]:
+    """The lock as it is now, or None when there is none."""
+    try:
+      with open(self.path, "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    except FileNotFoundError:
+      return None
+    return Snapshot(decode(data), st.st_ino, max(0.0, time.time() - st.st_mtime))
+
+  def remove(self, snapshot: Snapshot) -> bool:
+    """Removes the lock if it is still the one in `snapshot`; True when this call did.
+
+    Only the contender that creates the takeover claim moves the lock aside; it checks
+    the inode it moved and puts back one that is not the stale lock.
+    """
+    claim = self.path + TAKEOVER_SUFFIX
+    try:
+      fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False  # another contender is taking over
+    os.close(fd)
+    aside = f"{self.path}.{uuid.uuid4().hex}.stale"
+    try:
+      try:
+        os.rename(self.path, aside)
+      except FileNotFoundError:
+        return False
+      if os.stat(aside).st_ino == snapshot.version:
+        os.unlink(aside)
+        return True
+      try:  # a fresh lock replaced the stale one meanwhile: put it back
+        os.link(aside, self.path)
+      except FileExistsError:
+        pass
+      os.unlink(aside)
+      return False
+    finally:
+      os.unlink(claim)
+
+  def rewrite(self, version: Any, data: bytes) -> Any:
+    """Rewrites our lock in place (same inode) while it is still ours; None when lost."""
+    try:
+      if os.stat(self.path).st_ino != version:
+        return None
+    except FileNotFoundError:
+      return None
+    os.pwrite(self._fd, data.ljust(self._size), 0)
+    return version
+
+  def release(self, version: Any) -> None:
+    """Removes the lock if it is still ours."""
+    try:
+      if os.stat(self.path).st_ino == version:
+        os.unlink(self.path)
+    except FileNotFoundError:
+      pass
+    finally:
+      if self._fd is not None:
+        os.close(self._fd)
+        self._fd = None
+
+  def force_remove(self) -> None:
+    """Removes the lock and any takeover claim, whoever holds them."""
+    for name in (self.path, self.path + TAKEOVER_SUFFIX):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+class GcsStore:
+  """The lock as a Cloud Storage object, with generation preconditions (through gcsfs)."""
+
+  def __init__(self, url: str):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    self.path = url
+    self.fs = fsspec.filesystem("gs")
+    self.bucket, self.key, _ = self.fs.split_path(url)
+
+  def _upload(self, data: bytes, if_generation: Any) -> Any:
+    """Uploads `data` if the object's generation is `if_generation` (0: absent)."""
+    try:
+      out = self.fs.call(
+          "POST", f"{self.fs._location}/upload/storage/v1/b/{self.bucket}/o",  # pylint: disable=protected-access
+          uploadType="media", name=self.key, ifGenerationMatch=str(if_generation),
+          headers={"Content-Type": "application/json"}, data=data, json_out=True)
+    except FileExistsError:  # HTTP 412: the precondition failed
+      return None
+    return int(out["generation"])
+
+  def _metadata(self) -> Optional[dict]:
+    try:
+      return self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+    except FileNotFoundError:
+      return None
+
+  def create(self, data: bytes) -> Any:
+    """Creates the object unless it exists (`ifGenerationMatch=0`); its generation, or None."""
+    return self._upload(data, 0)
+
+  def read(self) -> Optional[Snapshot]:
+    """The lock as it is now, or None when there is none."""
+    meta = self._metadata()
+    if meta is None:
+      return None
+    generation = int(meta["generation"])
+    try:
+      _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
+                             generation=str(generation))
+    except FileNotFoundError:
+      return None  # replaced or removed since: the caller reads again
+    updated = datetime.datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
+    return Snapshot(decode(data), generation, max(0.0, time.time() - updated.timestamp()))
+
+  def remove(self, snapshot: Snapshot) -> bool:
+    """Deletes the object if its generation is still the one read; True when this call did."""
+    try:
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                   ifGenerationMatch=str(snapshot.version))
+    except (FileExistsError, FileNotFoundError):
+      return False
+    return True
+
+  def rewrite(self, version: Any, data: bytes) -> Any:
+    """Rewrites the object if it is still generation `version`; the new one, or None."""
+    meta = self._metadata()  # also for servers that ignore preconditions (emulators)
+    if meta is None or int(meta["generation"]) != version:
+      return None
+    return self._upload(data, version)
+
+  def release(self, version: Any) -> None:
+    """Deletes the object if it is still generation `version`."""
+    meta = self._metadata()
+    if meta is not None and int(meta["generation"]) == version:
+      self.remove(Snapshot(None, version, 0.0))
+
+  def force_remove(self) -> None:
+    """Deletes the object, whoever holds it."""
+    with contextlib.suppress(FileNotFoundError):
+      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key)
+
+
+class FsspecStore:
+  """Any other fsspec file system: exists-then-write and a token read-back (best effort;
+  not race-free within one round trip)."""
+
+  def __init__(self, path: Any):
+    self.path = path  # an epath.Path
+
+  def create(self, data: bytes) -> Any:
+    """Writes the lock unless one exists; its token, or None."""
+    if self.path.exists():
+      return None
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path.write_bytes(data)
+    token = (decode(data) or {}).get("token")
+    snapshot = self.read()
+    if snapshot is None or (snapshot.content or {}).get("token") != token:
+      return None
+    return token
+
+  def read(self) -> Optional[Snapshot]:
+    """The lock as it is now, or None when there is none."""
+    try:
+      data = self.path.read_bytes()
+    except FileNotFoundError:
+      return None
+    content = decode(data)
+    age = 0.0
+    with contextlib.suppress(Exception):
+      age = max(0.0, time.time() - self.path.stat().mtime)
+    return Snapshot(content, (content or {}).get("token"), age)
+
+  def remove(self, snapshot: Snapshot) -> bool:
+    """Removes the lock if it still holds the token read."""
+    now = self.read()
+    if now is None or now.version != snapshot.version:
+      return False
+    self.path.unlink(missing_ok=True)
+    return True
+
+  def rewrite(self, version: Any, data: bytes) -> Any:
+    """Rewrites the lock while it still holds our token; None when lost."""
+    now = self.read()
+    if now is None or now.version != version:
+      return None
+    self.path.write_bytes(data)
+    return version
+
+  def release(self, version: Any) -> None:
+    """Removes the lock if it still holds our token."""
+    self.remove(Snapshot(None, version, 0.0))
+
+  def force_remove(self) -> None:
+    """Removes the lock, whoever holds it."""
+    self.path.unlink(missing_ok=True)
+
+
+def store_of(lock_path: Any):
+  """The store for the lock at `lock_path` (an `epath.Path` from `storage.path`)."""
+  text = os.fspath(lock_path)
+  scheme = storage.scheme_of(text)
+  if storage.is_local(text):
+    return LocalStore(os.fspath(storage.path(text)))
+  if scheme == "gs":
+    return GcsStore(text)
+  return FsspecStore(lock_path)
+
+
+def lock_path(workdir: storage.PathLike):
+  """`<workdir>/train.lock` as an `epath.Path`."""
+  return storage.path(workdir) / LOCK_FILE
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class WorkdirLock:
+  """`<workdir>/train.lock` held for one training run (a context manager, one process).
+
+  Args:
+    workdir: a local folder or a URL (`storage.path`).
+    timeout_s: a lock whose heartbeat is older than this is stale (also sets the
+      heartbeat interval, `timeout_s / 4`).
+    log: where notes go (taking over a stale lock, losing the lock).
+    grace_s: an unreadable lock is busy until it is this old.
+
+  Attributes:
+    held: True between a successful `acquire` and `release`.
+    lost: True when the heartbeat found the lock no longer ours (taken over or removed).
+
+  Raises (from `acquire` / `__enter__`):
+    WorkdirBusyError: a live trainer holds the lock; the message names it.
+  """
+
+  def __init__(self, workdir: storage.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S,
+               log: Callable[[str], None] = print, grace_s: float = GRACE_S):
+    if not timeout_s > 0:
+      raise ValueError(f"config.checkpoint.lock_timeout_s={timeout_s} must be > 0.")
+    self.workdir = os.fspath(storage.path(workdir))
+    self.path = os.fspath(lock_path(workdir))
+    self.timeout_s, self.grace_s, self.log = float(timeout_s), float(grace_s), log
+    self.host, self.token = socket.gethostname(), uuid.uuid4().hex
+    self.held = self.lost = False
+    self._store = store_of(lock_path(workdir))
+    self._version = None
+    self._started = 0.0
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def _content(self) -> dict:
+    return {"pid": os.getpid(), "host": self.host, "started": self._started,
+            "heartbeat": time.time(), "token": self.token}
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock (taking over a stale one) and starts the heartbeat.
+
+    Raises:
+      WorkdirBusyError: a live trainer holds it, or contenders kept it changing.
+    """
+    self._started = time.time()
+    for _ in range(ATTEMPTS):
+      version = self._store.create(encode(self._content(), size=512))
+      if version is not None:
+        self._version, self.held = version, True
+        self._start_heartbeat()
+        return self
+      snapshot = self._store.read()
+      if snapshot is None:
+        continue  # released meanwhile
+      reason = stale_reason(snapshot, time.time(), self.host, self.timeout_s, self.grace_s)
+      if reason is None:
+        raise WorkdirBusyError(self._busy_message(snapshot))
+      if self._store.remove(snapshot):
+        self.log(f"removed a stale lock {self.path} ({describe(snapshot.content)}): "
+                 f"{reason}.")
+      else:
+        time.sleep(random.uniform(0.01, 0.1))  # another contender is taking over
+    snapshot = self._store.read()
+    raise WorkdirBusyError(
+        f"could not take the lock {self.path} after {ATTEMPTS} attempts (other trainers "
+        f"kept changing it; now {describe(snapshot.content if snapshot else None)}).")
+
+  def _busy_message(self, snapshot: Snapshot) -> str:
+    if snapshot.content is None:
+      holder = (f"its lock has no readable content yet, written {snapshot.age_s:.0f} s ago; "
+                f"a trainer may be starting, and it goes stale at {self.grace_s:g} s")
+    else:
+      holder = describe(snapshot.content)
+    return (f"{self.workdir} is in use by another trainer ({holder}; lock {self.path}). "
+            "Wait for it, use another --workdir, or rerun with --force_unlock if that "
+            f"trainer is gone (a lock also goes stale {self.timeout_s:g} s after its last "
+            "heartbeat, config.checkpoint.lock_timeout_s).")
+
+  def _start_heartbeat(self) -> None:
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="armd-lock-heartbeat",
+                                    daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    interval = self.timeout_s / 4
+    while not self._stop.wait(interval):
+      try:
+        version = self._store.rewrite(self._version, encode(self._content(), size=512))
+      except Exception as e:  # pylint: disable=broad-except
+        self.log(f"warning: could not refresh the lock {self.path}: {e}")
+        continue
+      if version is None:
+        self.lost = True
+        self.log(f"warning: the lock {self.path} is no longer ours (taken over or "
+                 "removed); another trainer may now write to this workdir.")
+        return
+      self._version = version
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lock if it is still ours."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self.held:
+      self.held = False
+      self._store.release(self._version)
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def force_unlock(workdir: storage.PathLike, log: Callable[[str], None] = print) -> bool:
+  """Removes `<workdir>/train.lock` whoever holds it (for a person who knows); True if
+  there was one. Prints what it removed."""
+  path = lock_path(workdir)
+  store = store_of(path)
+  snapshot = store.read()
+  store.force_remove()
+  if snapshot is None:
+    log(f"--force_unlock: no lock at {os.fspath(path)}.")
+    return False
+  log(f"--force_unlock: removed the lock {os.fspath(path)} "
+      f"({describe(snapshot.content)}).")
+  return True
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: storage.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 log: Callable[[str], None] = print) -> Iterator[Optional[WorkdirLock]]:
+  """Holds the workdir's lock for a run of one or several processes.
+
+  Process 0 takes the lock (yielding it; the others yield None) and broadcasts the
+  outcome, so every process goes on, or every process raises the same error.
+
+  Raises:
+    WorkdirBusyError: on every process, naming the holder.
+    RuntimeError: on processes > 0 when process 0 failed otherwise (process 0 raises its
+      own error).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    with WorkdirLock(workdir, timeout_s, log=log) as lock:
+      yield lock
+    return
+  lock, code, message, error = None, 0, "", None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir, timeout_s, log=log).acquire()
+    except WorkdirBusyError as e:
+      code, message = 1, str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      code, message, error = 2, f"{type(e).__name__}: {e}", e
+  code, message = broadcast_outcome(code, message)
+  if code == 1:
+    raise WorkdirBusyError(message)
+  if code == 2:
+    if error is not None:
+      raise error
+    raise RuntimeError(f"process 0 could not take the workdir lock: {message}")
+  try:
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def broadcast_outcome(code: int, message: str) -> tuple[int, str]:
+  """Process 0's (code, message) on every process (`multihost_utils.broadcast_one_to_all`)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  data = message.encode("utf-8")[:MESSAGE_BYTES]
+  buffer = np.zeros((MESSAGE_BYTES + 2,), np.int32)  # [code, length, bytes...]
+  buffer[0], buffer[1] = code, len(data)
+  buffer[2:2 + len(data)] = np.frombuffer(data, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  length = int(out[1])
+  text = bytes(out[2:2 + length].astype(np.uint8)).decode("utf-8", errors="replace")
+  return int(out[0]), text
