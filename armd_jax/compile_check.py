@@ -1,7 +1,8 @@
 """Will a config fit a TPU slice, and how fast could it go? Compiled here, on a CPU host.
 
   python -m armd_jax.compile_check --config=configs/owt_medium.py --topology=v5e:8x8 \\
-      [--config.model.attention=pallas] [--config.mesh.shape='(16,4)'] [--out=report.json]
+      [--config.model.attention=pallas] [--config.mesh.shape='(16,4)'] [--out=report.json] \\
+      [--num_slices=2 [--config.mesh.dcn_shape='(-1,1,1)']]
 
 Lowers and compiles, with libtpu, for the described TPU topology (nothing runs; no TPU is
 needed; `jax.experimental.topologies` describes the chips):
@@ -70,15 +71,19 @@ CHIPS: Dict[str, Chip] = {
 }
 
 
-def tpu_devices(topology: str) -> List[Any]:
-  """The devices of a TPU topology such as 'v5e:8x8' or 'v5p:4x4x8', described by libtpu.
+def tpu_devices(topology: str, num_slices: int = 1) -> List[Any]:
+  """The devices of `num_slices` TPU slices of a topology such as 'v5e:8x8' or
+  'v5p:4x4x8', described by libtpu (each device carries its `slice_index`).
 
   Raises:
-    SystemExit: libtpu is missing or the name is not a TPU topology.
+    SystemExit: libtpu is missing, the name is not a TPU topology or num_slices < 1.
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if num_slices < 1:
+    raise SystemExit(f"compile_check: --num_slices={num_slices} must be at least 1.")
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                              num_slices=num_slices).devices)
   except Exception as error:  # pylint: disable=broad-except
     raise SystemExit(f"Could not describe TPU topology {topology!r} ({error}). Names look like "
                      "'v5e:8x8' or 'v5p:4x4x8'; libtpu must be installed (pip install -e "
@@ -270,17 +275,20 @@ def _memory_lines(name: str, c: Compiled, chip: Optional[Chip]) -> List[str]:
           f"  total {c.total_bytes / GIB:.3f} GiB{hbm}"]
 
 
-def check(config, topology: str) -> Dict[str, Any]:
-  """Compiles the train step and one decode call of `config` for `topology`; the report."""
+def check(config, topology: str, num_slices: int = 1) -> Dict[str, Any]:
+  """Compiles the train step and one decode call of `config` for `num_slices` slices of
+  `topology` (several slices: the hybrid mesh of config.mesh.shape inside a slice times
+  config.mesh.dcn_shape across slices); the report (figures per chip)."""
   config.model.vocab_size = default_vocab_size(config)
   if config.model.get("attention") == "auto":  # 'auto' follows the backend: on TPU, Pallas
     config.model.attention = "pallas"
     print("config.model.attention='auto' compiles as 'pallas' (what it resolves to on TPU).",
           flush=True)
-  devices = tpu_devices(topology)
+  devices = tpu_devices(topology, num_slices)
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
-  print(f"{topology}: {len(devices)} x {kind}"
+  print(f"{topology}" + (f" x {num_slices} slices" if num_slices > 1 else "")
+        + f": {len(devices)} x {kind}"
         + (f" ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes / 1e9:.0f} GB HBM, "
            f"{chip.hbm_bandwidth / 1e9:.0f} GB/s)" if chip else
            " (no published peak known here: memory only)"), flush=True)
@@ -289,7 +297,7 @@ def check(config, topology: str) -> Dict[str, Any]:
   tokens = int(tc.global_batch_size) * int(tc.seq_len)
   step: Optional[Compiled] = train["compiled"]
   report: Dict[str, Any] = dict(
-      topology=topology, chips=len(devices), device_kind=kind,
+      topology=topology, num_slices=num_slices, chips=len(devices), device_kind=kind,
       chip=dataclasses.asdict(chip) if chip else None, mesh=train["mesh"],
       params=train["params"], state_bytes=train["state_bytes"],
       attention=config.model.attention,
@@ -318,7 +326,8 @@ def check(config, topology: str) -> Dict[str, Any]:
     print(f"  roofline step {rl['step_s'] * 1e3:.1f} ms ({rl['bound']}-bound: compute "
           f"{rl['compute_s'] * 1e3:.1f} ms, HBM {rl['memory_s'] * 1e3:.1f} ms) -> "
           f"{rl['tokens_per_s_per_chip']:.0f} tokens/s per chip "
-          f"({rl['tokens_per_s_per_chip'] * len(devices):.0f} on the slice)", flush=True)
+          f"({rl['tokens_per_s_per_chip'] * len(devices):.0f} on the "
+          f"{f'{num_slices} slices' if num_slices > 1 else 'slice'})", flush=True)
   decode = compile_decode(config, train["model"], train["abstract"], devices)
   if decode is not None:
     sc = config.sample
@@ -346,7 +355,7 @@ def main(argv) -> None:
     raise SystemExit(f"compile_check: unexpected arguments {argv[1:]}")
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  report = check(config, flags.FLAGS.topology)
+  report = check(config, flags.FLAGS.topology, flags.FLAGS.num_slices)
   report["config"] = flags.FLAGS["config"].config_filename if hasattr(
       flags.FLAGS["config"], "config_filename") else None
   report["command"] = command_line(sys.argv[1:])
@@ -363,6 +372,8 @@ def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:8x8 (64 chips), v5p:4x4x8 (128).")
+  flags.DEFINE_integer("num_slices", 1, "Number of slices of --topology (multi-slice over "
+                       "DCN; the mesh is config.mesh.shape per slice x config.mesh.dcn_shape).")
   flags.DEFINE_string("out", "", "Also write the report as JSON here.")
   flags.mark_flags_as_required(["config", "topology"])
 

@@ -1,7 +1,9 @@
 """Device mesh, logical-axis rules and shardings of parameters and batches.
 
 The mesh has three axes, `MESH_AXES` = ('data', 'fsdp', 'tensor'), sized by
-`config.mesh.shape`. Modules name their axes logically (`armd_jax.models.layers`:
+`config.mesh.shape` inside a slice times `config.mesh.dcn_shape` across TPU slices
+(multi-slice: each slice is one contiguous block along the DCN axes, see `make_mesh`;
+with one slice dcn_shape is (1, 1, 1)). Modules name their axes logically (`armd_jax.models.layers`:
 params 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pe'; activations 'activation_*'); a
 rule table maps them to mesh axes: one of `RULE_TABLES` ('data_parallel', 'fsdp',
 'fsdp_tensor'), named by `config.mesh.rule_table`, or explicit `config.mesh.rules`. Parameters are born sharded: `jax.eval_shape(init)` gives the logical
@@ -19,7 +21,7 @@ Inside the jitted steps, `activation_sharding(mesh, rules)` makes the modules'
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -69,34 +71,126 @@ RULE_TABLES: Dict[str, Tuple[Tuple[str, Any], ...]] = {
 DEFAULT_RULES = RULE_TABLES["fsdp_tensor"]  # on a (-1, 1, 1) mesh: plain data parallel
 
 
-def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The ('data', 'fsdp', 'tensor') `Mesh` of `mesh_config.shape` over `devices`.
+def slice_index(device: jax.Device) -> int:
+  """The TPU slice `device` belongs to: its `slice_index`, 0 for devices without one
+  (CPU and GPU devices, and single-slice TPUs of older runtimes)."""
+  return int(getattr(device, "slice_index", 0) or 0)
 
-  `devices` defaults to all devices of all processes; -1 in the shape takes the rest.
+
+def group_by_slice(devices: Sequence[Any],
+                   slice_of: Callable[[Any], int] = slice_index) -> List[List[Any]]:
+  """`devices` grouped by slice, in order of slice id; each group keeps the given order."""
+  groups: Dict[int, List[Any]] = {}
+  for device in devices:
+    groups.setdefault(int(slice_of(device)), []).append(device)
+  return [groups[key] for key in sorted(groups)]
+
+
+def resolve_shape(sizes: Sequence[int], count: int, field: str, what: str) -> Tuple[int, ...]:
+  """`sizes` with its -1 (if any) filled so that their product is `count`.
+
+  Args:
+    sizes: one size per mesh axis, at most one -1.
+    count: the number of things (devices, slices) the sizes must multiply to.
+    field: the config field, for errors ('config.mesh.shape').
+    what: what is counted, for errors ('devices', 'slices').
+
+  Raises:
+    ValueError: naming `field`, when the sizes cannot multiply to `count`.
+  """
+  shape = list(sizes)
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if count % known:
+      raise ValueError(f"{field} {tuple(sizes)}: {count} {what} are not divisible by {known}.")
+    shape[shape.index(-1)] = count // known
+  if int(np.prod(shape)) != count:
+    raise ValueError(f"{field} {tuple(sizes)} needs {int(np.prod(shape))} {what}, but "
+                     f"{count} are available.")
+  return tuple(shape)
+
+
+def hybrid_grid(slices: Sequence[Sequence[Any]], ici_shape: Sequence[int],
+                dcn_shape: Sequence[int]) -> np.ndarray:
+  """Lays out whole slices on a grid: axis i has dcn_shape[i] x ici_shape[i] devices.
+
+  Slice s (in `slices`' order) sits at position `unravel(s, dcn_shape)` of the DCN grid
+  and fills one contiguous block of ici_shape devices (in its own order): along axis i,
+  index k belongs to DCN block k // ici_shape[i], so no ICI sub-axis mixes slices.
+
+  Args:
+    slices: prod(dcn_shape) lists of prod(ici_shape) devices each.
+    ici_shape, dcn_shape: sizes per mesh axis inside a slice / across slices.
+
+  Returns:
+    An object array of devices of shape dcn_shape * ici_shape (elementwise).
+  """
+  rank = len(ici_shape)
+  blocks = np.empty((len(slices),) + tuple(ici_shape), dtype=object)
+  for s, group in enumerate(slices):
+    blocks[s] = np.asarray(group, dtype=object).reshape(ici_shape)
+  grid = blocks.reshape(tuple(dcn_shape) + tuple(ici_shape))  # [*dcn, *ici]
+  grid = grid.transpose([a for i in range(rank) for a in (i, rank + i)])  # [d0, i0, d1, i1..]
+  return grid.reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+
+
+def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None,
+              slice_of: Callable[[Any], int] = slice_index) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') `Mesh` over `devices`.
+
+  Inside a slice the axes have `mesh_config.shape` (-1 takes the rest of the slice's
+  devices); across slices `mesh_config.dcn_shape` (-1 takes the rest of the slices), so
+  axis i has size shape[i] * dcn_shape[i]. One slice (CPU, GPU, a single TPU slice):
   `jax.experimental.mesh_utils` orders the devices so that the inner axes ('tensor',
   then 'fsdp') sit on the fastest links (same chip / host / ICI ring); with explicit
-  `devices` their order is kept.
+  `devices` their order is kept. Several slices: each slice is one contiguous block
+  along the DCN axes (`mesh_utils.create_hybrid_device_mesh` when the devices carry a
+  `slice_index`, else `hybrid_grid` in the given order), so only the DCN axes cross the
+  slow links between slices.
+
+  Args:
+    mesh_config: config.mesh.
+    devices: defaults to all devices of all processes.
+    slice_of: the slice id of a device (default: its `slice_index`, 0 when it has none;
+      tests group simulated CPU devices into slices with it).
+
+  Raises:
+    ValueError: naming config.mesh.shape / config.mesh.dcn_shape when the sizes do not
+      match the devices and slices.
   """
   explicit = devices is not None
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(mesh_config.shape)
-  known = int(np.prod([s for s in shape if s != -1]))
-  if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"config.mesh.shape {mesh_config.shape}: {len(devices)} devices are not "
-                       f"divisible by {known}.")
-    shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.mesh.shape {mesh_config.shape} needs {int(np.prod(shape))} "
-                     f"devices, but {len(devices)} are available.")
-  if explicit or len(devices) == 1:
-    grid = np.asarray(devices, dtype=object).reshape(shape)
-  else:
+  slices = group_by_slice(devices, slice_of)
+  dcn = resolve_shape(mesh_config.dcn_shape, len(slices), "config.mesh.dcn_shape", "slices")
+  if len(slices) == 1:
+    shape = list(resolve_shape(mesh_config.shape, len(devices), "config.mesh.shape",
+                               "devices"))
+    if explicit or len(devices) == 1:
+      grid = np.asarray(devices, dtype=object).reshape(shape)
+    else:
+      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+      try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      except (ValueError, NotImplementedError, AssertionError):  # unknown topology
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+  sizes = sorted({len(group) for group in slices})
+  if len(sizes) > 1:
+    raise ValueError(f"config.mesh.dcn_shape {mesh_config.dcn_shape}: the {len(slices)} "
+                     f"slices hold different numbers of devices {sizes}; every slice must "
+                     "be the same size.")
+  ici = resolve_shape(mesh_config.shape, sizes[0], "config.mesh.shape (inside one slice)",
+                      "devices per slice")
+  grid = None
+  if slice_of is slice_index and all(hasattr(d, "slice_index") for d in devices):
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     try:
-      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):  # unknown topology
-      grid = np.asarray(devices, dtype=object).reshape(shape)
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                  allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):  # unknown slice topology
+      grid = None
+  if grid is None:
+    grid = hybrid_grid(slices, ici, dcn)
   return Mesh(grid, MESH_AXES)
 
 

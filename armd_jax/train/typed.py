@@ -156,9 +156,17 @@ class MeshConfig:
   """Device mesh ('data', 'fsdp', 'tensor') and the logical-axis rule table.
 
   Attributes:
-    shape: sizes of the mesh axes ('data', 'fsdp', 'tensor'); one -1 takes the remaining
-      devices. The batch is split over data x fsdp; parameters, Adam moments and EMA
-      over fsdp (their embed dimension) and tensor (heads / MLP / vocabulary).
+    shape: sizes of the mesh axes ('data', 'fsdp', 'tensor') inside one slice (all the
+      devices when there is one slice: CPU, GPU, a single TPU slice); one -1 takes the
+      remaining devices of the slice. The batch is split over data x fsdp; parameters,
+      Adam moments and EMA over fsdp (their embed dimension) and tensor (heads / MLP /
+      vocabulary).
+    dcn_shape: how many slices each mesh axis spans (TPU multi-slice: the slices talk
+      over the data-centre network, DCN, much slower than the links inside a slice).
+      Mesh axis i has size shape[i] * dcn_shape[i]; one -1 takes the remaining slices.
+      The default (-1, 1, 1) puts all slices on 'data' (one gradient all-reduce per step
+      crosses DCN); (1, -1, 1) would split the parameters across slices too. With one
+      slice it resolves to (1, 1, 1).
     rule_table: which rule table of `armd_jax.train.partitioning.RULE_TABLES` maps the
       modules' logical axes to the mesh: 'data_parallel' (replicated parameters),
       'fsdp' (parameters sharded over 'fsdp') or 'fsdp_tensor' (and heads / MLP /
@@ -168,20 +176,26 @@ class MeshConfig:
   """
 
   shape: Tuple[int, ...] = (-1, 1, 1)
+  dcn_shape: Tuple[int, ...] = (-1, 1, 1)
   rule_table: str = "fsdp_tensor"
   rules: Tuple[Tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+    object.__setattr__(self, "dcn_shape", tuple(int(s) for s in self.dcn_shape))
     object.__setattr__(self, "rules", tuple((str(a), _mesh_axes(m)) for a, m in self.rules))
     _choice("mesh", "rule_table", self.rule_table, RULE_TABLES)
     if len(self.shape) != len(MESH_AXES):
       raise ValueError(f"config.mesh.shape {self.shape} must have one size per mesh axis "
                        f"{MESH_AXES}, e.g. (-1, 1, 1) for data parallel or (1, -1, 4) for "
                        "FSDP with 4-way tensor parallelism.")
-    if sum(s == -1 for s in self.shape) > 1 or any(s == 0 or s < -1 for s in self.shape):
-      raise ValueError(f"config.mesh.shape {self.shape} must hold positive sizes and at "
-                       "most one -1.")
+    if len(self.dcn_shape) != len(MESH_AXES):
+      raise ValueError(f"config.mesh.dcn_shape {self.dcn_shape} must have one slice count "
+                       f"per mesh axis {MESH_AXES}, e.g. (-1, 1, 1): all slices on 'data'.")
+    for name, sizes in (("shape", self.shape), ("dcn_shape", self.dcn_shape)):
+      if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh.{name} {sizes} must hold positive sizes and at "
+                         "most one -1.")
     for logical, mesh_axis in self.rules:
       names = () if mesh_axis is None else (
           (mesh_axis,) if isinstance(mesh_axis, str) else mesh_axis)
