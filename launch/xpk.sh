@@ -11,7 +11,10 @@
 #       [--workload=NAME] [--tpu_type=v5litepod-64] [--num_slices=1] [--project=P] \
 #       [--zone=Z] [--base_image=us-docker.pkg.dev/cloud-tpu-images/jax-ai-image/tpu:latest] \
 #       [--extras=tpu,hf] [--keep] [--dry_run] [--config.x=y ...]
-# --dry_run prints the xpk commands without running them.
+# --dry_run prints the xpk commands without running them. With --num_slices=N > 1 the
+# training command gets --config.mesh.num_slices=N: the mesh (config.mesh.shape inside a
+# slice, config.mesh.dcn_shape across slices, all slices on 'data' by default) is built
+# for N slices and refused if the processes do not see N slices.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=launch/common.sh
@@ -30,6 +33,14 @@ workdir=""
 keep=0
 parse_args cluster workload tpu_type num_slices project zone base_image extras -- "$@"
 [[ -n "${cluster}" ]] || die "--cluster (or XPK_CLUSTER) is required"
+[[ "${num_slices}" =~ ^[1-9][0-9]*$ ]] || die "--num_slices=${num_slices} must be a positive integer"
+if (( num_slices > 1 )); then
+  for arg in "${overrides[@]+"${overrides[@]}"}"; do
+    [[ "${arg}" != --config.mesh.num_slices=* || "${arg}" == "--config.mesh.num_slices=${num_slices}" ]] \
+      || die "${arg} disagrees with --num_slices=${num_slices}"
+  done
+  overrides+=("--config.mesh.num_slices=${num_slices}")
+fi
 where=(--cluster="${cluster}")
 [[ -z "${project}" ]] || where+=(--project="${project}")
 [[ -z "${zone}" ]] || where+=(--zone="${zone}")

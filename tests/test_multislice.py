@@ -166,3 +166,35 @@ def test_tiny_compiles_on_two_slices_with_the_data_axis_across_them(tmp_path):
   report = json.loads(out.read_text())
   assert (report["num_slices"], report["chips"], report["fits"]) == (2, 8, True)
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@needs_libtpu
+def test_a_run_launched_on_more_slices_than_the_devices_span_is_refused(two_slices):
+  mesh = partitioning.make_mesh(MeshConfig(num_slices=2), two_slices)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}  # 2 slices x 4 chips
+  with pytest.raises(ValueError, match=r"config.mesh.num_slices=2 .* span 1 slice"):
+    partitioning.make_mesh(MeshConfig(num_slices=2), two_slices[:4])
+  with pytest.raises(ValueError, match="config.mesh.num_slices"):
+    MeshConfig(num_slices=-1)
+
+
+def xpk_dry_run(*args):
+  """launch/xpk.sh --dry_run with `args`: (exit status, stdout, stderr)."""
+  run = subprocess.run(["bash", os.path.join(REPO, "launch", "xpk.sh"), "--cluster=c1",
+                        "--workload=w1", "--config=configs/owt_small.py",
+                        "--workdir=gs://bucket/run", "--dry_run", *args],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+  return run.returncode, run.stdout, run.stderr
+
+
+def test_xpk_passes_the_slice_count_to_the_training_command():
+  rc, out, _ = xpk_dry_run("--num_slices=2")
+  create = out.splitlines()[0]
+  assert rc == 0 and "--num-slices=2 " in create
+  assert create.endswith("--jax_distributed --config.mesh.num_slices=2'")
+  rc, out, _ = xpk_dry_run()  # one slice: the command as before
+  assert rc == 0 and "mesh.num_slices" not in out
+  rc, _, err = xpk_dry_run("--num_slices=2", "--config.mesh.num_slices=3")
+  assert rc == 2 and "--config.mesh.num_slices=3 disagrees with --num_slices=2" in err
+  rc, _, err = xpk_dry_run("--num_slices=0")
+  assert rc == 2 and "--num_slices=0 must be a positive integer" in err

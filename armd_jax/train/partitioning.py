@@ -156,11 +156,17 @@ def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = No
 
   Raises:
     ValueError: naming config.mesh.shape / config.mesh.dcn_shape when the sizes do not
-      match the devices and slices.
+      match the devices and slices, or config.mesh.num_slices when it is set (> 0) and
+      the devices span another number of slices.
   """
   explicit = devices is not None
   devices = list(jax.devices() if devices is None else devices)
   slices = group_by_slice(devices, slice_of)
+  if mesh_config.num_slices and len(slices) != mesh_config.num_slices:
+    raise ValueError(f"config.mesh.num_slices={mesh_config.num_slices} (the slices the run "
+                     f"was launched on), but the devices span {len(slices)} slice(s). On a "
+                     "TPU multi-slice run every process must see every slice (the "
+                     "MEGASCALE_* variables that xpk sets); else set the launch's slice count.")
   dcn = resolve_shape(mesh_config.dcn_shape, len(slices), "config.mesh.dcn_shape", "slices")
   if len(slices) == 1:
     shape = list(resolve_shape(mesh_config.shape, len(devices), "config.mesh.shape",

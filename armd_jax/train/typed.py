@@ -167,6 +167,9 @@ class MeshConfig:
       The default (-1, 1, 1) puts all slices on 'data' (one gradient all-reduce per step
       crosses DCN); (1, -1, 1) would split the parameters across slices too. With one
       slice it resolves to (1, 1, 1).
+    num_slices: the number of slices the run was launched on (`launch/xpk.sh
+      --num_slices` passes it); the mesh is refused when the devices span another
+      number (e.g. slices that cannot see each other). 0: whatever the devices span.
     rule_table: which rule table of `armd_jax.train.partitioning.RULE_TABLES` maps the
       modules' logical axes to the mesh: 'data_parallel' (replicated parameters),
       'fsdp' (parameters sharded over 'fsdp') or 'fsdp_tensor' (and heads / MLP /
@@ -177,6 +180,7 @@ class MeshConfig:
 
   shape: Tuple[int, ...] = (-1, 1, 1)
   dcn_shape: Tuple[int, ...] = (-1, 1, 1)
+  num_slices: int = 0
   rule_table: str = "fsdp_tensor"
   rules: Tuple[Tuple[str, Any], ...] = ()
 
@@ -196,6 +200,9 @@ class MeshConfig:
       if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"config.mesh.{name} {sizes} must hold positive sizes and at "
                          "most one -1.")
+    if self.num_slices < 0:
+      raise ValueError(f"config.mesh.num_slices={self.num_slices} must be >= 0 (0: as many "
+                       "slices as the devices span).")
     for logical, mesh_axis in self.rules:
       names = () if mesh_axis is None else (
           (mesh_axis,) if isinstance(mesh_axis, str) else mesh_axis)
