@@ -1,10 +1,7 @@
-"""Checkpoint recovery (a damaged newest checkpoint) and the one-trainer-per-workdir lock."""
+"""Checkpoint recovery (a damaged newest checkpoint); the workdir lock is tested in
+test_lock.py."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -49,31 +46,3 @@ def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_training_resume
   assert sorted(os.listdir(directory)) == ["10", "20", "30"]  # 20 rewritten by the rerun
   assert out["eval/num_tokens"] > 0
   assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # released
-
-
-def _write_lock(workdir, pid, host=None):
-  with open(os.path.join(workdir, checkpoints.LOCK_FILE), "w", encoding="utf-8") as f:
-    json.dump({"pid": pid, "host": host or socket.gethostname(), "started": 0}, f)
-
-
-def test_a_second_trainer_on_a_busy_workdir_stops_with_a_clear_error(tmp_path):
-  _write_lock(str(tmp_path), os.getppid())  # a live process on this host
-  with pytest.raises(checkpoints.WorkdirBusyError,
-                     match=rf"in use by another trainer \(pid {os.getppid()} on host"):
-    train.train_and_evaluate(short_tiny(5), str(tmp_path))
-  _write_lock(str(tmp_path), 1, host="another-host")  # cannot be checked: busy
-  with pytest.raises(checkpoints.WorkdirBusyError, match="another-host"):
-    with checkpoints.WorkdirLock(str(tmp_path)):
-      pass
-
-
-def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path):
-  dead = subprocess.Popen([sys.executable, "-c", "pass"])
-  dead.wait()
-  _write_lock(str(tmp_path), dead.pid)
-  notes = []
-  with checkpoints.WorkdirLock(str(tmp_path), log=notes.append):
-    with open(os.path.join(tmp_path, checkpoints.LOCK_FILE), encoding="utf-8") as f:
-      assert json.load(f)["pid"] == os.getpid()
-  assert notes and "stale lock" in notes[0]
-  assert not os.path.exists(os.path.join(tmp_path, checkpoints.LOCK_FILE))

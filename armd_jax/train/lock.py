@@ -18,11 +18,11 @@ printed note, when
   - it was written on this host by a pid that is no longer running;
   - it has no readable content and was last modified `grace_s` (60 s) ago or more (a
     younger unreadable lock may be a trainer that is starting: busy).
-Taking over is race-free: it deletes exactly the version that was judged stale (local:
-the inode read, moved aside under a takeover claim that only one contender can create;
-`gs://`: a delete with `ifGenerationMatch` of the generation read), then creates the
-lock atomically as above; of two contenders that judged one lock stale, the loser sees
-the winner's fresh lock and stops busy.
+Taking over is race-free: it replaces exactly the version that was judged stale (local:
+the inode read is moved aside under a takeover claim that only one contender can create,
+then the lock is created as above; `gs://`: one upload with `ifGenerationMatch` of the
+generation read); of two contenders that judged one lock stale, the loser sees the
+winner's fresh lock and stops busy.
 
 Several processes: only process 0 touches the lock (`hold_workdir`); the outcome is
 broadcast and every process raises the same `WorkdirBusyError`, naming the holder.
@@ -63,7 +63,8 @@ class Snapshot:
 
   Attributes:
     content: the decoded JSON dict, or None when the lock has no readable content.
-    version: what identifies this very lock (local: inode; gs://: generation).
+    version: what identifies this very lock (local: inode, mtime, size and token;
+      gs://: generation).
     age_s: seconds since the lock was last modified (its mtime).
   """
 
@@ -182,7 +183,8 @@ class LocalStore:
         data = f.read()
     except FileNotFoundError:
       return None
-    return Snapshot(decode(data), st.st_ino, max(0.0, time.time() - st.st_mtime))
+    content = decode(data)
+    return Snapshot(content, _identity(st, content), max(0.0, time.time() - st.st_mtime))
 
   def remove(self, snapshot: Snapshot) -> bool:
     """Removes the lock if it is still the one in `snapshot`; True when this call did.
@@ -202,7 +204,9 @@ class LocalStore:
         os.rename(self.path, aside)
       except FileNotFoundError:
         return False
-      if os.stat(aside).st_ino == snapshot.version:
+      with open(aside, "rb") as f:
+        moved = _identity(os.fstat(f.fileno()), decode(f.read()))
+      if moved == snapshot.version:
         os.unlink(aside)
         return True
       try:  # a fresh lock replaced the stale one meanwhile: put it back
@@ -213,6 +217,13 @@ class LocalStore:
       return False
     finally:
       os.unlink(claim)
+
+  def take_over(self, snapshot: Snapshot, data: bytes) -> Any:
+    """Replaces the stale lock in `snapshot` with `data`; the new inode, or None when
+    another contender was first (it then holds a fresh lock, or is taking over)."""
+    if not self.remove(snapshot):
+      return None
+    return self.create(data)
 
   def rewrite(self, version: Any, data: bytes) -> Any:
     """Rewrites our lock in place (same inode) while it is still ours; None when lost."""
@@ -243,8 +254,22 @@ class LocalStore:
         os.unlink(name)
 
 
+def _identity(st: os.stat_result, content: Optional[dict]) -> tuple:
+  """What tells one local lock file from a later one: inode numbers are reused once a
+  file is deleted, so the modification time and the token count too."""
+  return (st.st_ino, st.st_mtime_ns, st.st_size, (content or {}).get("token"))
+
+
 class GcsStore:
-  """The lock as a Cloud Storage object, with generation preconditions (through gcsfs)."""
+  """The lock as a Cloud Storage object, with generation preconditions (through gcsfs).
+
+  Every conditional write is a multipart upload with `ifGenerationMatch` (0: the object
+  must not exist; g: it must still be generation g), which Cloud Storage and
+  fake-gcs-server both check. A takeover is one such compare-and-swap on the stale
+  generation, not a delete then a create (emulators ignore preconditions on DELETE).
+  """
+
+  BOUNDARY = "armd_lock_boundary"
 
   def __init__(self, url: str):
     import fsspec  # pylint: disable=g-import-not-at-top
@@ -253,12 +278,18 @@ class GcsStore:
     self.bucket, self.key, _ = self.fs.split_path(url)
 
   def _upload(self, data: bytes, if_generation: Any) -> Any:
-    """Uploads `data` if the object's generation is `if_generation` (0: absent)."""
+    """Uploads `data` if the object's generation is `if_generation` (0: absent); the new
+    generation, or None when the precondition failed."""
+    head = (f"--{self.BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            f"{json.dumps({'name': self.key})}\r\n--{self.BOUNDARY}\r\n"
+            "Content-Type: application/json\r\n\r\n").encode("utf-8")
+    body = head + data + f"\r\n--{self.BOUNDARY}--\r\n".encode("utf-8")
     try:
       out = self.fs.call(
           "POST", f"{self.fs._location}/upload/storage/v1/b/{self.bucket}/o",  # pylint: disable=protected-access
-          uploadType="media", name=self.key, ifGenerationMatch=str(if_generation),
-          headers={"Content-Type": "application/json"}, data=data, json_out=True)
+          uploadType="multipart", ifGenerationMatch=str(if_generation),
+          headers={"Content-Type": f'multipart/related; boundary="{self.BOUNDARY}"'},
+          data=body, json_out=True)
     except FileExistsError:  # HTTP 412: the precondition failed
       return None
     return int(out["generation"])
@@ -287,27 +318,22 @@ class GcsStore:
     updated = datetime.datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
     return Snapshot(decode(data), generation, max(0.0, time.time() - updated.timestamp()))
 
-  def remove(self, snapshot: Snapshot) -> bool:
-    """Deletes the object if its generation is still the one read; True when this call did."""
-    try:
-      self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
-                   ifGenerationMatch=str(snapshot.version))
-    except (FileExistsError, FileNotFoundError):
-      return False
-    return True
+  def take_over(self, snapshot: Snapshot, data: bytes) -> Any:
+    """Replaces the stale lock with `data` if it is still the generation read (one
+    compare-and-swap); the new generation, or None when another contender was first."""
+    return self._upload(data, snapshot.version)
 
   def rewrite(self, version: Any, data: bytes) -> Any:
     """Rewrites the object if it is still generation `version`; the new one, or None."""
-    meta = self._metadata()  # also for servers that ignore preconditions (emulators)
-    if meta is None or int(meta["generation"]) != version:
-      return None
     return self._upload(data, version)
 
   def release(self, version: Any) -> None:
     """Deletes the object if it is still generation `version`."""
-    meta = self._metadata()
+    meta = self._metadata()  # also for servers that ignore preconditions on DELETE
     if meta is not None and int(meta["generation"]) == version:
-      self.remove(Snapshot(None, version, 0.0))
+      with contextlib.suppress(FileExistsError, FileNotFoundError):
+        self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                     ifGenerationMatch=str(version))
 
   def force_remove(self) -> None:
     """Deletes the object, whoever holds it."""
@@ -353,6 +379,12 @@ class FsspecStore:
       return False
     self.path.unlink(missing_ok=True)
     return True
+
+  def take_over(self, snapshot: Snapshot, data: bytes) -> Any:
+    """Replaces the stale lock (if it still holds the token read) with `data`."""
+    if not self.remove(snapshot):
+      return None
+    return self.create(data)
 
   def rewrite(self, version: Any, data: bytes) -> Any:
     """Rewrites the lock while it still holds our token; None when lost."""
@@ -446,11 +478,14 @@ class WorkdirLock:
       reason = stale_reason(snapshot, time.time(), self.host, self.timeout_s, self.grace_s)
       if reason is None:
         raise WorkdirBusyError(self._busy_message(snapshot))
-      if self._store.remove(snapshot):
-        self.log(f"removed a stale lock {self.path} ({describe(snapshot.content)}): "
+      version = self._store.take_over(snapshot, encode(self._content(), size=512))
+      if version is not None:
+        self.log(f"took over a stale lock {self.path} ({describe(snapshot.content)}): "
                  f"{reason}.")
-      else:
-        time.sleep(random.uniform(0.01, 0.1))  # another contender is taking over
+        self._version, self.held = version, True
+        self._start_heartbeat()
+        return self
+      time.sleep(random.uniform(0.01, 0.1))  # another contender was first: look again
     snapshot = self._store.read()
     raise WorkdirBusyError(
         f"could not take the lock {self.path} after {ATTEMPTS} attempts (other trainers "
