@@ -5,6 +5,11 @@ EOS, back to back; `doc_ends` (int64, [num_docs]) the end offset of each documen
 cache directory name is a digest of everything the tokens depend on (task, files and
 their sizes/mtimes, document split, held-out rule, vocabulary file), so a changed
 corpus or vocabulary is re-tokenised and never silently reused.
+
+The cache folder may be a URL (`armd_jax.storage`; by default it is in the workdir):
+process 0 builds the entry in a local mirror folder (`storage.local_mirror`), uploads the
+arrays and then meta.json, which tells the other processes it is complete; every process
+memory-maps a local copy of the arrays.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from armd_jax import storage
 from armd_jax.data import sources
 from armd_jax.data.config import DataConfig
 
@@ -136,35 +142,54 @@ def join_token_documents(docs: Iterable[np.ndarray], vocab) -> TokenizedSplit:
   return TokenizedSplit(tokens=tokens, doc_ends=np.asarray(ends, np.int64))
 
 
-def load_or_build(config: DataConfig, vocab, cache_dir: str, *, is_writer: bool = True,
-                  wait_s: float = 7 * 24 * 3600.0, splits: Sequence[str] = sources.SPLITS,
+def load_or_build(config: DataConfig, vocab, cache_dir: storage.PathLike, *,
+                  is_writer: bool = True, wait_s: float = 7 * 24 * 3600.0,
+                  splits: Sequence[str] = sources.SPLITS,
                   shard: Optional[Tuple[int, int]] = None) -> dict[str, TokenizedSplit]:
   """Returns {split: TokenizedSplit} for `splits`, tokenising into `cache_dir` on first use.
 
   A writer builds the cache in a private temporary directory and renames it into place
   (concurrent writers are safe: the first rename wins); a non-writer waits for it.
+  For a URL `cache_dir` the writer builds in the local mirror and uploads it, meta.json
+  last; every process reads local copies of the arrays.
   shard: (index, count) holds only that shard of a seqio task's splits
   (`sources.seqio_token_documents`), in its own cache entry.
+
+  Raises:
+    TimeoutError: a non-writer waited `wait_s` seconds for meta.json.
   """
   if shard is not None and not config.is_seqio:
     raise ValueError(f"Only seqio tasks are read by shard, not {config.task!r}.")
-  directory = os.path.join(cache_dir, cache_key(config, vocab, splits, shard))
-  done = os.path.join(directory, "meta.json")
-  if not os.path.exists(done):
+  entry = storage.path(cache_dir) / cache_key(config, vocab, splits, shard)
+  done = entry / "meta.json"
+  local = storage.is_local(cache_dir)
+  directory = os.fspath(entry) if local else storage.local_mirror(entry)
+  if not done.exists():
     if is_writer:
-      _build(config, vocab, directory, splits, shard)
+      if not os.path.exists(os.path.join(directory, "meta.json")):
+        _build(config, vocab, directory, splits, shard)
+      if not local:
+        _upload(directory, entry, splits)
     else:
-      print(f"[armd_jax.data] waiting for process 0 to build the data cache {directory}",
+      print(f"[armd_jax.data] waiting for process 0 to build the data cache {entry}",
             flush=True)
-      deadline = time.time() + wait_s
-      while not os.path.exists(done):
-        if time.time() > deadline:
-          raise TimeoutError(f"Waited {wait_s}s for the data cache {directory}.")
-        time.sleep(2.0)
+      storage.wait_for(done, wait_s, "the data cache")
+  if not local:
+    for split in splits:
+      for name in (f"{split}_tokens.npy", f"{split}_doc_ends.npy"):
+        storage.local_copy(entry / name)  # into `directory`, the local mirror of `entry`
   return {split: TokenizedSplit(
       tokens=np.load(os.path.join(directory, f"{split}_tokens.npy"), mmap_mode="r"),
       doc_ends=np.load(os.path.join(directory, f"{split}_doc_ends.npy")))
           for split in splits}
+
+
+def _upload(directory: str, entry, splits: Sequence[str]) -> None:
+  """Copies a built cache entry to its URL: the arrays, then meta.json (complete marker)."""
+  for split in splits:
+    for name in (f"{split}_tokens.npy", f"{split}_doc_ends.npy"):
+      storage.upload(os.path.join(directory, name), entry / name)
+  storage.upload(os.path.join(directory, "meta.json"), entry / "meta.json")
 
 
 def _build(config: DataConfig, vocab, directory: str, splits: Sequence[str],

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import grain
 import numpy as np
 
+from armd_jax import storage
 from armd_jax.data import cache, sources
 from armd_jax.data.config import DataConfig
 from armd_jax.data.vocab import Vocabulary, build_vocab
@@ -163,7 +164,7 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
     data_config: `config.data` (a ConfigDict from `default_config()`, dict or DataConfig).
     seq_len: tokens per example.
     global_batch_size: examples per step over all processes; must divide by process_count.
-    workdir: run directory.
+    workdir: run directory: a local folder or a URL such as gs://BUCKET/RUN (`storage`).
     seed: shuffle seed (used unless `config.data.seed` is set).
     process_index, process_count: this process and the number of processes (default
       `jax.process_index()`, `jax.process_count()`); pass them to simulate hosts.
@@ -206,7 +207,7 @@ def create_datasets(data_config, *, seq_len: int, global_batch_size: int, workdi
   is_writer = process_index == 0
   vocab = build_vocab(config, workdir, lambda: sources.documents(config, "train"),
                       is_writer=is_writer)
-  cache_dir = config.cache_dir or os.path.join(workdir, "data_cache")
+  cache_dir = config.cache_dir or os.fspath(storage.path(workdir) / "data_cache")
   shared = is_writer or config.cache_per_process
   if config.seqio_shard_by_process:  # own train shard (every process writes its own)
     splits = cache.load_or_build(config, vocab, cache_dir, is_writer=shared, splits=("eval",))

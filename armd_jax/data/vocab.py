@@ -3,6 +3,8 @@
 Every vocabulary maps text to ids in python (no TensorFlow); `as_seqio()` returns the
 matching seqio vocabulary for users of the seqio Tasks. Vocabulary files live in
 `<workdir>/vocab/` so `load_vocab` rebuilds the vocabulary without reading the corpus.
+The workdir may be a URL (`armd_jax.storage`): SentencePiece trains in a local folder and
+the model is then copied to the workdir; every process loads a local copy of it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import time
 from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+from etils import epath
 
+from armd_jax import storage
 from armd_jax.data.config import DataConfig
 
 VOCAB_DIR = "vocab"
@@ -298,18 +300,18 @@ def _hf_seqio_vocabulary(vocab: HuggingFaceVocabulary):
 # Building and reloading.
 
 
-def vocab_dir(workdir: str) -> str:
-  """Where vocabulary files of a run live."""
-  return os.path.join(workdir, VOCAB_DIR)
+def vocab_dir(workdir: storage.PathLike) -> epath.Path:
+  """Where vocabulary files of a run live (a local folder or URL)."""
+  return storage.path(workdir) / VOCAB_DIR
 
 
-def sentencepiece_path(config: DataConfig, workdir: str) -> str:
+def sentencepiece_path(config: DataConfig, workdir: storage.PathLike) -> epath.Path:
   """Path of the SentencePiece model trained for `config` in `workdir`."""
   name = f"sentencepiece_{config.sentencepiece_model_type}_{config.sentencepiece_vocab_size}"
-  return os.path.join(vocab_dir(workdir), name + ".model")
+  return vocab_dir(workdir) / (name + ".model")
 
 
-def load_vocab(data_config, workdir: str) -> Vocabulary:
+def load_vocab(data_config, workdir: storage.PathLike) -> Vocabulary:
   """Rebuilds the run's vocabulary from the workdir cache, without reading the corpus.
 
   Args:
@@ -327,65 +329,77 @@ def load_vocab(data_config, workdir: str) -> Vocabulary:
     return seqio_vocab(config)
   if config.vocab == "sentencepiece":
     path = config.sentencepiece_model or sentencepiece_path(config, workdir)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
       raise FileNotFoundError(f"No SentencePiece model at {path}: create_datasets(...) trains "
                               "and caches it; or set config.data.sentencepiece_model.")
-    return SentencePieceVocabulary(path)
-  local = _local_hf_copy(config, workdir)
-  return HuggingFaceVocabulary(local if os.path.isfile(local) else config.hf_tokenizer)
+    return SentencePieceVocabulary(storage.local_copy(path))
+  copy = _workdir_hf_copy(config, workdir)
+  if copy.is_file():
+    return HuggingFaceVocabulary(storage.local_copy(copy))
+  return HuggingFaceVocabulary(config.hf_tokenizer)
 
 
-def build_vocab(config: DataConfig, workdir: str,
+def build_vocab(config: DataConfig, workdir: storage.PathLike,
                 training_text: Callable[[], Iterable[str]], *,
                 is_writer: bool = True, wait_s: float = 3600.0) -> Vocabulary:
   """Returns the vocabulary of `config`, training/caching it in `workdir` when needed.
 
   Args:
     config: data config.
-    workdir: run directory; files go to `<workdir>/vocab/`.
+    workdir: run directory (local or URL); files go to `<workdir>/vocab/`.
     training_text: callable returning the training documents (read only if a
       SentencePiece model must be trained).
     is_writer: whether this process writes vocab files (process 0); other processes wait
-      up to `wait_s` seconds for them to appear.
+      up to `wait_s` seconds for them to appear in the workdir.
+
+  Raises:
+    TimeoutError: a non-writer waited `wait_s` seconds for the SentencePiece model.
   """
   if config.vocab == "byte":
     return ByteVocabulary()
   if config.vocab == "seqio":
     return seqio_vocab(config)
-  os.makedirs(vocab_dir(workdir), exist_ok=True)
+  vocab_dir(workdir).mkdir(parents=True, exist_ok=True)
   if config.vocab == "sentencepiece":
     if config.sentencepiece_model:
-      return SentencePieceVocabulary(config.sentencepiece_model)
+      return SentencePieceVocabulary(storage.local_copy(config.sentencepiece_model))
     path = sentencepiece_path(config, workdir)
-    if not os.path.isfile(path):
+    if not path.is_file():
       if is_writer:
         train_sentencepiece(training_text(), path, vocab_size=config.sentencepiece_vocab_size,
                             model_type=config.sentencepiece_model_type,
                             max_chars=config.sentencepiece_max_chars)
       else:
-        _wait_for(path, wait_s)
-    return SentencePieceVocabulary(path)
-  local = _local_hf_copy(config, workdir)
-  if os.path.isfile(local):
-    return HuggingFaceVocabulary(local)
+        storage.wait_for(path, wait_s, "the SentencePiece model", poll_s=1.0)
+    return SentencePieceVocabulary(storage.local_copy(path))
+  copy = _workdir_hf_copy(config, workdir)
+  if copy.is_file():
+    return HuggingFaceVocabulary(storage.local_copy(copy))
   source = config.hf_tokenizer
   if os.path.isdir(source):
     source = os.path.join(source, "tokenizer.json")
   if os.path.isfile(source) and is_writer:
-    _atomic_copy(source, local)  # keeps the run self-contained
-    return HuggingFaceVocabulary(local)
+    storage.upload(source, copy)  # keeps the run self-contained
+    return HuggingFaceVocabulary(storage.local_copy(copy))
   return HuggingFaceVocabulary(source)
 
 
-def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
+def train_sentencepiece(documents: Iterable[str], path: storage.PathLike, *, vocab_size: int,
                         model_type: str = "unigram", max_chars: int = 20_000_000) -> str:
   """Trains a SentencePiece model on `documents` (lines of at most 4096 chars) to `path`.
 
   Ids follow seqio (pad 0, eos 1, unk 2, no bos); rare characters fall back to bytes;
   text is not normalised (identity rule, spaces kept) and "\n" is its own piece, so
   decode(encode(text)) == text. `vocab_size` is an upper bound on a small corpus.
-  Writes atomically; returns `path`.
+  Writes atomically. SentencePiece writes local files only: for a URL `path` the model
+  is trained into its local mirror (`storage.local_mirror`) and then copied to `path`.
+  Returns the local model file.
+
+  Raises:
+    ValueError: SentencePiece training failed (e.g. `vocab_size` too small).
   """
+  url = None if storage.is_local(path) else path
+  path = storage.local_mirror(path)
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
   def lines():
@@ -417,27 +431,15 @@ def train_sentencepiece(documents: Iterable[str], path: str, *, vocab_size: int,
                      f"distinct character): {e}") from e
   os.replace(prefix + ".model", path)
   os.remove(prefix + ".vocab")
+  if url is not None:
+    storage.upload(path, url)
   return path
 
 
-def _local_hf_copy(config: DataConfig, workdir: str) -> str:
+def _workdir_hf_copy(config: DataConfig, workdir: storage.PathLike) -> epath.Path:
   """The workdir copy of a tokenizer file; named after `hf_tokenizer` so changing it is seen."""
   tag = hashlib.sha256(config.hf_tokenizer.encode()).hexdigest()[:12]
-  return os.path.join(vocab_dir(workdir), f"hf_tokenizer_{tag}.json")
-
-
-def _atomic_copy(src: str, dst: str) -> None:
-  tmp = f"{dst}.tmp{os.getpid()}"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
-def _wait_for(path: str, wait_s: float) -> None:
-  deadline = time.time() + wait_s
-  while not os.path.exists(path):
-    if time.time() > deadline:
-      raise TimeoutError(f"Waited {wait_s}s for {path} (written by process 0).")
-    time.sleep(1.0)
+  return vocab_dir(workdir) / f"hf_tokenizer_{tag}.json"
 
 
 def _file_digest(path: str) -> str:

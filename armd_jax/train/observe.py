@@ -2,7 +2,11 @@
 
 Metrics go to three places: CLU's writers (console logging and, when `tensorboard` is
 installed, TensorBoard summaries under <workdir>), and `<workdir>/metrics.jsonl` (one
-JSON object per write; what tests and scripts read). CLU's `metric_writers` package
+JSON object per write; what tests and scripts read). The workdir may be a URL
+(`armd_jax.storage`): an object store cannot append, so on `gs://` each write reads
+metrics.jsonl and writes it again whole (one object write, never a half line; a few
+hundred KB for a long run); TensorBoard reaches `gs://` through TensorFlow's own file
+system. CLU's `metric_writers` package
 imports TensorFlow, so it is imported lazily here and only when
 `config.train.tensorboard` is on; without it the console + JSONL writers still work.
 """
@@ -18,6 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from armd_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -28,18 +34,20 @@ class NonFiniteError(FloatingPointError):
 class Writer:
   """Writes scalar dicts to CLU (when available) and to <workdir>/metrics.jsonl."""
 
-  def __init__(self, workdir: str, tensorboard: bool):
+  def __init__(self, workdir: storage.PathLike, tensorboard: bool):
     self.is_main = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    directory = storage.path(workdir)
+    self.path = directory / METRICS_FILE
     self.clu = None
     if self.is_main and tensorboard:
       try:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        self.clu = metric_writers.create_default_writer(workdir, asynchronous=False)
+        self.clu = metric_writers.create_default_writer(os.fspath(directory),
+                                                        asynchronous=False)
       except ImportError as e:
         logging.warning("TensorBoard summaries off (%s); writing %s only.", e, self.path)
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
+      directory.mkdir(parents=True, exist_ok=True)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes scalars at `step` (process 0 only)."""
@@ -48,8 +56,7 @@ class Writer:
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     if self.clu is not None:
       self.clu.write_scalars(step, values)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": int(step), **values}) + "\n")
+    storage.append_text(self.path, json.dumps({"step": int(step), **values}) + "\n")
 
   def close(self) -> None:
     """Flushes and closes the CLU writers."""
@@ -58,13 +65,13 @@ class Writer:
       self.clu.close()
 
 
-def read_metrics(workdir: str) -> list[Dict[str, float]]:
-  """All records of <workdir>/metrics.jsonl, in write order."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+def read_metrics(workdir: storage.PathLike) -> list[Dict[str, float]]:
+  """All records of <workdir>/metrics.jsonl (a local folder or URL), in write order."""
+  path = storage.path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+          if line.strip()]
 
 
 class Progress:
