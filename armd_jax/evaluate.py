@@ -23,17 +23,19 @@ the usual protocol); the evaluator is named in the output.
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, List, Optional
 
 from absl import app, flags, logging
+
+from armd_jax import storage
 
 
 
 def define_flags() -> None:
   """Defines the command's flags (only when run as a command: importing stays side-effect
   free, so this module can be used as a library next to the other commands)."""
-  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints (a folder or a URL "
+                      "such as gs://BUCKET/RUN).")
   flags.DEFINE_string("order", None, "Evaluation order (default: left_to_right for "
                       "ar/armd, elbo for mdlm).")
   flags.DEFINE_integer("streams", 1, "S for --order=strided.")
@@ -56,7 +58,7 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_integer("seed", 0, "Seed for random orders, ELBO draws and samples.")
   flags.DEFINE_bool("use_ema", True, "Use EMA parameters when present.")
-  flags.DEFINE_string("output", None, "Write all results to this JSON file.")
+  flags.DEFINE_string("output", None, "Write all results to this JSON file (path or URL).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -176,10 +178,8 @@ def main(argv):
         evaluator=f.evaluator, temperature=f.temperature, seed=f.seed, use_ema=f.use_ema)
   except (FileNotFoundError, ValueError, ImportError) as e:
     raise SystemExit(f"error: {e}") from None
-  if f.output:
-    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
-    with open(f.output, "w", encoding="utf-8") as out:
-      json.dump(results, out, indent=2)
+  if f.output:  # a local file or URL, like the workdir
+    storage.write_atomic(f.output, json.dumps(results, indent=2))
     print(f"wrote {f.output}", flush=True)
 
 

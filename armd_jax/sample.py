@@ -30,7 +30,8 @@ from typing import List, Optional
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.",
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints (a "
+                               "folder or a URL such as gs://BUCKET/RUN).",
                                allow_override=True)  # main.py defines it too
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Number of samples (batch size).")
 _LENGTH = flags.DEFINE_integer("length", 256, "Tokens per sample (<= model max_len).")

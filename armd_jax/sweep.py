@@ -27,7 +27,8 @@ Launchers:
   e.g. the zone or cluster), with `--workdir=ROOT/<name>` and the point's overrides as
   `--config.*` flags. ROOT must then be storage the workers share (e.g. gs://...); when
   it is also readable here, `--summarize` rebuilds the summary from the workdirs.
-`--dry_run` prints every command and trains nothing.
+`--dry_run` prints every command and trains nothing. ROOT may be a local folder or a URL
+(`armd_jax.storage`); the summary files are written next to the workdirs either way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List, Mapping, Sequence
+
+from armd_jax import storage
 
 LAUNCHERS = ("local", "tpu_vm", "xpk", "slurm")
 SCRIPTS = {"tpu_vm": "launch/tpu_vm.sh", "xpk": "launch/xpk.sh",
@@ -109,7 +113,7 @@ def point_commands(launcher: str, config_file: str, root: str, points, cli_overr
   """The command that trains each point (local: the equivalent `armd_jax.main` call)."""
   commands = []
   for i, point in enumerate(points):
-    workdir = os.path.join(root, point_name(point))
+    workdir = point_workdir(root, point)
     flags = [f"--config={config_file}", f"--workdir={workdir}", *cli_overrides,
              *override_flags(point)]
     if launcher == "local":
@@ -125,21 +129,28 @@ def point_commands(launcher: str, config_file: str, root: str, points, cli_overr
   return commands
 
 
+def point_workdir(root: str, point: Mapping[str, Any]) -> str:
+  """ROOT/<point name> as text (for command lines: no storage client is needed here)."""
+  name = point_name(point)
+  if storage.is_local(root):
+    return os.path.join(root, name)
+  return f"{root.rstrip('/')}/{name}"
+
+
 def run_local(config, root: str, points) -> None:
   """Trains each unfinished point in turn in this process; writes its final metrics."""
   from armd_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   for i, point in enumerate(points):
     name = point_name(point)
-    workdir = os.path.join(root, name)
-    if os.path.exists(os.path.join(workdir, DONE_FILE)):
+    workdir = storage.path(root) / name
+    if (workdir / DONE_FILE).exists():
       print(f"[sweep {i + 1}/{len(points)}] {name}: finished, skipped", flush=True)
       continue
     print(f"[sweep {i + 1}/{len(points)}] {name}: training in {workdir}", flush=True)
-    final = train_and_evaluate(apply_overrides(config, point), workdir)
-    tmp = os.path.join(workdir, DONE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"overrides": point, "metrics": final}, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, DONE_FILE))  # atomic: a point is done or not
+    final = train_and_evaluate(apply_overrides(config, point), os.fspath(workdir))
+    # Atomic (a renamed local file, or one object): a point is done or not.
+    storage.write_atomic(workdir / DONE_FILE,
+                         json.dumps({"overrides": point, "metrics": final}, indent=1))
 
 
 def summarize(root: str, points) -> str:
@@ -149,12 +160,11 @@ def summarize(root: str, points) -> str:
   rows, curves = [], {}
   for point in points:
     name = point_name(point)
-    workdir = os.path.join(root, name)
-    done = os.path.join(workdir, DONE_FILE)
+    workdir = storage.path(root) / name
+    done = workdir / DONE_FILE
     metrics = {}
-    if os.path.exists(done):
-      with open(done, encoding="utf-8") as f:
-        metrics = json.load(f)["metrics"]
+    if done.exists():
+      metrics = json.loads(done.read_text(encoding="utf-8"))["metrics"]
     records = read_metrics(workdir)
     curves[name] = [(r["step"], r["eval/nll"]) for r in records if "eval/nll" in r]
     steps = [r["step"] for r in records]
@@ -169,17 +179,16 @@ def summarize(root: str, points) -> str:
                for m in SUMMARY_METRICS]
     lines.append("| " + " | ".join(values) + " |")
   table = "\n".join(lines) + "\n"
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(table)
-  with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1)
-  plot_curves(curves, os.path.join(root, "val_curves.png"))
+  directory = storage.path(root)
+  storage.write_atomic(directory / "summary.md", table)
+  storage.write_atomic(directory / "summary.json", json.dumps(rows, indent=1))
+  plot_curves(curves, directory / "val_curves.png")
   return table
 
 
-def plot_curves(curves: Mapping[str, Sequence[Any]], path: str) -> bool:
-  """Held-out NLL against step, one line per point; False (and a note) without matplotlib."""
+def plot_curves(curves: Mapping[str, Sequence[Any]], path: storage.PathLike) -> bool:
+  """Held-out NLL against step, one line per point, saved to `path` (a local file or URL);
+  False (and a note) without matplotlib."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -197,7 +206,10 @@ def plot_curves(curves: Mapping[str, Sequence[Any]], path: str) -> bool:
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files
+    local = os.path.join(tmp, "val_curves.png")
+    fig.savefig(local, dpi=110)
+    storage.upload(local, path)
   plt.close(fig)
   return True
 
@@ -235,7 +247,7 @@ def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file that defines sweep().")
-  flags.DEFINE_string("root", None, "Directory holding one workdir per point.")
+  flags.DEFINE_string("root", None, "Directory or URL (gs://...) holding one workdir per point.")
   flags.DEFINE_enum("launcher", "local", LAUNCHERS, "Where the points run.")
   flags.DEFINE_string("launcher_args", "", "Arguments for the launch script (quoted).")
   flags.DEFINE_bool("dry_run", False, "Print the commands; train nothing.")

@@ -178,3 +178,23 @@ def test_other_processes_wait_for_the_vocab_and_token_cache_in_the_bucket(
   np.testing.assert_array_equal(third.train_examples.tokens, writer.train_examples.tokens)
   assert os.listdir(tmp_path / "third_host" / "gs") == [gcs_bucket[len("gs://"):]]
   assert os.listdir(in_tmp_cwd) == []
+
+
+def test_a_sweep_root_in_a_bucket_gets_its_summary_and_launch_commands_keep_the_url(
+    gcs_bucket, in_tmp_cwd):
+  from armd_jax import sweep  # pylint: disable=import-outside-toplevel
+  root = f"{gcs_bucket}/sweep"
+  points = [{"order.rho": 2}, {"order.rho": 4}]
+  finished = storage.path(root) / sweep.point_name(points[0])
+  writer = observe.Writer(finished, tensorboard=False)
+  writer.write(2, {"train/loss": 3.0, "eval/nll": 2.5})
+  storage.write_atomic(finished / sweep.DONE_FILE,
+                       '{"overrides": {"order.rho": 2}, "metrics": {"eval/nll": 2.5}}')
+  table = sweep.summarize(root, points)
+  assert "2.5000" in table and "0 (unfinished)" in table
+  names = sorted(p.name for p in storage.path(root).iterdir())
+  assert names[-3:] == ["summary.json", "summary.md", "val_curves.png"]
+  assert (storage.path(root) / "summary.md").read_text() == table
+  commands = sweep.point_commands("xpk", "configs/tiny.py", root, points, [], [], True)
+  assert f"--workdir={root}/order.rho=4" in commands[1]
+  assert os.listdir(in_tmp_cwd) == []

@@ -40,7 +40,8 @@ class Trained:
 
 def load_trained(workdir: str, use_ema: bool = True, step: Optional[int] = None,
                  with_vocab: bool = True) -> Trained:
-  """Restores the latest (or `step`) checkpoint of a training workdir.
+  """Restores the latest (or `step`) checkpoint of a training workdir (a local folder or
+  a URL such as gs://BUCKET/RUN: `armd_jax.storage`).
 
   Raises:
     FileNotFoundError: `workdir` has no config.json or no finished checkpoint.
