@@ -12,6 +12,10 @@ sequential. Needs accelerators.
 Mesh: target slice TPU v5e-64 (64 chips): FSDP over every chip, mesh (data 1, fsdp 64,
 tensor 1) with the 'fsdp' rule table (parameters, Adam moments and EMA split over
 'fsdp'); the same `(1, -1, 1)` takes any device count dividing the batch of 512.
+On N slices (`launch/xpk.sh --num_slices=N`) that is the mesh inside each slice, and
+`mesh.dcn_shape` (-1, 1, 1) puts the slices on 'data' over the data-centre network:
+mesh (N, 64, 1) on v5e-64s, parameters gathered only inside a slice, one gradient
+all-reduce per step across slices.
 
 Command:
   python -m armd_jax.main --config=configs/owt_small.py --workdir=$WORKDIR
@@ -58,6 +62,7 @@ def get_config():
 
   c.mesh.shape = (1, -1, 1)  # v5e-64: FSDP over all 64 chips (data, fsdp, tensor)
   c.mesh.rule_table = "fsdp"  # weights split over 'fsdp', batch over data x fsdp
+  c.mesh.dcn_shape = (-1, 1, 1)  # several slices: data parallel across them (DCN)
 
   c.eval.num_batches = 100  # 100 x 512 x 1024 held-out tokens
 
