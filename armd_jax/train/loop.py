@@ -76,7 +76,8 @@ def _train(config: ml_collections.ConfigDict, settings: Settings,
 
   manager = checkpoints.make_manager(workdir, settings.checkpoint.max_to_keep,
                                      settings.checkpoint.async_save)
-  state = resume_or_init(manager, init, abstract, datasets.train_iter, settings, workdir)
+  state = resume_or_init(manager, init, abstract, datasets.train_iter, settings, workdir,
+                         config)
   checkpoints.save_config(config, workdir)
   start = int(state.step)
   if jax.process_index() == 0:
@@ -141,21 +142,22 @@ def fill_vocab_size(config: ml_collections.ConfigDict, data_vocab_size: int) -> 
                      f"data vocabulary ({data_vocab_size} ids); leave it None to fill it.")
 
 
-def resume_or_init(manager, init, abstract, train_iter, settings: Settings,
-                   workdir: str) -> state_lib.TrainState:
-  """Resume order: the workdir's newest checkpoint that restores (damaged ones are
-  reported and moved aside), else `init_from`, else scratch."""
-
-  def restore(step):
-    state = checkpoints.restore(manager, step, abstract, train_iter)
-    logging.info("Resumed from %s at step %d.", checkpoints.checkpoint_dir(workdir), step)
-    print(f"resuming from step {step}", flush=True)
-    return state
-
+def resume_or_init(manager, init, abstract, train_iter, settings: Settings, workdir: str,
+                   config: ml_collections.ConfigDict) -> state_lib.TrainState:
+  """Resume order: the workdir's newest checkpoint that restores, else `init_from`, else
+  scratch. Process 0 decides and every process obeys (`checkpoints.restore_newest_good`):
+  a checkpoint of another model (`config`, with vocab_size filled, vs config.json) is a
+  ValueError that moves nothing; damaged ones are reported and moved aside; one saved by
+  another process count restores the state and restarts the data iterator with a
+  warning."""
   log = print if jax.process_index() == 0 else logging.warning
-  restored = checkpoints.restore_newest_good(manager, workdir, restore, log)
+  restored = checkpoints.restore_newest_good(manager, workdir, config, abstract, train_iter,
+                                             log)
   if restored is not None:
-    return restored
+    logging.info("Resumed from %s at step %d.", checkpoints.checkpoint_dir(workdir),
+                 restored.step)
+    print(f"resuming from step {restored.step}", flush=True)
+    return restored.state
   state = init()
   source = settings.checkpoint.init_from
   if source:
