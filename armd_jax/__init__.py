@@ -13,10 +13,19 @@ Public API:
 Importing this package never imports TensorFlow or seqio.
 """
 
-from armd_jax import kernels, losses, orders, sampling
+import importlib
+
+from armd_jax import kernels, losses, orders
 from armd_jax.models import AR, ARMD, MDLM, ModelConfig, build_model
 
 __version__ = "0.1.0"
 
 __all__ = ["AR", "ARMD", "MDLM", "ModelConfig", "build_model", "kernels", "losses", "orders",
            "sampling", "__version__"]
+
+
+def __getattr__(name):  # `armd_jax.sampling` on first use: the models never import it
+  if name == "sampling":
+    return importlib.import_module("armd_jax.sampling")
+  raise AttributeError(f"module 'armd_jax' has no attribute {name!r}")
+

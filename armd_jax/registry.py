@@ -44,8 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from armd_jax import losses, orders
-from armd_jax.models import ar as ar_lib
-from armd_jax.models import armd as armd_lib
+from armd_jax.models import MODEL_KINDS, build_model
 from armd_jax.models import mdlm as mdlm_lib
 
 Batch = Dict[str, jax.Array]
@@ -290,8 +289,8 @@ class ModelKind:
   """Everything kind-specific about one network of the family.
 
   Attributes:
-    name: `config.model.kind`.
-    module: the Flax module class, built as `module(model_config)`.
+    name: `config.model.kind` (one of `armd_jax.models.MODEL_KINDS`; the module it names
+      is built by `armd_jax.models.build_model`).
     loss: `loss(model, params, batch, rng, step, order, deterministic) -> (loss, metrics)`.
     validation: `validation(model, params, batch, rng) -> sums` ('nll_sum',
       'correct_sum', 'num_tokens', 'num_scored': the tokens whose argmax is counted).
@@ -306,7 +305,6 @@ class ModelKind:
   """
 
   name: str
-  module: Callable[..., Any]
   loss: Callable[..., Any]
   validation: Callable[..., Dict[str, jax.Array]]
   sequence_nll: Callable[..., jax.Array]
@@ -332,20 +330,20 @@ class ModelKind:
 
 
 KINDS: Dict[str, ModelKind] = {k.name: k for k in (
-    ModelKind("armd", armd_lib.ARMD, _ordered_loss, _ordered_validation,
+    ModelKind("armd", _ordered_loss, _ordered_validation,
               _ordered_sequence_nll, _armd_generate,
               eval_orders=("left_to_right", "strided", "random", "masked_diffusion"),
               uses_config_order=True, exact_scorer=True,
               validation_label="left-to-right, exact"),
-    ModelKind("ar", ar_lib.AR, _ar_loss, _ordered_validation, _ordered_sequence_nll,
+    ModelKind("ar", _ar_loss, _ordered_validation, _ordered_sequence_nll,
               _ar_generate, eval_orders=("left_to_right",), uses_config_order=False,
               exact_scorer=True, validation_label="left-to-right, exact",
               parallel_streams=False),
-    ModelKind("mdlm", mdlm_lib.MDLM, _mdlm_loss, _mdlm_validation, _mdlm_sequence_nll,
+    ModelKind("mdlm", _mdlm_loss, _mdlm_validation, _mdlm_sequence_nll,
               _mdlm_generate, eval_orders=("elbo",), uses_config_order=False,
               exact_scorer=False, validation_label="ELBO, an upper bound"),
 )}
-MODEL_KINDS = tuple(KINDS)
+assert tuple(KINDS) == MODEL_KINDS, "one ModelKind row per armd_jax.models.MODEL_KINDS name"
 
 
 def get_kind(name: str) -> ModelKind:
@@ -353,11 +351,6 @@ def get_kind(name: str) -> ModelKind:
   if name not in KINDS:
     raise ValueError(f"unknown model kind {name!r}; expected one of {list(KINDS)}.")
   return KINDS[name]
-
-
-def build_model(config) -> Any:
-  """The Flax module of `config.kind` (a `ModelConfig`), built from `KINDS`."""
-  return get_kind(config.kind).module(config)
 
 
 def kind_of(model) -> ModelKind:

@@ -28,12 +28,24 @@ def _init(kind, length=8):
                                          orders.left_to_right(1, length)))
 
 
-def test_every_kind_is_built_from_the_registry_and_unknown_kinds_name_the_known_ones():
+def test_every_kind_has_one_module_and_one_registry_row_and_unknown_kinds_name_the_known_ones():
+  assert tuple(registry.KINDS) == armd_jax.models.MODEL_KINDS == tuple(armd_jax.models.MODULES)
   for name, spec in registry.KINDS.items():
-    assert isinstance(armd_jax.build_model(tiny_config(kind=name)), spec.module)
+    assert isinstance(armd_jax.build_model(tiny_config(kind=name)), armd_jax.models.MODULES[name])
     assert spec.eval_orders and all(o in registry.EVAL_ORDERS for o in spec.eval_orders)
   with pytest.raises(ValueError, match=r"'armd', 'ar', 'mdlm'"):
     tiny_config(kind="gpt")
+
+
+def test_importing_the_models_imports_no_registry_sampler_trainer_or_data_layer():
+  """Models sit at the bottom of the import graph: no circle can run through them."""
+  code = ("import sys, armd_jax.models; "
+          "print(sorted(m for m in sys.modules if m.split('.')[:2] in ("
+          "['armd_jax', 'registry'], ['armd_jax', 'sampling'], ['armd_jax', 'train'], "
+          "['armd_jax', 'data'])))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_training_and_evaluation_validate_orders_against_the_one_order_registry():

@@ -20,20 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
-                                    start_embedding, token_embedding, vocab_logits)
-
-
-def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
-  """Validates a [batch, length] integer token array against the config; int32."""
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer [batch, length] array, got "
-                     f"{tokens.dtype}{list(tokens.shape)}.")
-  if tokens.shape[1] > config.max_len:
-    raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_len="
-                     f"{config.max_len}.")
-  return tokens.astype(jnp.int32)
+from armd_jax.models.layers import (ACTIVATION, Block, check_tokens, layer_norm,
+                                    output_head, start_embedding, token_embedding, vocab_logits)
 
 
 def check_left_to_right(block_ids, shape) -> None:

@@ -8,6 +8,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+# The networks of the family (`armd_jax.models.build_model`); `armd_jax.registry.KINDS`
+# holds what each kind trains, scores and samples with, one row per name here.
+MODEL_KINDS = ("armd", "ar", "mdlm")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 PREFIX_AGGREGATIONS = ("auto", "dense", "chunked")
 QUERY_INITS = ("prefix", "prefix_plus_position")
@@ -112,9 +115,8 @@ class ModelConfig:
                        f"be in [0, num_layers={self.num_layers}].")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
-    from armd_jax.registry import KINDS  # pylint: disable=import-outside-toplevel
-    if self.kind not in KINDS:
-      raise ValueError(f"ModelConfig.kind must be one of {tuple(KINDS)}, got {self.kind!r}.")
+    if self.kind not in MODEL_KINDS:
+      raise ValueError(f"ModelConfig.kind must be one of {MODEL_KINDS}, got {self.kind!r}.")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {self.attention!r}.")

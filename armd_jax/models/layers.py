@@ -44,6 +44,18 @@ class _LogicallyPartitionedKernel(nn.LogicallyPartitioned):
     return super().unbox(apply_constraint)
 
 
+def check_tokens(config: ModelConfig, tokens: jax.Array) -> jax.Array:
+  """Validates a [batch, length] integer token array against the config; int32."""
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer [batch, length] array, got "
+                     f"{tokens.dtype}{list(tokens.shape)}.")
+  if tokens.shape[1] > config.max_len:
+    raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_len="
+                     f"{config.max_len}.")
+  return tokens.astype(jnp.int32)
+
+
 def dense_init(*axes: str):
   """Xavier-uniform kernel init annotated with logical axis names."""
   init = nn.initializers.xavier_uniform()

@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from armd_jax.losses import token_log_probs
-from armd_jax.models.ar import check_tokens
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import (ACTIVATION, Block, layer_norm, output_head,
-                                    token_embedding, vocab_logits)
+from armd_jax.models.layers import (ACTIVATION, Block, check_tokens, layer_norm,
+                                    output_head, token_embedding, vocab_logits)
 
 # t is drawn from [T_MIN, 1]: the 1/t weight stays finite and the truncated mass is
 # negligible (a token is masked with probability < T_MIN below it).
