@@ -45,4 +45,5 @@ def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_training_resume
   assert os.path.isdir(os.path.join(workdir, checkpoints.DAMAGED_DIR, "20"))
   assert sorted(os.listdir(directory)) == ["10", "20", "30"]  # 20 rewritten by the rerun
   assert out["eval/num_tokens"] > 0
-  assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # released
+  from armd_jax.train import lock  # pylint: disable=g-import-not-at-top
+  assert not lock.lock_path(workdir).exists()  # released
