@@ -4,7 +4,12 @@ Shapes are tiny and tiles are 8 or 16 rows: the interpreter runs every grid step
 CPU, and several tiles per axis are needed for padding and skipping to be exercised.
 """
 
+import importlib.util
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import pytest
 import armd_jax
 from armd_jax import kernels, orders
 from armd_jax.kernels import BlockSizes, block_causal_attention_reference, live_tiles, tile_plan
+from armd_jax.kernels import flash
 from armd_jax.kernels.flash import (block_causal_flash_attention, key_tile_ranges,
                                     query_tile_ranges)
 from armd_jax.losses import token_log_probs
@@ -381,3 +387,87 @@ def test_bad_block_sizes_and_shapes_raise_clear_errors():
     tiny_config(pallas_block_q=12, pallas_block_kv=16)
   with pytest.raises(ValueError, match="set together"):
     tiny_config(pallas_block_q=0, pallas_block_kv=64)
+
+
+# -- cost estimates: XLA's totals (and the compile reports' roofline) count the kernels --
+
+# ARMD's two streams at N = 511: content rows 0..511, query rows 0..510, keys 0..511; with
+# 128-row tiles each stream is 4 query tiles against 4 key tiles, a lower triangle each.
+COST_N, COST_B, COST_H, COST_D = 511, 2, 2, 128
+COST_TILES = 2 * (4 * 5 // 2)  # per (batch row, head), for every one of the three kernels
+
+
+def _two_stream_grad(q, k, v, q_ids, kv_ids):
+  def loss(q, k, v):
+    out = block_causal_flash_attention(q, k, v, q_ids, kv_ids, backend="tpu",
+                                       q_segments=(COST_N + 1, COST_N))
+    return out.astype(jnp.float32).sum()
+  return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _two_stream_args(sharding=None):
+  q = jax.ShapeDtypeStruct((COST_B, 2 * COST_N + 1, COST_H, COST_D), jnp.bfloat16,
+                           sharding=sharding)
+  kv = jax.ShapeDtypeStruct((COST_B, COST_N + 1, COST_H, COST_D), jnp.bfloat16,
+                            sharding=sharding)
+  ids = lambda n: jax.ShapeDtypeStruct((COST_B, n), jnp.int32, sharding=sharding)  # noqa: E731
+  return q, kv, kv, ids(2 * COST_N + 1), ids(COST_N + 1)
+
+
+def test_visited_tiles_of_one_token_blocks_are_what_the_kernel_computes():
+  """The tiles a cost estimate counts for its typical ids (one token per block) are the
+  tiles `tile_plan` computes for ARMD's left-to-right order: two lower triangles."""
+  q_ids, kv_ids = flash.typical_ids((COST_N + 1, COST_N), 128, COST_N + 1, 1024, 512)
+  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "kv") == COST_TILES
+  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "q") == COST_TILES
+  ids = orders.left_to_right(1, COST_N)
+  content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)
+  both = jnp.concatenate([flash._pad_axis(content, 1, 128, flash._Q_PAD_ID), ids - 1], axis=1)
+  computed, _ = tile_plan(both, content, BlockSizes(128, 128))
+  assert int(computed.sum()) == COST_TILES
+  # per_tile counts the live tiles, the same here; one unsorted run makes every tile live
+  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "kv", "per_tile") == COST_TILES
+
+
+def test_every_tpu_kernel_carries_a_cost_estimate_of_its_visited_tiles():
+  """Forward, dq and dk/dv Mosaic calls declare 4, 6 and 8 x bq x bk x D FLOPs per
+  visited tile, one exp per score, and their streamed tiles' bytes."""
+  module = jax.export.export(jax.jit(_two_stream_grad), platforms=["tpu"])(
+      *_two_stream_args()).mlir_module()
+  found = [(int(f), int(t), int(b)) for b, f, t in re.findall(
+      r"bytes_accessed\\22:(\d+),\\0A\\22flops\\22:(\d+),.*?transcendentals\\22:(\d+)", module)]
+  per_tile = 128 * 128 * COST_D * COST_TILES * COST_B * COST_H
+  assert [f for f, _, _ in found] == [4 * per_tile, 6 * per_tile, 8 * per_tile]
+  exps = 128 * 128 * COST_TILES * COST_B * COST_H
+  assert found[0][1] == exps + 128 * COST_TILES * COST_B * COST_H  # + one rescale per row
+  assert [t for _, t, _ in found[1:]] == [exps, exps]
+  kv_tile_bytes = COST_TILES * COST_B * COST_H * 128 * (2 * COST_D * 2 + 4)
+  assert found[0][2] > kv_tile_bytes and found[1][2] > kv_tile_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu])")
+def test_xla_cost_analysis_of_a_tpu_compile_counts_the_visited_tiles():
+  """Compiled for a TPU chip on this host, the forward and backward kernels' FLOPs in
+  XLA's cost analysis are within 10% of 18 x bq x bk x D per visited tile (the rest of
+  the program is the tile tables, transposes and one einsum)."""
+  code = textwrap.dedent(f"""
+      import jax, sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      from jax.experimental import topologies
+      from jax.sharding import SingleDeviceSharding
+      import test_kernels as t
+      jax.config.update("jax_default_matmul_precision", None)  # conftest's 'highest': fp32 dots
+      device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+      cost = jax.jit(t._two_stream_grad).lower(
+          *t._two_stream_args(SingleDeviceSharding(device))).compile().cost_analysis()
+      print("FLOPS", cost["flops"])
+  """)
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+                                         "JAX_PLATFORMS": ""})
+  found = re.findall(r"FLOPS ([\d.e+]+)", run.stdout)
+  assert run.returncode == 0 and found, run.stdout[-2000:] + run.stderr[-3000:]
+  analytic = 18 * 128 * 128 * COST_D * COST_TILES * COST_B * COST_H
+  assert abs(float(found[0]) - analytic) <= 0.1 * analytic, (found[0], analytic)

@@ -115,13 +115,20 @@ _DEFAULT_PAD = 128  # what inputs are padded to when the tiles are chosen per pl
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """Static (hashable) settings of one kernel call (block_sizes None: per platform)."""
+  """Static (hashable) settings of one kernel call (block_sizes None: per platform).
+
+  q_segments, q_multiple, kv_len: the unpadded query runs, the tile multiple each run was
+  padded to, and the unpadded key count (for the cost estimates; None: one unpadded run).
+  """
 
   block_sizes: BlockSizes | None
   backend: str
   interpret: bool
   sm_scale: float
   schedule: str
+  q_segments: Tuple[int, ...] | None = None
+  q_multiple: int = 1
+  kv_len: int | None = None
 
 
 # -- tile ranges, in XLA (tiny: [B, nq, nk] booleans at most) ------------------------
@@ -243,6 +250,108 @@ def tile_plan(q_ids: jax.Array, kv_ids: jax.Array,
   j = jnp.arange(kv_ids.shape[1] // bk)
   lo, full_end, hi = (ranges[..., n:n + 1] for n in range(3))
   return (j >= lo) & (j < hi), (j >= full_end) & (j < hi)
+
+
+# -- cost estimates (static: XLA's cost analysis and the roofline count the kernels) ---
+
+
+def typical_ids(q_segments: Sequence[int], q_multiple: int, kv_len: int, nq_len: int,
+                nk_len: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The ids a cost estimate assumes: tokens in generation order, one token per block.
+
+  Each query run of length L gets ids 0..L-1 and the keys 0..kv_len-1 (ARMD's content
+  rows 0..N, query rows 0..N-1 and keys 0..N: its left-to-right order), padded as the
+  call pads them. Larger blocks make more tiles live; this is the fewest a sorted layout
+  visits, and what the kernel's tile ranges are tight for.
+
+  Returns:
+    (q ids [1, nq_len], kv ids [1, nk_len]) int32 numpy arrays.
+
+  Raises:
+    ValueError: the padded runs do not add up to nq_len, or kv_len exceeds nk_len.
+  """
+  parts = []
+  for length in q_segments:
+    parts += [np.arange(length), np.full(-length % q_multiple, _Q_PAD_ID)]
+  q_ids = np.concatenate(parts).astype(np.int32)
+  if q_ids.size != nq_len or kv_len > nk_len:
+    raise ValueError(f"typical_ids: query runs {tuple(q_segments)} padded to multiples of "
+                     f"{q_multiple} give {q_ids.size} rows, not {nq_len} (or kv_len {kv_len} "
+                     f"> {nk_len}).")
+  kv_ids = np.concatenate([np.arange(kv_len), np.full(nk_len - kv_len, _KV_PAD_ID)])
+  return q_ids[None], kv_ids.astype(np.int32)[None]
+
+
+def visited_tiles(q_ids, kv_ids, block_q: int, block_kv: int, loop: str,
+                  schedule: str = "ranges") -> int:
+  """(query tile, key tile) pairs one kernel computes, summed over the batch rows.
+
+  Uses the kernels' own tile logic: 'ranges' visits [lo, hi) of `query_tile_ranges` per
+  query tile (loop 'kv': forward and dq) or the two runs of `key_tile_ranges` per key tile
+  (loop 'q': dk/dv); 'per_tile' computes the live tiles of `tile_visibility`.
+
+  Args:
+    q_ids: [B, Nq], kv_ids: [B, Nk] concrete int ids, padded to the tiles.
+    loop: 'kv' or 'q', the axis the kernel loops over.
+  """
+  if loop not in ("kv", "q"):
+    raise ValueError(f"visited_tiles: loop must be 'kv' or 'q', got {loop!r}.")
+  with jax.ensure_compile_time_eval():
+    q_ids, kv_ids = jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+    if schedule == "per_tile":
+      return int(np.asarray(tile_visibility(q_ids, kv_ids, block_q, block_kv)[0]).sum())
+    if loop == "kv":
+      r = np.asarray(query_tile_ranges(q_ids, kv_ids, block_q, block_kv))
+      return int((r[..., 2] - r[..., 0]).sum())
+    r = np.asarray(key_tile_ranges(q_ids, kv_ids, block_q, block_kv))
+    return int((r[..., 2] - r[..., 0] + r[..., 5] - r[..., 3]).sum())
+
+
+# FLOPs per (query row, key row, head dim) of one computed tile: QK^T and PV (forward);
+# QK^T, dO V^T and dS K (dq); QK^T, dO V^T, dS^T Q and P^T dO (dk/dv). 2 per multiply-add.
+_FLOPS_PER_ENTRY = {"fwd": 4, "dq": 6, "dkv": 8}
+
+
+def cost_estimate(opts: _Options, kernel: str, batch: int, heads: int, nq_len: int,
+                  nk_len: int, head_dim: int, block_q: int, block_kv: int,
+                  itemsize: int) -> pl.CostEstimate:
+  """`pl.CostEstimate` of one kernel launch ('fwd', 'dq' or 'dkv') over its visited tiles.
+
+  Tiles are counted with `visited_tiles` on `typical_ids` (the ids are traced, the
+  estimate must be static). FLOPs: 4, 6 or 8 x block_q x block_kv x head_dim per tile
+  (`_FLOPS_PER_ENTRY`); transcendentals: one exp per score (and per row rescale). Bytes:
+  the streamed operand's tiles (K, V and key ids; Q, dO and row statistics for dk/dv)
+  once per visited tile, the resident ones (and the outputs) once; the 'per_tile'
+  schedule loads the whole streamed row once per program instead.
+
+  Args:
+    opts: the call's options (schedule and row layout).
+    batch, heads, nq_len, nk_len, head_dim: the padded shapes the launch sees.
+    block_q, block_kv: the launch's tiles; itemsize: bytes of a q element.
+  """
+  if kernel not in _FLOPS_PER_ENTRY:
+    raise ValueError(f"cost_estimate: kernel must be one of {tuple(_FLOPS_PER_ENTRY)}, "
+                     f"got {kernel!r}.")
+  segments = opts.q_segments or (nq_len,)
+  q_ids, kv_ids = typical_ids(segments, opts.q_multiple if opts.q_segments else 1,
+                              nk_len if opts.kv_len is None else opts.kv_len, nq_len, nk_len)
+  loop = "q" if kernel == "dkv" else "kv"
+  tiles = visited_tiles(q_ids, kv_ids, block_q, block_kv, loop, opts.schedule) * batch * heads
+  per_tile = opts.schedule == "per_tile"
+  row = head_dim * itemsize  # bytes of one q/k/v row of one head
+  if kernel == "dkv":  # resident: k, v, dk, dv, key ids; streamed: q, dO, lse, delta, ids
+    resident = nk_len * (4 * row + 4)
+    streamed_tile, streamed_row = block_q * (2 * row + 12), nq_len * (2 * row + 12)
+    programs = nk_len // block_kv
+  else:  # resident: q, out (fwd: + lse; dq: + dO, lse, delta) and query ids
+    resident = nq_len * ((2 * row + 8) if kernel == "fwd" else (3 * row + 12))
+    streamed_tile, streamed_row = block_kv * (2 * row + 4), nk_len * (2 * row + 4)
+    programs = nq_len // block_q
+  streamed = (programs * streamed_row * batch * heads if per_tile else tiles * streamed_tile)
+  exps = tiles * block_q * (block_kv + (1 if kernel == "fwd" else 0))
+  return pl.CostEstimate(
+      flops=int(_FLOPS_PER_ENTRY[kernel] * block_q * block_kv * head_dim * tiles),
+      transcendentals=int(exps), bytes_accessed=int(resident * batch * heads + streamed))
 
 
 # -- the tile math, shared by every kernel ---------------------------------------------
@@ -464,12 +573,13 @@ def _gpu_tiles(opts: _Options, q: jax.Array) -> Tuple[Tuple[int, int], Tuple[int
 
 
 def _gpu_call(kernel, grid, in_specs, out_specs, out_shapes, operands, head_dim, interpret,
-              name, num_stages=2):
+              name, num_stages=2, cost=None):
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
   operands = _same_varying_axes(*operands)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=_out_shapes(operands[1], out_shapes), interpret=interpret, name=name,
+      cost_estimate=cost,
       compiler_params=pltr.CompilerParams(num_warps=_num_warps(head_dim),
                                           num_stages=num_stages))(*operands)
 
@@ -494,7 +604,8 @@ def _gpu_forward(opts: _Options, q, k, v, q_ids, kv_ids):
   kernel = functools.partial(_gpu_forward_kernel, scale=opts.sm_scale, block_kv=bk)
   out, lse = _gpu_call(kernel, (nq_len // bq, b, h), in_specs, out_specs, out_shapes,
                        (ranges, q, k, v, qid3, kvid4), d, opts.interpret, "block_causal_fwd",
-                       stages)
+                       stages, cost_estimate(opts, "fwd", b, h, nq_len, nk_len, d, bq, bk,
+                                             q.dtype.itemsize))
   return out, lse.reshape(b, h, nq_len)
 
 
@@ -517,7 +628,8 @@ def _gpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
        q_tile, stat_tile, stat_tile],
       [q_tile], [jax.ShapeDtypeStruct(q.shape, q.dtype)],
       (ranges, q, k, v, qid3, kvid4, do, _stat_rows(lse, bq), _stat_rows(delta, bq)), d,
-      opts.interpret, "block_causal_dq", stages)[0]
+      opts.interpret, "block_causal_dq", stages,
+      cost_estimate(opts, "dq", b, h, nq_len, nk_len, d, bq, bk, q.dtype.itemsize))[0]
 
   ranges = key_tile_ranges(q_ids, kv_ids, bq2, bk2)
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk2)
@@ -535,7 +647,8 @@ def _gpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
       [kv_tile, kv_tile],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       (ranges, q, k, v, qid3, kvid4, do, _stat_rows(lse, bq2), _stat_rows(delta, bq2)), d,
-      opts.interpret, "block_causal_dkv", stages)
+      opts.interpret, "block_causal_dkv", stages,
+      cost_estimate(opts, "dkv", b, h, nq_len, nk_len, d, bq2, bk2, q.dtype.itemsize))
   return dq, dk, dv
 
 
@@ -648,7 +761,7 @@ def _tpu_dkv_kernel(r_ref, q_ref, k_ref, v_ref, qid_ref, kvid_ref, do_ref, lse_r
 
 
 def _tpu_call(kernel, grid, in_specs, out_specs, out_shapes, scratch, ranges, operands,
-              interpret, name):
+              interpret, name, cost=None):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   ranges, *operands = _same_varying_axes(ranges.reshape(-1), *operands)
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -656,7 +769,7 @@ def _tpu_call(kernel, grid, in_specs, out_specs, out_shapes, scratch, ranges, op
       scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch])
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=_out_shapes(operands[0], out_shapes),
-      interpret=interpret, name=name,
+      interpret=interpret, name=name, cost_estimate=cost,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
   )(ranges, *operands)
@@ -694,7 +807,9 @@ def _tpu_forward(opts: _Options, q, k, v, q_ids, kv_ids):
   out, lse = _tpu_call(kernel, (b, h, nq, nk), in_specs, out_specs, out_shapes,
                        [(bq, 1), (bq, 1), (bq, d)], ranges,
                        (_heads_first(q), _heads_first(k), _heads_first(v), qid3, kvid4),
-                       opts.interpret, "block_causal_fwd")
+                       opts.interpret, "block_causal_fwd",
+                       cost_estimate(opts, "fwd", b, h, nq_len, nk_len, d, bq, bk,
+                                     q.dtype.itemsize))
   return _heads_first(out), lse.reshape(b, h, nq_len)
 
 
@@ -724,7 +839,8 @@ def _tpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
        q_tile, stat, stat],
       [q_tile], [jax.ShapeDtypeStruct(qt.shape, q.dtype)], [(bq, d)], ranges,
       (qt, kt, vt, qid3, kvid4, dot, _stat_rows(lse, bq), _stat_rows(delta, bq)),
-      opts.interpret, "block_causal_dq")[0]
+      opts.interpret, "block_causal_dq",
+      cost_estimate(opts, "dq", b, h, nq_len, nk_len, d, bq, bk, q.dtype.itemsize))[0]
 
   bq2, bk2 = opts.block_sizes.dkv
   nq2, nk2 = nq_len // bq2, nk_len // bk2
@@ -751,7 +867,8 @@ def _tpu_backward(opts: _Options, q, k, v, q_ids, kv_ids, lse, delta, do):
       [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
       [(bk2, d), (bk2, d)], ranges,
       (qt, kt, vt, qid3, kvid4, dot, _stat_rows(lse, bq2), _stat_rows(delta, bq2)),
-      opts.interpret, "block_causal_dkv")
+      opts.interpret, "block_causal_dkv",
+      cost_estimate(opts, "dkv", b, h, nq_len, nk_len, d, bq2, bk2, q.dtype.itemsize))
   return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
@@ -854,7 +971,8 @@ def _per_tile_gpu_kernel(body, axis_of_loop, **kw):
 
 
 def _per_tile_call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs, out_specs,
-                   out_shape, operands, q_ids, kv_ids, block_q, block_kv, body_kwargs, name):
+                   out_shape, operands, q_ids, kv_ids, block_q, block_kv, body_kwargs, name,
+                   cost=None):
   """Launches one per-tile kernel for `backend` ('tpu' | 'gpu')."""
   nq, nk = q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
   q_max = _tile_min_max(q_ids, block_q)[1].astype(jnp.int32)
@@ -872,14 +990,14 @@ def _per_tile_call(backend, interpret, kernel_body, axis_of_loop, grid, in_specs
     kernel = _per_tile_tpu_kernel(kernel_body, axis_of_loop, _nq=nq, _nk=nk, **body_kwargs)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret, name=name,
-        compiler_params=pltpu.CompilerParams(
+        cost_estimate=cost, compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel")),
     )(q_max, kv_min, *operands)
   from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
   kernel = _per_tile_gpu_kernel(kernel_body, axis_of_loop, **body_kwargs)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=interpret, name=name,
+      interpret=interpret, name=name, cost_estimate=cost,
       compiler_params=pltr.CompilerParams(num_warps=_num_warps(operands[0].shape[-1]),
                                           num_stages=2))(*operands)
 
@@ -904,7 +1022,9 @@ def _per_tile_forward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids):
                             (b, h, nq_len // bq), in_specs, out_specs, out_shape,
                             (q, k, v, qid3, kvid4), q_ids, kv_ids, bq, bk,
                             dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk),
-                            "block_causal_fwd_per_tile")
+                            "block_causal_fwd_per_tile",
+                            cost_estimate(opts, "fwd", b, h, nq_len, nk_len, d, bq, bk,
+                                          q.dtype.itemsize))
   return _heads_first(out), lse.reshape(b, h, nq_len)
 
 
@@ -926,7 +1046,8 @@ def _per_tile_backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse
       [row_tile], [jax.ShapeDtypeStruct(q.shape, q.dtype)],
       (q, k, v, qid3, kvid4, do, _stat_rows(lse, bq), _stat_rows(delta, bq)), q_ids, kv_ids,
       bq, bk, dict(scale=opts.sm_scale, block_kv=bk, num_kv_tiles=nk_len // bk),
-      "block_causal_dq_per_tile")[0]
+      "block_causal_dq_per_tile",
+      cost_estimate(opts, "dq", b, h, nq_len, nk_len, d, bq, bk, q.dtype.itemsize))[0]
 
   bq2, bk2 = opts.block_sizes.dkv
   qid3, kvid4 = _ids_layout(q_ids, kv_ids, bk2)
@@ -943,7 +1064,8 @@ def _per_tile_backward(opts: _Options, backend: str, q, k, v, q_ids, kv_ids, lse
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       (q, k, v, qid3, kvid4, do, _stat_rows(lse, bq2), _stat_rows(delta, bq2)), q_ids,
       kv_ids, bq2, bk2, dict(scale=opts.sm_scale, block_q=bq2, num_q_tiles=nq_len // bq2),
-      "block_causal_dkv_per_tile")
+      "block_causal_dkv_per_tile",
+      cost_estimate(opts, "dkv", b, h, nq_len, nk_len, d, bq2, bk2, q.dtype.itemsize))
   return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
@@ -1117,7 +1239,8 @@ def block_causal_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids
     bq = int(np.lcm(block_sizes.block_q, block_sizes.dkv[0]))
     bk = int(np.lcm(block_sizes.block_kv, block_sizes.dkv[1]))
   sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-  opts = _Options(block_sizes, backend, interpret, sm_scale, schedule)
+  opts = _Options(block_sizes, backend, interpret, sm_scale, schedule, segments, bq,
+                  k.shape[1])
   # GPU: tl.dot wants power-of-two head dims >= 16; zero columns change nothing.
   d_pad = max(16, 1 << (d - 1).bit_length()) if backend in ("gpu", "auto") else d
   pad_d = lambda x: _pad_axis(x, 3, d_pad, 0)  # noqa: E731
