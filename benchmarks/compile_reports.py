@@ -85,6 +85,13 @@ def extra_cases():
                   [f"--config.model.attention={attention}", "--config.model.remat=full",
                    f"--config.model.num_layers={layers}",
                    f"--config.model.num_two_stream_layers={layers // 2}"]))
+  for layers in SHALLOW:  # the fsdp + remat case above, extrapolated like the others
+    out.append((f"owt_medium_v5e-64_pallas_fsdp_remat_full_L{layers}", "configs/owt_medium.py",
+                TOPOLOGIES["v5e-64"],
+                ["--config.model.attention=pallas", "--config.model.remat=full",
+                 "--config.mesh.shape=(1,-1,1)", "--config.mesh.rule_table=fsdp",
+                 f"--config.model.num_layers={layers}",
+                 f"--config.model.num_two_stream_layers={layers // 2}"]))
   return out
 
 

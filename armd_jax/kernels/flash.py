@@ -34,6 +34,11 @@ Backends:
 - 'auto': `jax.lax.platform_dependent` picks 'tpu' on TPU, 'gpu' on CUDA/ROCm and the
   Pallas interpreter elsewhere (CPU), at lowering time.
 
+Every launch declares a `pl.CostEstimate` (FLOPs, exps and bytes of the tiles it visits,
+counted with the tile ranges above on typical ids: `cost_estimate`), so XLA's cost
+analysis, and the roofline of `armd_jax.compile_check`, count the kernels on TPU (jax's
+Triton lowering drops the estimate).
+
 The previous control structure ('per_tile' schedule: one program per query tile
 holding the whole K/V row, a per-tile skip test around every tile) is kept as the
 fallback for ids with no useful order. Softmax statistics and accumulators are float32.
