@@ -82,7 +82,7 @@ archive="/tmp/${name}-src.tar.gz"
 
 # Shell run on the workers. `alive` is true while the job started by a launch runs: the pid
 # it recorded is a live process whose command line is the job's (not a reused pid).
-alive='alive() { pid=$(cat ~/armd-run/pid 2>/dev/null) && [ -n "$pid" ] && ps -p "$pid" -o args= 2>/dev/null | grep -q armd_jax.main; }'
+alive='alive() { pid=$(cat ~/armd-run/pid 2>/dev/null) && [ -n "$pid" ] && ps -ww -p "$pid" -o args= 2>/dev/null | grep -q armd_jax.main; }'
 status_script="${alive}"'; if alive; then echo "armd-job: running (pid $pid) on $(hostname)"; elif [ -f ~/armd-run/exit_code ]; then echo "armd-job: ended (exit $(cat ~/armd-run/exit_code)) on $(hostname)"; else echo "armd-job: none on $(hostname)"; fi'
 stop_script="${alive}"'; if alive; then kill -TERM -- "-$pid"; i=0; while alive && [ "$i" -lt 120 ]; do sleep 1; i=$((i + 1)); done; if alive; then kill -KILL -- "-$pid"; fi; echo stopped > ~/armd-run/exit_code; echo "armd-job: stopped on $(hostname)"; else echo "armd-job: none running on $(hostname)"; fi'
 
