@@ -129,6 +129,10 @@ def extrapolate(shallow: dict, deeper: dict, layers: int) -> dict:
     out["fits"] = None
     out["not_linear"] = (f"{', '.join(shrinking)} smaller at {l2} layers than at {l1}: "
                          "memory not extrapolated (compile the full depth)")
+  notes = sorted({r["note"] for r in (shallow, deeper) if r.get("note")})
+  out.pop("note", None)
+  if notes:  # an older copy in the pair: say what it did not count
+    out["note"] = "; ".join(notes)
   out["extrapolated_from"] = [shallow["name"], deeper["name"]]
   out["command"] = None
   return out
@@ -202,12 +206,12 @@ def gather() -> str:
   for r in reports:
     oom = _out_of_memory(r)
     if oom:
-      lines.append(f"| {r['name']} | {_mesh(r) if 'mesh' in r else ''} | "
+      lines.append(f"| {_label(r)} | {_mesh(r) if 'mesh' in r else ''} | "
                    f"{r.get('remat', 'none')} | does not fit: XLA ran out of HBM compiling it "
                    f"({oom}) | | NO | | | | | {r.get('wall_s', 0):.0f} |")
       continue
     if r.get("failed"):
-      lines.append(f"| {r['name']} | | | compile failed (exit {r['exit_status']}) | | | | | | | "
+      lines.append(f"| {_label(r)} | | | compile failed (exit {r['exit_status']}) | | | | | | | "
                    f"{r['wall_s']:.0f} |")
       continue
     t = r["train_step"]
@@ -215,13 +219,13 @@ def gather() -> str:
     dec = r.get("decode")
     if r.get("not_linear"):
       lines.append(
-          f"| {r['name']} | {_mesh(r)} | {r.get('remat', 'none')} | not extrapolated: "
+          f"| {_label(r)} | {_mesh(r)} | {r.get('remat', 'none')} | not extrapolated: "
           f"{r['not_linear']} | {r['chip']['hbm_bytes'] / GIB:.2f} | unknown | "
           f"{t['flops'] / 1e12:.2f} | {rl.get('step_s', 0) * 1e3:.0f} | "
           f"{rl.get('tokens_per_s_per_chip', 0):.0f} | - | - + - |")
       continue
     lines.append(
-        f"| {r['name']} | {_mesh(r)} | {r.get('remat', 'none')} | {t['total_bytes'] / GIB:.2f} "
+        f"| {_label(r)} | {_mesh(r)} | {r.get('remat', 'none')} | {t['total_bytes'] / GIB:.2f} "
         f"({t['argument_bytes'] / GIB:.2f} + {t['temp_bytes'] / GIB:.2f} + "
         f"{t['output_bytes'] / GIB:.2f} - {t['alias_bytes'] / GIB:.2f} + "
         f"{t['code_bytes'] / GIB:.3f}) | {r['chip']['hbm_bytes'] / GIB:.2f} | "
@@ -239,7 +243,7 @@ def gather() -> str:
       continue
     hours = PAPER_STEPS * rl["step_s"] / 3600
     fits = "unknown" if r["fits"] is None else "yes" if r["fits"] else "NO"
-    lines.append(f"| {r['name']} | {fits} | {rl['step_s']:.3f} | "
+    lines.append(f"| {_label(r)} | {fits} | {rl['step_s']:.3f} | "
                  f"{hours / 24:.1f} | {hours * r['chips']:.0f} |")
   table = "\n".join(lines) + "\n"
   with open(os.path.join(RESULTS, "compile_reports.md"), "w", encoding="utf-8") as f:
@@ -258,6 +262,11 @@ def _out_of_memory(report) -> str:
     return ""
   return (f"temporaries {oom['temp_gib']}G > {oom['available_gib']}G available"
           if oom.get("temp_gib") else oom["message"])
+
+
+def _label(report) -> str:
+  """The case name, with the report's `note` (what an older compile did not count)."""
+  return report["name"] + (f" ({report['note']})" if report.get("note") else "")
 
 
 def _mesh(report) -> str:
