@@ -54,7 +54,8 @@ def main(argv):
       from armd_jax.train import lock  # pylint: disable=g-import-not-at-top
       lock.force_unlock(_WORKDIR.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteError, train.WorkdirBusyError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteError, train.WorkdirBusyError,
+          train.ResumeError) as e:
     if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback
       raise
     sys.exit(f"error: {e}\n(add --verbosity=0 for the traceback)")
