@@ -7,10 +7,12 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}`; `state` is the `TrainState`
 
 Resume order (`train_and_evaluate`): the latest checkpoint in the workdir (state and
 data iterator), else `config.checkpoint.init_from` (parameters and EMA only; fresh
-optimiser, step 0, fresh data order), else scratch. A checkpoint that fails to restore
-(e.g. truncated array files) is reported by step, moved aside to
-`<workdir>/checkpoints_damaged/<step>` and the next older one is tried
-(`restore_newest_good`).
+optimiser, step 0, fresh data order), else scratch. `restore_newest_good` takes one
+decision on process 0 that every process obeys: a checkpoint of another model (vs
+config.json) stops with a ValueError and moves nothing; one saved by another process
+count restores the state and restarts the data iterator at its step; only read damage
+(`read_damage`) moves a step to `<workdir>/checkpoints_damaged/<step>`, and the same
+damage in the next older step stops (`ResumeError`); any other restore error propagates.
 
 Every path goes through `armd_jax.storage.path`, so a workdir may be a local folder or
 a URL such as `gs://bucket/run` (orbax and tensorstore take the URL as is).
