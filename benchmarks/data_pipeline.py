@@ -1,6 +1,7 @@
 """Data pipeline cost: first build (tokenise + cache), warm reload, and time per batch.
 
-  python benchmarks/data_pipeline.py [--corpus=../shared/data/tinyshakespeare/input.txt]
+  python benchmarks/data_pipeline.py [--corpus=../shared/data/tinyshakespeare/input.txt] \
+      [--cases=synthetic,bytes,paragraphs,sentencepiece] [--num_batches=500]
 
 Writes benchmarks/results/data_pipeline.json and prints a table (summarised in
 docs/data.md). The per-batch time is what the train loop pays each step on the host.
@@ -14,15 +15,16 @@ import time
 
 from armd_jax import data
 
-CASES = [
-    # name, config overrides, seq_len, global batch
-    ("synthetic byte concat", dict(task="synthetic"), 128, 32),
-    ("text_files byte concat", dict(task="text_files"), 128, 32),
-    ("text_files byte pad (paragraphs)",
-     dict(task="text_files", packing="pad", document_split="paragraph"), 128, 32),
-    ("text_files sentencepiece-1024 concat",
-     dict(task="text_files", vocab="sentencepiece", sentencepiece_vocab_size=1024), 256, 32),
-]
+CASES = {
+    # key: (name, config overrides, seq_len, global batch)
+    "synthetic": ("synthetic byte concat", dict(task="synthetic"), 128, 32),
+    "bytes": ("text_files byte concat", dict(task="text_files"), 128, 32),
+    "paragraphs": ("text_files byte pad (paragraphs)",
+                   dict(task="text_files", packing="pad", document_split="paragraph"), 128, 32),
+    "sentencepiece": ("text_files sentencepiece-1024 concat",
+                      dict(task="text_files", vocab="sentencepiece",
+                           sentencepiece_vocab_size=1024), 256, 32),
+}
 
 
 def run_case(corpus, overrides, seq_len, batch, num_threads, num_batches):
@@ -53,11 +55,15 @@ def main():
   parser.add_argument("--corpus", default=os.path.join(
       os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare", "input.txt"))
   parser.add_argument("--num_batches", type=int, default=500)
+  parser.add_argument("--cases", default=",".join(CASES), help="comma-separated keys of CASES")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "data_pipeline.json"))
   args = parser.parse_args()
+  unknown = set(args.cases.split(",")) - set(CASES)
+  if unknown:
+    parser.error(f"--cases: unknown {sorted(unknown)}; known: {list(CASES)}")
   results = []
-  for name, overrides, seq_len, batch in CASES:
+  for name, overrides, seq_len, batch in (CASES[key] for key in args.cases.split(",")):
     for num_threads in (0, 1):
       row = dict(case=name, seq_len=seq_len, global_batch=batch, num_threads=num_threads)
       row.update(run_case(args.corpus, overrides, seq_len, batch, num_threads,

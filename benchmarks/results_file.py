@@ -1,6 +1,6 @@
 """Writing a CPU benchmark's JSON results file: the machine it ran on, the command, records.
 
-Shared by the CPU timing benchmarks (sampling_speed, decode_attention, decode_call_parts)
+Shared by the CPU timing benchmarks (decode_speed)
 so that every results file states the same facts about its run: platform, core count,
 JAX version and backend, the load average at the end (the 2-core development machines
 are shared; a loaded machine is why a figure may be slow) and the XLA flags.

@@ -5,10 +5,13 @@ seconds, where a full `compile_check` of these steps takes an hour on a loaded 2
 host). It is the floor of the step's memory: activations and temporaries come on top
 (`python -m armd_jax.compile_check` measures those).
 
-  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/state_memory.py
-Writes benchmarks/results/state_memory.{json,md}.
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 python benchmarks/state_memory.py \
+      [--configs=owt_small,owt_medium] [--topologies=v5e:8x8,v5p:4x4x8] \
+      [--out=benchmarks/results/state_memory]
+Writes <out>.json and <out>.md.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -31,12 +34,20 @@ MESHES = {  # name -> (mesh.shape, rule_table); None = the config's own
 }
 
 
-def main():
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default="owt_small,owt_medium",
+                      help="comma-separated config names under configs/")
+  parser.add_argument("--topologies", default="v5e:8x8,v5p:4x4x8")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                    "state_memory"),
+                      help="path without extension")
+  args = parser.parse_args(argv)
   rows = []
-  for topology in ("v5e:8x8", "v5p:4x4x8"):
+  for topology in args.topologies.split(","):
     devices = compile_check.tpu_devices(topology)
     chip = compile_check.CHIPS[devices[0].device_kind]
-    for name in ("owt_small", "owt_medium"):
+    for name in args.configs.split(","):
       for mesh_name, mesh in MESHES.items():
         config = config_from_file(os.path.join(ROOT, "configs", f"{name}.py"))
         config.model.vocab_size = compile_check.default_vocab_size(config)
@@ -57,7 +68,8 @@ def main():
                          hbm_bytes=chip.hbm_bytes))
         print(f"{name} {topology} {mesh_name} {dict(grid.shape)}: {params / 1e6:.1f}M params, "
               f"state {state / GIB:.3f} GiB per chip of {chip.hbm_bytes / GIB:.2f}", flush=True)
-  out = os.path.join(ROOT, "benchmarks", "results", "state_memory")
+  out = args.out
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)
   lines = ["| config | slice | mesh (rule table) | params | state GiB/chip | HBM GiB | state / HBM |",

@@ -17,7 +17,7 @@ The physical expectation for ARMD/AR is ~1.5x (the two-stream lower half runs th
 layer twice over half the depth), plus the prefix aggregation.
 
   python benchmarks/train_throughput.py                 # two CPU sizes, ~5 minutes
-  python benchmarks/train_throughput.py --trials=2 --sizes=small   # smoke
+  python benchmarks/train_throughput.py --trials=2 --sizes=micro   # smoke
   python benchmarks/train_throughput.py --flops_only --sizes=d256_l8_n512   # FLOP ratio only
       (compiles, no timing: deterministic; writes train_throughput_flops.{json,md})
 
@@ -52,7 +52,8 @@ from armd_jax.train.typed import MeshConfig, model_config_from, settings_from  #
 SIZES = {  # name: (d_model, num_layers, num_heads, mlp_dim, seq_len, batch)
     "small": (128, 4, 4, 512, 128, 16),
     "medium": (256, 6, 4, 1024, 256, 8),
-    "d256_l8_n512": (256, 8, 4, 1024, 512, 4),  # issue 12's FLOP-ratio configuration
+    "d256_l8_n512": (256, 8, 4, 1024, 512, 4),  # the FLOP-ratio configuration
+    "micro": (32, 2, 2, 64, 16, 2),  # smoke runs of this script (seconds)
 }
 VARIANTS = {  # name: (model overrides, order overrides)
     "armd": ({}, {"kind": "progressive_permutation", "i_ar": 0, "i_perm": 1, "rho": 16}),
@@ -78,7 +79,8 @@ def build_step(config):
   """(step_fn, state, batch) for a config on a 1-device mesh."""
   settings = settings_from(config)
   model = build_model(model_config_from(config))
-  mesh = partitioning.make_mesh(MeshConfig(shape=(1, 1)), jax.devices()[:1])
+  one_device = MeshConfig(shape=(1,) * len(partitioning.MESH_AXES))
+  mesh = partitioning.make_mesh(one_device, jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
   tc = settings.train
   state, shardings = state_lib.create_train_state(model, settings.optim, 10_000, tc.seq_len,

@@ -9,9 +9,10 @@ trainer reads the ConfigDict directly: each section is converted here, with a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Type, TypeVar
 
-import ml_collections
+if TYPE_CHECKING:  # annotations only: the settings import without ml_collections
+  import ml_collections
 
 from armd_jax import orders, registry
 from armd_jax.models import ModelConfig
