@@ -57,10 +57,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from armd_jax.kernels.reference import check_attention_inputs
+from armd_jax.kernels.reference import MASKED_SCORE, check_attention_inputs
 
-# Finite stand-in for -inf (as in the reference): exp(_MASKED - m) underflows to 0.
-_MASKED = -1e30
 # Ids given to padding rows: padded keys are never visible, padded queries see nothing.
 _KV_PAD_ID = 2 ** 30
 _Q_PAD_ID = -(2 ** 30)
@@ -386,7 +384,7 @@ def _scores(q, k, q_ids, kv_ids, scale):
   if q_ids is None:
     return s, None
   mask = kv_ids <= q_ids  # [1, bk] vs [bq, 1] -> [bq, bk]
-  return jnp.where(mask, s, _MASKED), mask
+  return jnp.where(mask, s, MASKED_SCORE), mask
 
 
 def _forward_step(carry, q, k, v, q_ids, kv_ids, scale):
@@ -404,7 +402,7 @@ def _forward_step(carry, q, k, v, q_ids, kv_ids, scale):
 
 
 def _init_carry(bq: int, d: int):
-  return (jnp.full((bq, 1), _MASKED, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+  return (jnp.full((bq, 1), MASKED_SCORE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
           jnp.zeros((bq, d), jnp.float32))
 
 

@@ -2,7 +2,8 @@
 
 The mask is a comparison of integer block ids: query n sees key i iff
 `kv_ids[i] <= q_ids[n]`. The strictly causal mask of ARMD's query stream is the same
-call with the query ids lowered by one.
+call with the query ids lowered by one. Also holds the shared masking conventions:
+`MASKED_SCORE` (the score of a hidden position) and `masked_softmax`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Finite stand-in for -inf: exp(_MASKED - max) underflows to exactly 0 in float32, so a
-# masked key contributes exactly nothing and causality holds bit for bit.
-_MASKED = -1e30
+# Score of a hidden position. A finite stand-in for -inf: exp(MASKED_SCORE - max)
+# underflows to exactly 0 in float32, so a hidden key contributes exactly nothing and
+# causality holds bit for bit, while a row with every key hidden computes
+# MASKED_SCORE - MASKED_SCORE = 0 instead of -inf - (-inf) = NaN.
+MASKED_SCORE = -1e30
 
 
 def check_attention_inputs(caller: str, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -25,6 +28,22 @@ def check_attention_inputs(caller: str, q: jax.Array, k: jax.Array, v: jax.Array
   if q_ids.shape != q.shape[:2] or kv_ids.shape != k.shape[:2]:
     raise ValueError(f"{caller}: q_ids must be {q.shape[:2]} and kv_ids {k.shape[:2]}; got "
                      f"{q_ids.shape} and {kv_ids.shape}.")
+
+
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+  """Softmax of float32 `scores` over the last axis, counting only `visible` positions.
+
+  Args:
+    scores: [..., N] float32 scores, already scaled.
+    visible: bool, broadcastable to `scores`; False hides a position.
+
+  Returns:
+    [..., N] float32 probabilities; hidden positions are exactly 0, and a row with no
+    visible position is all zeros (never NaN).
+  """
+  scores = jnp.where(visible, scores, MASKED_SCORE)
+  weights = jnp.where(visible, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
+  return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
 
 
 def block_causal_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -48,12 +67,7 @@ def block_causal_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     sm_scale = q.shape[-1] ** -0.5
   mask = kv_ids[:, None, :] <= q_ids[:, :, None]  # [B, Nq, Nk]
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask[:, None], logits * sm_scale, _MASKED)
-  logits_max = jnp.max(logits, axis=-1, keepdims=True)
-  weights = jnp.exp(logits - logits_max)
-  weights = jnp.where(mask[:, None], weights, 0.0)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.maximum(denom, 1e-30)  # empty rows: all-zero weights -> zeros
+  probs = masked_softmax(logits * sm_scale, mask[:, None])  # empty rows -> zeros
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
