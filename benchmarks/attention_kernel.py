@@ -91,20 +91,30 @@ def implementations(block_sizes, smoke: bool):
             q, k, v, ids, ids, block_sizes=sizes, interpret=smoke))
   impls["xla masked reference"] = (
       lambda q, k, v, ids: reference.block_causal_attention_reference(q, k, v, ids, ids))
-  on_gpu = jax.default_backend() == "gpu"
-  impls["cudnn causal" if on_gpu else "xla causal (dot_product_attention)"] = (
-      lambda q, k, v, ids: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation="cudnn" if on_gpu else None))
+  name = "cudnn causal" if jax.default_backend() == "gpu" else "xla causal (dot_product_attention)"
+  impls[name] = lambda q, k, v, ids: causal_attention(q, k, v)
   return impls
 
 
+def causal_attention(q, k, v):
+  """`jax.nn.dot_product_attention(is_causal=True)`: cuDNN on GPU, XLA elsewhere. With
+  left-to-right ids it does the work of the block-id kernel: the bar to meet."""
+  return jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="cudnn" if jax.default_backend() == "gpu" else None)
+
+
 def forward_and_backward(attention):
-  """jit(fwd) and jit(fwd+bwd: the VJP w.r.t. q, k, v of a fixed cotangent)."""
+  """jit(fwd) and jit(fwd+bwd) of `attention(q, k, v, *ids)`.
+
+  `forward(q, k, v, *ids)`; `both(q, k, v, *ids, do)` returns the output and the VJP
+  w.r.t. q, k, v of the cotangent `do`.
+  """
   forward = jax.jit(attention)
 
   @jax.jit
-  def both(q, k, v, ids, do):
-    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, ids), q, k, v)
+  def both(q, k, v, *ids_and_do):
+    *ids, do = ids_and_do
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, *ids), q, k, v)
     return out, vjp(do)
 
   return forward, both

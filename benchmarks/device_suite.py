@@ -15,11 +15,13 @@ budget (`--budget_s`):
                   `jax.nn.dot_product_attention(implementation='cudnn', is_causal=True)`
                   for N = 1,024 .. 8,192 (left-to-right ids: the block-id mask is then the
                   causal mask), plus the two-stream layout (kernel vs reference).
-  train_step      GPT-2-small-size ARMD and AR train steps (forward, backward, AdamW),
-                  bf16, XLA attention and the kernel: ms/step and MFU (FLOPs from XLA's
-                  cost analysis of the XLA-attention program, over the card's peak).
-  sampling        sequential vs S=4 strided generation at N = 1,024, batch 8 (issue 13's
-                  target) and batch 1; best of two runs, compile excluded.
+  train_step      GPT-2-small-size ARMD and AR train steps: the trainer's own
+                  `make_train_step` (forward, backward, clipping, AdamW, EMA, the order
+                  drawn in the step), bf16, XLA attention and the kernel: ms/step and MFU
+                  (FLOPs from XLA's cost analysis of the XLA-attention program, over the
+                  card's peak).
+  sampling        sequential vs S=4 strided generation at N = 1,024, batch 8 and batch 1;
+                  best of two runs, compile excluded.
 
   python benchmarks/device_suite.py --out_dir=$OUT            # on the device
   python benchmarks/device_suite.py --smoke --poison --out_dir=/tmp/x   # CPU, interpret
@@ -80,11 +82,16 @@ if ARGS.poison:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from armd_jax import ModelConfig, build_model, losses, orders, sampling  # noqa: E402
+from armd_jax import ModelConfig, build_model, orders, sampling  # noqa: E402
 from armd_jax.kernels import BlockSizes, block_causal_attention_reference  # noqa: E402
 from armd_jax.kernels.flash import block_causal_flash_attention  # noqa: E402
+from armd_jax.train import partitioning  # noqa: E402
+from armd_jax.train import state as state_lib  # noqa: E402
+from armd_jax.train.typed import MeshConfig, OptimConfig, OrderConfig  # noqa: E402
+
+sys.path.insert(0, HERE)  # after armd_jax: attention_kernel then finds the whole package
+import attention_kernel  # noqa: E402  pylint: disable=g-bad-import-order
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM datasheets)
 START = time.time()
@@ -132,14 +139,7 @@ def section(name: str, fn, min_left_s: float) -> None:
 
 def median_ms(fn, *args, reps=None) -> float:
   """Median wall ms of fn(*args) after 2 warm-up calls (compile included there)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps or ARGS.reps):
-    begin = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - begin) * 1e3)
-  return statistics.median(times)
+  return attention_kernel.median_ms(fn, args, 2, reps or ARGS.reps)
 
 
 # -- attention ---------------------------------------------------------------------
@@ -178,20 +178,7 @@ def reference_fn(q, k, v, qi, ki):
 
 def cudnn_fn(q, k, v, qi, ki):  # ids unused: left-to-right ids are the causal mask
   del qi, ki
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                      implementation="cudnn" if on_gpu() else None)
-
-
-def fwd_and_grad(attention):
-  """jit(fwd) and jit(fwd + VJP w.r.t. q, k, v)."""
-  forward = jax.jit(attention)
-
-  @jax.jit
-  def both(q, k, v, qi, ki, do):
-    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, qi, ki), q, k, v)
-    return out, vjp(do)
-
-  return forward, both
+  return attention_kernel.causal_attention(q, k, v)
 
 
 def attention_shapes():
@@ -293,7 +280,7 @@ def kernel_check(out: dict) -> None:
 
 def time_attention(fn, q, k, v, do, qi, ki, prefix: str, row: dict) -> None:
   """Adds {prefix}_fwd_ms and {prefix}_fwd_bwd_ms (or {prefix}_error) to row."""
-  forward, both = fwd_and_grad(fn)
+  forward, both = attention_kernel.forward_and_backward(fn)
   try:
     row[f"{prefix}_fwd_ms"] = median_ms(forward, q, k, v, qi, ki)
     row[f"{prefix}_fwd_bwd_ms"] = median_ms(both, q, k, v, qi, ki, do)
@@ -368,27 +355,33 @@ def gpt2_small(kind: str, attention_impl: str) -> ModelConfig:
 
 
 def train_step_fn(config: ModelConfig, batch: int, length: int):
-  """(jitted step, initial (params, opt_state), (tokens, ids)) of one AdamW train step."""
+  """(jitted step, initial TrainState, batch) of the trainer's own train step.
+
+  `armd_jax.train.state.make_train_step` as `python -m armd_jax.main` runs it (forward,
+  backward, clipping, AdamW, the parameter EMA, the order drawn inside the step: ARMD a
+  progressive permutation with 16 shuffled tokens, AR left to right), on a one-device
+  mesh; the state is donated.
+  """
   model = build_model(config)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, config.vocab_size)
   if config.kind == "armd":
-    ids = orders.progressive_permutation(jax.random.PRNGKey(2), batch, length, 16)
+    order = OrderConfig(kind="progressive_permutation", i_ar=0, i_perm=1, rho=16)
   else:
-    ids = orders.left_to_right(batch, length)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:1], ids[:1])
-  optimizer = optax.adamw(3e-4, weight_decay=0.1)
-  opt_state = optimizer.init(params)
-
-  def loss_fn(params, tokens, ids):
-    logits = model.apply(params, tokens, ids)
-    return losses.cross_entropy(logits, tokens, ids)[0]
-
-  def step(params, opt_state, tokens, ids):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, ids)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), (tokens, ids)
+    order = OrderConfig(kind="left_to_right")
+  optim = OptimConfig(learning_rate=3e-4, weight_decay=0.1, ema_decay=0.999)
+  num_steps = 10_000
+  mesh = partitioning.make_mesh(MeshConfig(shape=(1,) * len(partitioning.MESH_AXES)),
+                                jax.devices()[:1])
+  rules = partitioning.DEFAULT_RULES
+  state, shardings = state_lib.create_train_state(model, optim, num_steps, length, 0, mesh,
+                                                  rules)
+  batch_shard = partitioning.batch_sharding(mesh, rules)
+  step = state_lib.make_train_step(model, order, optim, num_steps, shardings, batch_shard,
+                                   rules)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0,
+                                         config.vocab_size), np.int32)
+  data = partitioning.global_batch({"tokens": tokens, "mask": np.ones_like(tokens)},
+                                   batch_shard)
+  return step, state, data
 
 
 def lowered_flops(lowered) -> float:
@@ -409,35 +402,36 @@ def train_flops(out: dict) -> None:
   batch = 2 if ARGS.smoke else ARGS.train_batch
   rows = {}
   for kind in ("armd", "ar"):
-    step, (params, opt_state), data = train_step_fn(gpt2_small(kind, "xla"), batch, length)
-    rows[kind] = lowered_flops(step.lower(params, opt_state, *data))
+    step, state, data = train_step_fn(gpt2_small(kind, "xla"), batch, length)
+    rows[kind] = lowered_flops(step.lower(state, data))
     log("flops", kind, rows[kind])
   out.update(flops=rows, ratio_armd_over_ar=rows["armd"] / rows["ar"], batch=batch,
              length=length)
 
 
 def time_train_step(config, batch, length, reps):
-  step, (params, opt_state), data = train_step_fn(config, batch, length)
+  step, state, data = train_step_fn(config, batch, length)
   begin = time.time()
-  lowered = step.lower(params, opt_state, *data)
+  lowered = step.lower(state, data)
   model_flops = lowered_flops(lowered)
   compiled = lowered.compile()
   compile_s = time.time() - begin
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  params, opt_state, first_loss = compiled(params, opt_state, *data)
-  params, opt_state, loss = compiled(params, opt_state, *data)
-  jax.block_until_ready(loss)
+  state, metrics = compiled(state, data)
+  first_loss = float(metrics["loss"])
+  state, metrics = compiled(state, data)
+  jax.block_until_ready(metrics)
   times = []
   for _ in range(reps):
     begin = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, *data)
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
     times.append((time.perf_counter() - begin) * 1e3)
   return dict(ms=statistics.median(times), xla_flops=model_flops, compiled_xla_flops=flops,
-              compile_s=round(compile_s, 1),
-              first_loss=float(first_loss), loss=float(loss))
+              compile_s=round(compile_s, 1), first_loss=first_loss,
+              loss=float(metrics["loss"]))
 
 
 TRAIN_ROWS = {}
@@ -474,8 +468,9 @@ def train_variants(out: dict, variants) -> None:
         out[f"time_ratio_armd_over_ar_{impl}"] = a["ms"] / b["ms"]
   out.update(rows=TRAIN_ROWS, batch=batch, length=length, model="GPT-2-small size: 12 layers "
              "(6 two-stream for ARMD), d=768, 12 heads, MLP 3072, vocab 50257, bf16 compute, "
-             "f32 params, AdamW; ARMD ids: progressive permutation with 16 shuffled tokens; "
-             "AR ids: left to right", pallas_tiles=str(sizes_for(64)),
+             "f32 params; the trainer's make_train_step: AdamW, clipping, EMA 0.999, order "
+             "drawn in the step (ARMD: progressive permutation with 16 shuffled tokens; AR: "
+             "left to right)", pallas_tiles=str(sizes_for(64)),
              flops_source="XLA cost_analysis of the XLA-attention step (the masked reference "
              "computes full N x N attention; Pallas calls are not counted by XLA, so the same "
              "model FLOPs serve both implementations)")
@@ -497,7 +492,7 @@ def train_step_ar_pallas(out: dict) -> None:
 
 
 def sampling_speed(out: dict) -> None:
-  """Sequential vs S = 4 strided generation at batch 8 (issue 13's target) and batch 1."""
+  """Sequential vs S = 4 strided generation at batch 8 and batch 1."""
   length = 16 if ARGS.smoke else 1024
   config = gpt2_small("armd", "xla")
   model = build_model(config)
