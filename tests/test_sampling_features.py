@@ -94,11 +94,13 @@ def test_stop_at_eos_ends_each_row_at_its_first_eos_in_text_order(tiny, order):
   np.testing.assert_allclose(log_probs[valid], want[valid], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("k,prompt_len", [(1, 0), (3, 0), (5, 2)])
+# (5, 0) and (5, 3): U % k != 0 generated positions (12 and 9 with k = 5), so the last
+# block is partial (2 and 4 positions), with and without a prompt read by the prefill.
+@pytest.mark.parametrize("k,prompt_len", [(1, 0), (3, 0), (5, 2), (5, 0), (5, 3)])
 def test_confidence_order_is_exact_under_the_realized_order_and_counts_every_probe(
     tiny, k, prompt_len):
   model, params = tiny
-  prompt = np.array([[4, 8], [1, 2]])[:, :prompt_len] if prompt_len else None
+  prompt = np.array([[4, 8, 3], [1, 2, 7]])[:, :prompt_len] if prompt_len else None
   out = sampling.generate(model, params, jax.random.PRNGKey(5), batch_size=B, length=N,
                           order="confidence", k=k, prompt=prompt)
   steps = -(-(N - prompt_len) // k)
@@ -106,11 +108,13 @@ def test_confidence_order_is_exact_under_the_realized_order_and_counts_every_pro
   assert out.num_calls == sampling.confidence_calls(N, prompt_len, k)
   ids = np.asarray(out.block_ids)
   orders.check_block_ids(ids)
-  for b in range(B):  # prompt singletons, then blocks of k (the last one smaller)
+  last = (N - prompt_len) - k * (steps - 1)  # the rest: k unless U % k != 0
+  for b in range(B):  # prompt singletons in text order, then blocks of k, then the rest
     sizes = np.bincount(ids[b])[1:]
-    np.testing.assert_array_equal(sizes[:prompt_len], 1)
-    assert (sizes[prompt_len:-1] == k).all() and 1 <= sizes[-1] <= k
+    np.testing.assert_array_equal(sizes, [1] * prompt_len + [k] * (steps - 1) + [last])
     np.testing.assert_array_equal(ids[b, :prompt_len], np.arange(1, prompt_len + 1))
+  if prompt_len:
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :prompt_len], prompt)
   np.testing.assert_allclose(out.log_probs, one_pass(model, params, out.tokens, ids),
                              atol=1e-5, rtol=0)
 
