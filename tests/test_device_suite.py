@@ -1,5 +1,6 @@
-"""The prepared device script runs in its CPU smoke mode, and the kernel benchmark imports
-with jax alone (both are run on machines that lack the data and training stack)."""
+"""The prepared device script runs in its CPU smoke mode and imports (and traces the
+trainer's step) without grain, seqio, ml-collections or TensorFlow, and the kernel
+benchmark imports with jax alone (both run on machines that lack the data stack)."""
 
 import json
 import os
@@ -29,6 +30,37 @@ def test_attention_kernel_benchmark_imports_with_only_jax():
   script = os.path.join(ROOT, "benchmarks", "attention_kernel.py")
   result = subprocess.run([sys.executable, "-c", ONLY_JAX, script], capture_output=True,
                           text=True, timeout=300, check=False, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0 and "IMPORT_OK" in result.stdout, result.stderr[-3000:]
+
+
+DEVICE_SUITE_IMPORTS = textwrap.dedent("""
+    import sys
+    class Refuse:  # what the GPU machine lacks: the data and config stack
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("grain", "seqio", "ml_collections", "clu", "tensorflow",
+                                  "tensorflow_datasets"):
+          raise ImportError("not on the device: " + name)
+    sys.meta_path.insert(0, Refuse())
+    import benchmarks.device_suite as suite
+    import armd_jax.train.state
+    import attention_kernel
+    # The trainer's own step (not a copy), built and traced with those imports refused.
+    assert suite.state_lib.make_train_step is armd_jax.train.state.make_train_step
+    assert suite.attention_kernel is attention_kernel
+    config = suite.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
+                               mlp_dim=64, max_len=16)
+    step, state, data = suite.train_step_fn(config, 2, 16)
+    assert state.ema_params is not None  # the EMA is part of the timed step
+    assert data["tokens"].shape == (2, 16)
+    step.lower(state, data)
+    print("IMPORT_OK")
+""")
+
+
+def test_device_suite_imports_and_traces_the_train_step_without_the_data_stack():
+  result = subprocess.run([sys.executable, "-c", DEVICE_SUITE_IMPORTS], capture_output=True,
+                          text=True, timeout=600, check=False, cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0 and "IMPORT_OK" in result.stdout, result.stderr[-3000:]
 
