@@ -19,9 +19,9 @@ import pytest
 import armd_jax
 from armd_jax import kernels, orders
 from armd_jax.kernels import BlockSizes, block_causal_attention_reference, live_tiles, tile_plan
-from armd_jax.kernels import flash
-from armd_jax.kernels.flash import (block_causal_flash_attention, key_tile_ranges,
-                                    query_tile_ranges)
+from armd_jax.kernels import flash, tiles
+from armd_jax.kernels.flash import block_causal_flash_attention
+from armd_jax.kernels.tiles import key_tile_ranges, query_tile_ranges
 from armd_jax.losses import token_log_probs
 from armd_jax.models.armd import generation_order
 from conftest import init_model, tiny_config
@@ -417,16 +417,16 @@ def _two_stream_args(sharding=None):
 def test_visited_tiles_of_one_token_blocks_are_what_the_kernel_computes():
   """The tiles a cost estimate counts for its typical ids (one token per block) are the
   tiles `tile_plan` computes for ARMD's left-to-right order: two lower triangles."""
-  q_ids, kv_ids = flash.typical_ids((COST_N + 1, COST_N), 128, COST_N + 1, 1024, 512)
-  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "kv") == COST_TILES
-  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "q") == COST_TILES
+  q_ids, kv_ids = tiles.typical_ids((COST_N + 1, COST_N), 128, COST_N + 1, 1024, 512)
+  assert tiles.visited_tiles(q_ids, kv_ids, 128, 128, "kv") == COST_TILES
+  assert tiles.visited_tiles(q_ids, kv_ids, 128, 128, "q") == COST_TILES
   ids = orders.left_to_right(1, COST_N)
   content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)
-  both = jnp.concatenate([flash._pad_axis(content, 1, 128, flash._Q_PAD_ID), ids - 1], axis=1)
+  both = jnp.concatenate([flash._pad_axis(content, 1, 128, tiles._Q_PAD_ID), ids - 1], axis=1)
   computed, _ = tile_plan(both, content, BlockSizes(128, 128))
   assert int(computed.sum()) == COST_TILES
   # per_tile counts the live tiles, the same here; one unsorted run makes every tile live
-  assert flash.visited_tiles(q_ids, kv_ids, 128, 128, "kv", "per_tile") == COST_TILES
+  assert tiles.visited_tiles(q_ids, kv_ids, 128, 128, "kv", "per_tile") == COST_TILES
 
 
 def test_every_tpu_kernel_carries_a_cost_estimate_of_its_visited_tiles():

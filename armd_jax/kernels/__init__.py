@@ -3,17 +3,19 @@
 `block_causal_attention` is the one entry point the model calls; `implementation`
 selects the backend: 'xla' (the jnp reference, materialises the mask) or 'pallas'
 (`flash.block_causal_flash_attention`: Pallas flash attention for TPU and GPU with
-in-tile masks, tile skipping and Pallas backward kernels).
+in-tile masks, tile skipping and Pallas backward kernels). `flash.py` holds the entry,
+dispatch and custom VJP; `tiles.py` the shared tile math; `tpu.py`, `gpu.py` and
+`fallback.py` the kernels; `reference.py` the jnp reference.
 """
 
 from __future__ import annotations
 
 import jax
 
-from armd_jax.kernels.flash import (BlockSizes, block_causal_flash_attention,
-                                    default_block_sizes, live_tiles, tile_plan)
+from armd_jax.kernels.flash import block_causal_flash_attention, live_tiles, tile_plan
 from armd_jax.kernels.reference import (block_causal_attention_reference,
                                         check_attention_inputs)
+from armd_jax.kernels.tiles import BlockSizes, default_block_sizes
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
