@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from typing import Any, Dict
 
@@ -25,9 +26,12 @@ def machine() -> Dict[str, Any]:
 
 
 def command(args) -> str:
-  """The command line that reproduces a run: script path and every argparse option."""
+  """The command line that reproduces a run: script path and every argparse option
+  (flags as `--name` when set, left out when not; values shell-quoted)."""
   script = os.path.relpath(sys.argv[0], os.path.join(os.path.dirname(__file__), ".."))
-  return f"python {script} " + " ".join(f"--{k}={v}" for k, v in vars(args).items())
+  options = [f"--{k}" if v is True else f"--{k}={shlex.quote(str(v))}"
+             for k, v in vars(args).items() if v is not False]
+  return " ".join(["python", script] + options)
 
 
 def write(path: str, args, **payload: Any) -> None:
