@@ -29,10 +29,10 @@ depend on the weights):
    each phase is one scan.
 3. With --parts (`parts`): the time of each part of one call at widths 1 and S, each
    run --part_loops times in a `lax.scan`: one layer's attention over a full cache
-   (`decoding.attend_on_cache`: norm, query projection, attention, output projection,
+   (`cache.attend_on_cache`: norm, query projection, attention, output projection,
    MLP), one layer's K/V projection (`Block.keys_values`), the output head
    (`logits`), drawing and scoring (`sample_logits`, `token_log_probs`) and one cache
-   write (`decoding.write_cache_rows`).
+   write (`cache.write_cache_rows`).
 
 --one_core pins the process to one core and XLA:CPU to one thread (set before jax
 starts), as the figures in docs/sampling.md were measured. Results go to a JSON file.
@@ -62,6 +62,7 @@ import results_file  # noqa: E402  benchmarks/, the script's folder
 
 from armd_jax import ModelConfig, build_model, orders, sampling  # noqa: E402
 from armd_jax.losses import token_log_probs  # noqa: E402
+from armd_jax.sampling import cache as cache_lib  # noqa: E402
 from armd_jax.sampling import decoding  # noqa: E402
 from armd_jax.sampling import plan as plan_lib  # noqa: E402
 
@@ -204,13 +205,13 @@ def parts(model, batch: int, width: int, length: int, loops: int):
     return c + token_log_probs(c, drawn)[..., None]
 
   return {
-      "attend_layer": (loop(lambda m, c, i: decoding.attend_on_cache(
+      "attend_layer": (loop(lambda m, c, i: cache_lib.attend_on_cache(
           m.layers[0], c, rope, rope, cache, cache, kv_ids)), x),
       "keys_values": (loop(lambda m, c, i: c + sum(
           t.sum() for t in m.layers[0].keys_values(c, rope))), x),
       "logits": (loop(lambda m, c, i: c + m.logits(c).mean(-1, keepdims=True)), x),
       "sample": (loop(sample), logits),
-      "cache_write": (loop(lambda m, c, i: decoding.write_cache_rows(
+      "cache_write": (loop(lambda m, c, i: cache_lib.write_cache_rows(
           c, values, jnp.full((batch,), i), None, True)), cache),
   }
 

@@ -1,4 +1,4 @@
-"""Properties of KV-cached ARMD decoding (spec section 4), each stated as a sentence."""
+"""Properties of KV-cached ARMD decoding (docs/method.md), each stated as a sentence."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 from armd_jax import orders, sampling
 from armd_jax.losses import token_log_probs
 from armd_jax.sampling import SamplerConfig
+from armd_jax.sampling import cache as cache_lib
 from armd_jax.sampling import decoding as decode_lib
 from conftest import init_model, tiny_config
 
@@ -87,13 +88,13 @@ def test_score_comparison_catches_an_upper_cache_that_hides_the_own_block(tiny, 
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, N), 0, model.config.vocab_size)
   ids = make_order("multi_token_blocks", 1, N)
   upper_rows = N + sampling.make_plan(np.asarray(ids)).max_width
-  real = decode_lib._write_rows
+  real = cache_lib.write_cache_rows
   monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)
 
   def no_upper_write(cache, values, start, valid, uniform):
     return cache if cache.shape[2] == upper_rows else real(cache, values, start, valid, uniform)
 
-  monkeypatch.setattr(decode_lib, "_write_rows", no_upper_write)
+  monkeypatch.setattr(cache_lib, "write_cache_rows", no_upper_write)
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   got = sampling.score(model, params, tokens, ids)
   assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-3
@@ -223,13 +224,13 @@ def test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass
   full_rows = 2 * N + plan.max_width
   assert any(rows is not None for phase in plan.segments for _, rows in phase)
   read_rows = []
-  real_attend = decode_lib._attend
+  real_attend = cache_lib.attend_on_cache
 
   def recording_attend(layer, x, rope, q_ids, cache_k, cache_v, kv_ids):
     read_rows.append(kv_ids.shape[1])
     return real_attend(layer, x, rope, q_ids, cache_k, cache_v, kv_ids)
 
-  monkeypatch.setattr(decode_lib, "_attend", recording_attend)
+  monkeypatch.setattr(cache_lib, "attend_on_cache", recording_attend)
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   got = sampling.score(model, params, tokens, ids)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -273,9 +274,9 @@ def test_segmented_generation_draws_the_same_tokens_as_one_scan(tiny, monkeypatc
 def test_decoder_trace_guard_fires_on_a_second_trace():
   key = ("fake",)
   decode_lib.TRACE_COUNTS[key] = 0
-  decode_lib._count_trace(key)
+  decode_lib.count_trace(key)
   with pytest.raises(AssertionError, match="traced again"):
-    decode_lib._count_trace(key)
+    decode_lib.count_trace(key)
 
 
 # -- sampling controls ----------------------------------------------------------------------
@@ -362,7 +363,7 @@ def test_the_cpu_only_attention_split_is_lowered_for_cpu_only(tiny, monkeypatch)
 
   def split_ops(platform):
     text = traced.lower(lowering_platforms=(platform,)).as_text(debug_info=True)
-    return text.count(decode_lib.CPU_SPLIT_SCOPE)
+    return text.count(cache_lib.CPU_SPLIT_SCOPE)
 
   assert split_ops("cpu") > 0
   assert split_ops("tpu") == 0

@@ -238,7 +238,8 @@ class Block(nn.Module):
 
   `__call__` runs the layer on x [B, Nq, D] with keys/values taken from its first
   `kv_len` rows; that is how the two ARMD streams share one call and one set of weights.
-  `keys_values` and `attend` expose the two halves for KV-cached decoding.
+  `keys_values` and `attend` expose the two halves for KV-cached decoding, and
+  `after_attention` the rest of the layer for a caller that computes the attention itself.
   """
 
   config: ModelConfig
@@ -257,8 +258,8 @@ class Block(nn.Module):
   def attend(self, x: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
              v: jax.Array, kv_ids: jax.Array, deterministic: bool = True) -> jax.Array:
     """Updates query rows x [B, Nq, D] attending to given k, v [B, Nk, H, Dh]."""
-    return self._finish(x, self.attn.attend(self.ln_attn(x), positions, ids, k, v, kv_ids),
-                        deterministic)
+    return self.after_attention(
+        x, self.attn.attend(self.ln_attn(x), positions, ids, k, v, kv_ids), deterministic)
 
   def __call__(self, x: jax.Array, positions: jax.Array, ids: jax.Array,
                kv_len: int | None = None, deterministic: bool = True) -> jax.Array:
@@ -303,9 +304,17 @@ class Block(nn.Module):
     # Two streams (content rows, then query rows): two sorted runs for the kernel.
     segments = None if kv_len == x.shape[1] else (kv_len, x.shape[1] - kv_len)
     y = self.attn.attend(h, positions, ids, k, v, ids[:, :kv_len], q_segments=segments)
-    return self._finish(x, y, deterministic)
+    return self.after_attention(x, y, deterministic)
 
-  def _finish(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
+  def after_attention(self, x: jax.Array, y: jax.Array,
+                      deterministic: bool = True) -> jax.Array:
+    """The layer after its attention: rows x [B, Nq, D] plus the projected attention
+    output y [B, Nq, D], then the pre-norm MLP with its residual (dropout on both unless
+    deterministic). Returns [B, Nq, D].
+
+    The KV-cached decoder (`armd_jax.sampling.cache`) computes y on its caches and
+    finishes the layer here.
+    """
     x = x + self.dropout(y, deterministic=deterministic)
     x = x + self.dropout(self.mlp(self.ln_mlp(x)), deterministic=deterministic)
     return nn.with_logical_constraint(x, ACTIVATION)

@@ -8,11 +8,16 @@ Public API:
   (`.tokens`, `.num_calls`, `.log_probs`, `.block_ids`, `.valid`, `.drawn`).
 - `score(model, params, tokens, block_ids, positions=None) -> [B, N]` log-probs.
 - `decode(...)`: the engine behind both (also runs the full-recompute reference).
-See `docs/sampling.md`.
+
+Files: `generation.py` (`generate`), `decoding.py` (the decode driver: `decode`,
+`score`), `cache.py` (one network call against the KV caches), `confidence_order.py`
+(`order='confidence'`), `plan.py` (which positions each call handles), `sampler.py`
+(drawing a token); `ar.py` and `mdlm.py` sample the baselines. See `docs/sampling.md`.
 """
 
-from armd_jax.sampling.decoding import (CRITERIA, GenerateOutput, confidence, confidence_calls,
-                                        decode, generate, score, truncate_at_eos)
+from armd_jax.sampling.confidence_order import CRITERIA, confidence, confidence_calls
+from armd_jax.sampling.decoding import decode, score
+from armd_jax.sampling.generation import GenerateOutput, generate, truncate_at_eos
 from armd_jax.sampling.plan import Plan, conditional_strided_order, make_plan
 from armd_jax.sampling.sampler import (SamplerConfig, exponential_noise, filter_logits,
                                        sample_logits)
