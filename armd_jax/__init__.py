@@ -3,9 +3,9 @@
 Public API:
 - `ModelConfig`, `build_model`, and the one model family built from the same blocks:
   `ARMD`, the baselines `AR` (causal GPT) and `MDLM` (masked diffusion).
-- `orders` (block-id generators), `losses` (the objective), `kernels` (block-id
-  attention: jnp reference and Pallas flash kernels), `sampling` (KV-cached and strided
-  generation, scoring).
+- `orders` (block-id generators and the order table), `losses` (the objective),
+  `kernels` (block-id attention: jnp reference and Pallas flash kernels), `sampling`
+  (KV-cached and strided generation, scoring).
 - Imported on demand, since they pull in heavier dependencies: `armd_jax.train`
   (train step, checkpoints, `train_and_evaluate`, `load_trained`), `armd_jax.data`
   (grain pipelines; seqio/TensorFlow only lazily) and `armd_jax.eval`.

@@ -1,21 +1,37 @@
-"""Generation orders: pure, jit-able generators of block ids [B, N].
+"""Generation orders: pure, jit-able generators of block ids [B, N], and the order table.
 
 A block id is the reverse-diffusion step at which a token is revealed: 1 = first, a
-block = the set of positions sharing an id, ids dense from 1 (spec section 3). The model
-only compares ids, so any integer labelling works there; dense ids are what the cached
-sampler and the metrics assume, and every generator here returns them.
+block = the set of positions sharing an id, ids dense from 1 (docs/method.md, section 1).
+The model only compares ids, so any integer labelling works there; dense ids are what
+the cached sampler and the metrics assume, and every generator here returns them.
+
+**The order table** (`ORDERS`): name -> `Order`: how block ids [B, N] are drawn (a
+pure, jit-able function of an rng and the training step), whether the likelihood under
+it is exact (singleton blocks in a fixed order: the chain rule) or a bound (a random
+order or multi-token blocks: Jensen), and whether training (`config.order.kind`) and/or
+evaluation (`--order`) may use it. `TRAIN_ORDERS` and `EVAL_ORDERS` are derived.
+Nothing else branches on an order name: the train step, `armd_jax.eval` and the
+settings' validation ask this table.
+
+How to add an order: write its block-id generator below, add an `Order(...)` to
+`ORDERS` (its `draw(settings, rng, step, batch, length)` reads the fields of
+`armd_jax.train.settings.OrderConfig` it needs, by attribute; add fields there if it
+needs new ones), list it in the `eval_orders` of the kinds it applies to
+(`armd_jax.registry.KINDS`), and add a test to `tests/test_orders.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
+EXACT, BOUND = "exact", "bound"
 IntLike = Union[int, jax.Array]
 
 
@@ -156,6 +172,110 @@ def check_block_ids(block_ids) -> None:
     if uniq[0] != 1 or not np.array_equal(uniq, np.arange(1, len(uniq) + 1)):
       raise ValueError(f"block ids of row {row} are not dense from 1: distinct values "
                        f"{uniq[:8].tolist()}{'...' if len(uniq) > 8 else ''}.")
+
+
+# ----------------------------------------------------------------------- the order table
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+  """One generation order.
+
+  Attributes:
+    name: the name configs and flags use.
+    draw: `draw(settings, rng, step, batch, length) -> (block_ids [B, N] int32, metrics)`;
+      `settings` has the fields of `OrderConfig` (streams may be an int or a tuple).
+      None for an order that is a model kind's own objective ('elbo').
+    exact: True if the NLL under the order is exact, False if it is a bound.
+    train: usable as `config.order.kind`.
+    evaluate: usable as an evaluation order (`--order`).
+    doc: one line for help texts.
+  """
+
+  name: str
+  draw: Optional[Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]]
+  exact: bool
+  train: bool
+  evaluate: bool
+  doc: str
+
+  @property
+  def label(self) -> str:
+    """'exact' or 'bound'."""
+    return EXACT if self.exact else BOUND
+
+
+def _streams(settings) -> Tuple[int, ...]:
+  s = settings.streams
+  return tuple(int(x) for x in s) if isinstance(s, (tuple, list)) else (int(s),)
+
+
+def _draw_left_to_right(settings, rng, step, batch, length):
+  del settings, rng, step
+  return left_to_right(batch, length), {}
+
+
+def _draw_progressive(settings, rng, step, batch, length):
+  k = num_shuffled_schedule(step, settings.i_ar, settings.i_perm, settings.rho)
+  return progressive_permutation(rng, batch, length, k), {"order/num_shuffled": k}
+
+
+def _draw_random(settings, rng, step, batch, length):
+  del settings, step
+  return progressive_permutation(rng, batch, length, length), {}
+
+
+def _draw_strided(settings, rng, step, batch, length):
+  del step
+  streams = _streams(settings)
+  if len(streams) == 1:
+    return strided(batch, length, streams[0]), {
+        "order/streams": jnp.asarray(streams[0], jnp.int32)}
+  candidates = jnp.stack([strided(batch, length, s) for s in streams])
+  choice = jax.random.randint(rng, (), 0, len(streams))  # S uniform over the set
+  return candidates[choice], {"order/streams": jnp.asarray(streams, jnp.int32)[choice]}
+
+
+def _draw_masked_diffusion(settings, rng, step, batch, length):
+  del step
+  return masked_diffusion(rng, batch, length, settings.num_steps, settings.schedule), {}
+
+
+ORDERS: Dict[str, Order] = {o.name: o for o in (
+    Order("left_to_right", _draw_left_to_right, exact=True, train=True, evaluate=True,
+          doc="b(n) = n: an autoregressive LM"),
+    Order("progressive_permutation", _draw_progressive, exact=False, train=True,
+          evaluate=False,
+          doc="k(step) tokens' slots shuffled, k ramping 1 -> rho between i_ar and i_perm"),
+    Order("strided", _draw_strided, exact=True, train=True, evaluate=True,
+          doc="SBP with S streams (training draws S uniformly from `streams`)"),
+    Order("masked_diffusion", _draw_masked_diffusion, exact=False, train=True, evaluate=True,
+          doc="multi-token blocks of a T-step masking schedule"),
+    Order("random", _draw_random, exact=False, train=False, evaluate=True,
+          doc="a uniform random singleton order"),
+    Order("elbo", None, exact=False, train=False, evaluate=True,
+          doc="MDLM's continuous-time negative ELBO"),
+)}
+TRAIN_ORDERS = tuple(n for n, o in ORDERS.items() if o.train)
+EVAL_ORDERS = tuple(n for n, o in ORDERS.items() if o.evaluate)
+
+
+def get_order(name: str) -> Order:
+  """The `Order` called `name`; ValueError listing the known ones."""
+  if name not in ORDERS:
+    raise ValueError(f"unknown order {name!r}; known orders: {list(ORDERS)}.")
+  return ORDERS[name]
+
+
+def draw_block_ids(settings, rng: jax.Array, step: jax.Array, batch: int,
+                   length: int) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Block ids [B, N] int32 of the order `settings.kind` (or `.name`) at training `step`,
+  plus scalar order metrics ('order/num_shuffled' or 'order/streams')."""
+  name = getattr(settings, "kind", None) or settings.name
+  order = get_order(name)
+  if order.draw is None:
+    raise ValueError(f"order {name!r} is a model kind's own objective, not block ids.")
+  return order.draw(settings, rng, step, batch, length)
 
 
 def _check_sizes(batch: int, length: int) -> None:

@@ -88,7 +88,7 @@ from armd_jax.kernels import BlockSizes, block_causal_attention_reference  # noq
 from armd_jax.kernels.flash import block_causal_flash_attention  # noqa: E402
 from armd_jax.train import partitioning  # noqa: E402
 from armd_jax.train import state as state_lib  # noqa: E402
-from armd_jax.train.typed import MeshConfig, OptimConfig, OrderConfig  # noqa: E402
+from armd_jax.train.settings import MeshConfig, OptimConfig, OrderConfig  # noqa: E402
 
 sys.path.insert(0, HERE)  # after armd_jax: attention_kernel then finds the whole package
 import attention_kernel  # noqa: E402  pylint: disable=g-bad-import-order

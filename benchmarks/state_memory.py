@@ -18,11 +18,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from armd_jax import compile_check, registry  # noqa: E402
+from armd_jax import compile_check  # noqa: E402
+from armd_jax.models import build_model  # noqa: E402
 from armd_jax.train import partitioning  # noqa: E402
 from armd_jax.train import state as state_lib  # noqa: E402
 from armd_jax.train.defaults import config_from_file  # noqa: E402
-from armd_jax.train.typed import model_config_from, settings_from  # noqa: E402
+from armd_jax.train.settings import model_config_from, settings_from  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 GIB = 2.0 ** 30
@@ -54,7 +55,7 @@ def main(argv=None):
         if mesh:
           config.mesh.shape, config.mesh.rule_table = mesh
         settings = settings_from(config)
-        model = registry.build_model(model_config_from(config))
+        model = build_model(model_config_from(config))
         grid = partitioning.make_mesh(settings.mesh, devices)
         rules = partitioning.rules_of(settings.mesh)
         _, abstract, _ = state_lib.train_state_layout(

@@ -47,7 +47,7 @@ from armd_jax.models import build_model  # noqa: E402
 from armd_jax.train import partitioning  # noqa: E402
 from armd_jax.train import state as state_lib  # noqa: E402
 from armd_jax.train.defaults import base_config  # noqa: E402
-from armd_jax.train.typed import MeshConfig, model_config_from, settings_from  # noqa: E402
+from armd_jax.train.settings import MeshConfig, model_config_from, settings_from  # noqa: E402
 
 SIZES = {  # name: (d_model, num_layers, num_heads, mlp_dim, seq_len, batch)
     "small": (128, 4, 4, 512, 128, 16),

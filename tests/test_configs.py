@@ -15,7 +15,7 @@ from armd_jax.data import DataConfig
 from armd_jax.models import build_model
 from armd_jax.train import partitioning
 from armd_jax.train import state as state_lib
-from armd_jax.train.typed import model_config_from, settings_from
+from armd_jax.train.settings import model_config_from, settings_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs",

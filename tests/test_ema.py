@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import armd_jax
-from armd_jax.train import partitioning, typed
+from armd_jax.train import partitioning, settings
 from armd_jax.train import state as state_lib
 from conftest import tiny_config
 
@@ -64,12 +64,12 @@ def test_the_train_step_keeps_the_debiased_ema_so_after_one_step_it_equals_the_p
   """And after two steps it is the closed-form average of the two steps' parameters."""
   decay = 0.9
   model = armd_jax.build_model(tiny_config(vocab_size=259))
-  mesh = partitioning.make_mesh(typed.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+  mesh = partitioning.make_mesh(settings.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
-  optim = typed.OptimConfig(ema_decay=decay, warmup_steps=0, learning_rate=1e-2)
+  optim = settings.OptimConfig(ema_decay=decay, warmup_steps=0, learning_rate=1e-2)
   state, shardings = state_lib.create_train_state(model, optim, 10, 8, 0, mesh, rules)
   shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, typed.OrderConfig(kind="left_to_right"), optim, 10,
+  step = state_lib.make_train_step(model, settings.OrderConfig(kind="left_to_right"), optim, 10,
                                    shardings, shard)
   batch = partitioning.global_batch({"tokens": np.ones((2, 8), np.int32),
                                      "mask": np.ones((2, 8), np.int32)}, shard)

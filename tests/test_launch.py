@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from armd_jax.train.typed import settings_from
+from armd_jax.train.settings import settings_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ("python -m armd_jax.main --config=configs/owt_small.py --workdir=gs://bucket/run "

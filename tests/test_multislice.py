@@ -19,7 +19,7 @@ import pytest
 
 from armd_jax.train import partitioning
 from armd_jax.train.defaults import base_config
-from armd_jax.train.typed import MeshConfig
+from armd_jax.train.settings import MeshConfig
 from conftest import host_devices_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +129,7 @@ SIMULATED = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from armd_jax.train import partitioning
-    from armd_jax.train.typed import MeshConfig
+    from armd_jax.train.settings import MeshConfig
     mesh = partitioning.make_mesh(MeshConfig(shape=(1, -1, 2), dcn_shape=(-1, 1, 1)),
                                   slice_of=consecutive_slices(4))  # ids 0-3, 4-7
     x = jax.device_put(jnp.arange(8.0).reshape(2, 4), NamedSharding(mesh, P("data", "fsdp")))

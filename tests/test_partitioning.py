@@ -9,8 +9,8 @@ import pytest
 
 import armd_jax
 from armd_jax import main as main_lib
-from armd_jax.train import partitioning, typed
-from armd_jax.train.typed import MeshConfig
+from armd_jax.train import partitioning, settings
+from armd_jax.train.settings import MeshConfig
 from conftest import init_model, tiny_config
 
 
@@ -19,8 +19,8 @@ def table(name):
 
 
 def test_the_three_rule_tables_lay_out_weights_and_batch_as_documented():
-  assert set(partitioning.RULE_TABLES) == set(typed.RULE_TABLES)
-  for name in typed.RULE_TABLES:
+  assert set(partitioning.RULE_TABLES) == set(settings.RULE_TABLES)
+  for name in settings.RULE_TABLES:
     assert table(name)["activation_batch"] == ("data", "fsdp")  # batch over data x fsdp
     assert table(name)["activation_length"] is None
   dp, fsdp, tp = table("data_parallel"), table("fsdp"), table("fsdp_tensor")

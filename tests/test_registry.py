@@ -15,7 +15,9 @@ import pytest
 import armd_jax
 from armd_jax import orders, registry
 from armd_jax.eval import perplexity
-from armd_jax.train import defaults, loop, objective, typed
+from armd_jax.train import defaults, loop
+from armd_jax.train import settings as settings_lib
+from armd_jax.train import state as state_lib
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +34,7 @@ def test_every_kind_has_one_module_and_one_registry_row_and_unknown_kinds_name_t
   assert tuple(registry.KINDS) == armd_jax.models.MODEL_KINDS == tuple(armd_jax.models.MODULES)
   for name, spec in registry.KINDS.items():
     assert isinstance(armd_jax.build_model(tiny_config(kind=name)), armd_jax.models.MODULES[name])
-    assert spec.eval_orders and all(o in registry.EVAL_ORDERS for o in spec.eval_orders)
+    assert spec.eval_orders and all(o in orders.EVAL_ORDERS for o in spec.eval_orders)
   with pytest.raises(ValueError, match=r"'armd', 'ar', 'mdlm'"):
     tiny_config(kind="gpt")
 
@@ -49,12 +51,12 @@ def test_importing_the_models_imports_no_registry_sampler_trainer_or_data_layer(
 
 
 def test_training_and_evaluation_validate_orders_against_the_one_order_registry():
-  for name in registry.TRAIN_ORDERS:
-    typed.OrderConfig(kind=name)
-  for name in registry.EVAL_ORDERS:
+  for name in orders.TRAIN_ORDERS:
+    settings_lib.OrderConfig(kind=name)
+  for name in orders.EVAL_ORDERS:
     perplexity.EvalOrder(name)
   with pytest.raises(ValueError, match="config.order.kind"):
-    typed.OrderConfig(kind="random")  # an evaluation-only order
+    settings_lib.OrderConfig(kind="random")  # an evaluation-only order
   with pytest.raises(ValueError, match="EvalOrder.name"):
     perplexity.EvalOrder("progressive_permutation")  # a training-only schedule
   assert perplexity.likelihood_label("armd", perplexity.EvalOrder("strided", streams=2)) == \
@@ -65,8 +67,8 @@ def test_training_and_evaluation_validate_orders_against_the_one_order_registry(
 
 
 def test_training_and_evaluation_draw_the_same_strided_ids():
-  train_ids, info = registry.draw_block_ids(typed.OrderConfig(kind="strided", streams=(4,)),
-                                            jax.random.PRNGKey(0), jnp.int32(0), 2, 16)
+  train_ids, info = orders.draw_block_ids(settings_lib.OrderConfig(kind="strided", streams=(4,)),
+                                          jax.random.PRNGKey(0), jnp.int32(0), 2, 16)
   eval_ids = perplexity.armd_block_ids(jax.random.PRNGKey(1),
                                        perplexity.EvalOrder("strided", streams=4),
                                        jnp.ones((2, 16), jnp.int32))
@@ -95,17 +97,17 @@ def test_the_ar_generator_refuses_streams():
 
 
 def test_compute_loss_and_make_train_step_take_typed_order_settings_not_the_config_dict():
-  from armd_jax.train import state as state_lib
   model, params = _init("armd")
   batch = {"tokens": jnp.ones((2, 8), jnp.int32), "mask": jnp.ones((2, 8), jnp.int32)}
   config = defaults.base_config()
   with pytest.raises(TypeError, match="OrderConfig"):
-    objective.compute_loss(model, params, batch, jax.random.PRNGKey(0), jnp.int32(0),
+    state_lib.compute_loss(model, params, batch, jax.random.PRNGKey(0), jnp.int32(0),
                            config, deterministic=True)
   with pytest.raises(TypeError, match="OrderConfig"):
-    state_lib.make_train_step(model, config, typed.OptimConfig(), 10, None, None)
-  loss, metrics = objective.compute_loss(model, params, batch, jax.random.PRNGKey(0),
-                                         jnp.int32(0), typed.OrderConfig(kind="left_to_right"),
+    state_lib.make_train_step(model, config, settings_lib.OptimConfig(), 10, None, None)
+  loss, metrics = state_lib.compute_loss(model, params, batch, jax.random.PRNGKey(0),
+                                         jnp.int32(0),
+                                         settings_lib.OrderConfig(kind="left_to_right"),
                                          deterministic=True)
   chex.assert_shape(loss, ())
   chex.assert_tree_all_finite(metrics)
@@ -113,15 +115,14 @@ def test_compute_loss_and_make_train_step_take_typed_order_settings_not_the_conf
 
 def test_the_train_step_recompile_guard_rejects_a_batch_of_another_shape():
   from armd_jax.train import partitioning
-  from armd_jax.train import state as state_lib
   model = armd_jax.build_model(tiny_config(vocab_size=259))
-  mesh = partitioning.make_mesh(typed.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+  mesh = partitioning.make_mesh(settings_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
-  optim = typed.OptimConfig(ema_decay=0.5)
+  optim = settings_lib.OptimConfig(ema_decay=0.5)
   state, shardings = state_lib.create_train_state(model, optim, 10, 8, 0, mesh, rules)
   shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, typed.OrderConfig(kind="left_to_right"), optim, 10,
-                                   shardings, shard)
+  step = state_lib.make_train_step(model, settings_lib.OrderConfig(kind="left_to_right"), optim,
+                                   10, shardings, shard)
 
   def batch(n):
     return partitioning.global_batch({"tokens": np.ones((2, n), np.int32),
@@ -144,9 +145,9 @@ def test_base_config_is_derived_from_the_typed_defaults():
       if f.default is not dataclasses.MISSING and f.default is not None:
         assert config[name][key] == f.default, (name, key)
   assert config.model.vocab_size is None and config.model.num_two_stream_layers is None
-  settings = typed.settings_from(config)  # every section validates at its defaults
-  assert settings.order == typed.OrderConfig()
-  assert typed.model_config_from(config, 7) == armd_jax.ModelConfig(vocab_size=7)
+  settings = settings_lib.settings_from(config)  # every section validates at its defaults
+  assert settings.order == settings_lib.OrderConfig()
+  assert settings_lib.model_config_from(config, 7) == armd_jax.ModelConfig(vocab_size=7)
 
 
 def test_a_config_file_imports_no_orbax_grain_or_optax():
@@ -162,10 +163,10 @@ def test_mdlm_validation_accuracy_is_over_masked_tokens_and_each_key_draws_anew(
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, 13, (4, 16)), jnp.int32),
            "mask": jnp.ones((4, 16), jnp.int32)}
-  a = objective.eval_metrics(model, params, batch, jax.random.PRNGKey(1))
-  b = objective.eval_metrics(model, params, batch, jax.random.PRNGKey(2))
+  a = state_lib.eval_metrics(model, params, batch, jax.random.PRNGKey(1))
+  b = state_lib.eval_metrics(model, params, batch, jax.random.PRNGKey(2))
   assert float(a["nll_sum"]) != float(b["nll_sum"])  # the key drives the draws
-  chex.assert_trees_all_close(a, objective.eval_metrics(model, params, batch,
+  chex.assert_trees_all_close(a, state_lib.eval_metrics(model, params, batch,
                                                         jax.random.PRNGKey(1)))
   assert float(a["num_tokens"]) == 64
   assert 0 < float(a["num_scored"]) < 64  # masked tokens only (means of 4 draws)
@@ -200,7 +201,7 @@ def test_run_eval_gives_each_batch_its_own_key_and_divides_hits_by_scored_tokens
   config.eval.num_batches = 3
   batch = {"tokens": np.zeros((2, 4), np.int32), "mask": np.ones((2, 4), np.int32)}
   out = loop.run_eval(eval_step, State, _FakeDatasets([batch] * 5), shard,
-                      typed.settings_from(config))
+                      settings_lib.settings_from(config))
   assert len(keys) == 3 and len({k.tobytes() for k in keys}) == 3
   assert out["eval/accuracy"] == pytest.approx(9.0 / 18.0)  # hits / scored, not / tokens
   assert out["eval/nll"] == pytest.approx(30.0 / 60.0)

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     from armd_jax import train
     from armd_jax.models import build_model
     from armd_jax.train import checkpoints, partitioning, state as state_lib
-    from armd_jax.train.typed import MeshConfig, model_config_from, settings_from
+    from armd_jax.train.settings import MeshConfig, model_config_from, settings_from
 
     root = sys.argv[1]
     spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from armd_jax import orders, train
-from armd_jax.train import checkpoints, objective, observe
-from armd_jax.train.typed import OrderConfig, order_config_from
+from armd_jax.train import checkpoints, observe
+from armd_jax.train import state as state_lib
+from armd_jax.train.settings import OrderConfig, order_config_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,14 +98,14 @@ def test_init_from_starts_a_fresh_run_from_the_saved_parameters(tiny_run, tmp_pa
 
 def test_a_nonfinite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
     tmp_path, monkeypatch):
-  real = objective.compute_loss
+  real = state_lib.compute_loss
 
   def poisoned(model, params, batch, rng, step, order, deterministic):
     loss, metrics = real(model, params, batch, rng, step, order, deterministic)
     loss = jnp.where(step >= 24, jnp.nan, loss)  # state.step 24 = the 25th step
     return loss, {**metrics, "loss": loss}
 
-  monkeypatch.setattr(objective, "compute_loss", poisoned)
+  monkeypatch.setattr(state_lib, "compute_loss", poisoned)
   workdir = str(tmp_path)
   with pytest.raises(observe.NonFiniteError, match=r"at train step 25;.*step 20\) is kept"):
     train.train_and_evaluate(load_config("tiny"), workdir)
@@ -156,9 +157,9 @@ def test_left_to_right_training_loss_equals_the_exact_eval_nll(tiny_run):
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, 259, (2, 16)), jnp.int32),
            "mask": jnp.asarray([[1] * 16, [1] * 10 + [0] * 6], jnp.int32)}
-  loss, _ = objective.compute_loss(trained.model, trained.params, batch, jax.random.PRNGKey(0),
+  loss, _ = state_lib.compute_loss(trained.model, trained.params, batch, jax.random.PRNGKey(0),
                                    jnp.int32(0), order_config_from(config), deterministic=True)
-  sums = objective.eval_metrics(trained.model, trained.params, batch, jax.random.PRNGKey(0))
+  sums = state_lib.eval_metrics(trained.model, trained.params, batch, jax.random.PRNGKey(0))
   assert float(sums["num_tokens"]) == 26
   np.testing.assert_allclose(loss, sums["nll_sum"] / sums["num_tokens"], rtol=1e-6)
 
@@ -170,7 +171,7 @@ def test_left_to_right_training_loss_equals_the_exact_eval_nll(tiny_run):
     (OrderConfig(kind="masked_diffusion", num_steps=4), None),
 ])
 def test_drawn_block_ids_are_dense_and_follow_the_schedule(order, metric):
-  draw = jax.jit(lambda rng, step: objective.draw_block_ids(order, rng, step, 3, 16))
+  draw = jax.jit(lambda rng, step: orders.draw_block_ids(order, rng, step, 3, 16))
   for step in (0, 5, 20):
     ids, info = draw(jax.random.PRNGKey(step), jnp.int32(step))
     orders.check_block_ids(ids)
@@ -187,8 +188,7 @@ def test_drawn_block_ids_are_dense_and_follow_the_schedule(order, metric):
 def test_the_train_step_compiles_once_and_advances_the_step():
   from armd_jax.models import build_model
   from armd_jax.train import partitioning
-  from armd_jax.train import state as state_lib
-  from armd_jax.train.typed import MeshConfig, model_config_from, settings_from
+  from armd_jax.train.settings import MeshConfig, model_config_from, settings_from
 
   config = load_config("tiny")
   config.model.vocab_size = 259

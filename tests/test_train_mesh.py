@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from armd_jax.models import build_model
     from armd_jax.train import partitioning, state as state_lib
-    from armd_jax.train.typed import MeshConfig, model_config_from, settings_from
+    from armd_jax.train.settings import MeshConfig, model_config_from, settings_from
     jax.config.update("jax_default_matmul_precision", "highest")
 
     spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from armd_jax import orders, registry
-from armd_jax.registry import BOUND, EXACT
+from armd_jax.orders import BOUND, EXACT
 
-ORDER_NAMES = registry.EVAL_ORDERS  # the evaluation orders of `armd_jax.registry.ORDERS`
+ORDER_NAMES = orders.EVAL_ORDERS  # the evaluation orders of `armd_jax.orders.ORDERS`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class EvalOrder:
   schedule: str = "linear"
 
   def __post_init__(self):
-    if self.name not in registry.EVAL_ORDERS:
+    if self.name not in orders.EVAL_ORDERS:
       raise ValueError(f"EvalOrder.name must be one of {ORDER_NAMES}, got {self.name!r}.")
     if self.streams < 1 or self.num_steps < 1:
       raise ValueError(f"EvalOrder.streams and num_steps must be >= 1, got {self.streams}, "
@@ -109,9 +109,9 @@ class PerplexityResult:
 
 
 def armd_block_ids(rng: jax.Array, order: EvalOrder, mask: jax.Array) -> jax.Array:
-  """Block ids [B, N] of an evaluation order (`armd_jax.registry.ORDERS`), padding moved
+  """Block ids [B, N] of an evaluation order (`armd_jax.orders.ORDERS`), padding moved
   to the last block."""
-  ids, _ = registry.draw_block_ids(order, rng, jnp.zeros((), jnp.int32), *mask.shape)
+  ids, _ = orders.draw_block_ids(order, rng, jnp.zeros((), jnp.int32), *mask.shape)
   return orders.padding_last(ids, mask)
 
 

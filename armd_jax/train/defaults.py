@@ -2,7 +2,7 @@
 
 Each default is written once, in the typed frozen dataclass that documents it:
 `armd_jax.models.ModelConfig` (section `model`), `armd_jax.data.DataConfig` (`data`),
-and the dataclasses of `armd_jax.train.typed` (`order`, `optim`, `train`, `mesh`,
+and the dataclasses of `armd_jax.train.settings` (`order`, `optim`, `train`, `mesh`,
 `checkpoint`, `eval`, `sample`). `base_config()` builds the ConfigDict from those
 defaults with `armd_jax.config_dict.section_config`; optional fields (default None, or no
 default such as `model.vocab_size`) become typed placeholders so
@@ -22,20 +22,20 @@ import ml_collections
 from armd_jax.config_dict import section_config
 from armd_jax.data import config as data_config
 from armd_jax.models.config import ModelConfig
-from armd_jax.train import typed
+from armd_jax.train import settings
 
 SECTION_TYPES = {"model": ModelConfig, "data": data_config.DataConfig,
-                 "order": typed.OrderConfig, "optim": typed.OptimConfig,
-                 "train": typed.TrainConfig, "mesh": typed.MeshConfig,
-                 "checkpoint": typed.CheckpointConfig, "eval": typed.EvalConfig,
-                 "sample": typed.SampleConfig}
+                 "order": settings.OrderConfig, "optim": settings.OptimConfig,
+                 "train": settings.TrainConfig, "mesh": settings.MeshConfig,
+                 "checkpoint": settings.CheckpointConfig, "eval": settings.EvalConfig,
+                 "sample": settings.SampleConfig}
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The experiment ConfigDict with sections model, data, order, optim, train, mesh,
   checkpoint, eval and sample at their defaults (see the module doc)."""
   c = ml_collections.ConfigDict()
-  for name in typed.SECTIONS:
+  for name in settings.SECTIONS:
     c[name] = section_config(SECTION_TYPES[name])
   return c
 

@@ -9,10 +9,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from armd_jax import registry
-from armd_jax.models import ModelConfig
+from armd_jax.models import ModelConfig, build_model
 from armd_jax.train import checkpoints
-from armd_jax.train.typed import model_config_from
+from armd_jax.train.settings import model_config_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,5 +57,5 @@ def load_trained(workdir: str, use_ema: bool = True, step: Optional[int] = None,
     from armd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     vocab = data_lib.load_vocab(config.data, workdir)
   return Trained(config=config, model_config=model_config,
-                 model=registry.build_model(model_config), params=params, vocab=vocab,
+                 model=build_model(model_config), params=params, vocab=vocab,
                  step=step)

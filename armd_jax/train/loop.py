@@ -16,9 +16,10 @@ import numpy as np
 from absl import logging
 
 from armd_jax import registry
-from armd_jax.train import checkpoints, lock, objective, observe, partitioning
+from armd_jax.models import build_model
+from armd_jax.train import checkpoints, lock, observe, partitioning
 from armd_jax.train import state as state_lib
-from armd_jax.train.typed import Settings, model_config_from, settings_from
+from armd_jax.train.settings import Settings, model_config_from, settings_from
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -64,7 +65,7 @@ def _train(config: ml_collections.ConfigDict, settings: Settings,
   if tc.seq_len > model_config.max_len:
     raise ValueError(f"config.train.seq_len={tc.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}.")
-  model = registry.build_model(model_config)
+  model = build_model(model_config)
 
   mesh = partitioning.make_mesh(settings.mesh)
   rules = partitioning.rules_of(settings.mesh)
@@ -217,7 +218,7 @@ def run_eval(eval_step, state: state_lib.TrainState, datasets, batch_shard,
 def report_eval(writer: observe.Writer, step: int, metrics: Dict[str, float],
                 kind: str = "armd") -> None:
   """Writes eval metrics and prints them on one line ('mdlm' NLLs are ELBO bounds)."""
-  how = objective.eval_description(kind)
+  how = registry.get_kind(kind).validation_label
   writer.write(step, metrics)
   if jax.process_index() == 0:
     print(f"eval at step {step}: nll {metrics['eval/nll']:.4f}  perplexity "

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from armd_jax.models.layers import divisible_spec
-from armd_jax.train.typed import MeshConfig
+from armd_jax.train.settings import MeshConfig
 
 MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
 BATCH_AXES: Tuple[str, ...] = ("data", "fsdp")  # the batch is split over both

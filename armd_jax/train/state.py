@@ -1,4 +1,5 @@
-"""The train state, the optimiser, and the pure, sharded, jitted train and eval steps."""
+"""The train state, the optimiser, the loss of one batch, and the pure, sharded, jitted
+train and eval steps."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from armd_jax import orders
-from armd_jax.train import objective, partitioning
-from armd_jax.train.typed import OptimConfig, OrderConfig
+from armd_jax import orders, registry
+from armd_jax.train import partitioning
+from armd_jax.train.settings import OptimConfig, OrderConfig
 
+Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
 _STEP_IDS = itertools.count()  # names each train step for its recompile guard
 
@@ -170,6 +172,42 @@ def state_shardings(abstract: TrainState, param_shardings: Any, mesh: Mesh) -> T
                     rng=replicated)
 
 
+def compute_loss(model: Any, params: Any, batch: Batch, rng: jax.Array, step: jax.Array,
+                 order: OrderConfig,
+                 deterministic: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The training loss of one batch: the model kind's loss (`armd_jax.registry.KINDS`,
+  defined in `armd_jax.objectives`).
+
+  Args:
+    model: the Flax module (`armd_jax.models.build_model`).
+    params: its variables ({'params': ...}).
+    batch: 'tokens' int32 [B, N] and 'mask' int32 [B, N] (1 = real token).
+    rng: this step's key (already folded with the step); split into order and dropout.
+    step: the training step (int32 scalar), which drives the order schedule.
+    order: the typed order settings (`settings.order`, an `OrderConfig`).
+    deterministic: False enables dropout.
+
+  Returns:
+    (loss, metrics) with the metrics of `losses.cross_entropy` plus order metrics.
+  """
+  if not isinstance(order, OrderConfig):
+    raise TypeError(f"compute_loss takes the typed order settings (an OrderConfig, e.g. "
+                    f"settings_from(config).order), got {type(order).__name__}.")
+  return registry.kind_of(model).loss(model, params, batch, rng, step, order, deterministic)
+
+
+def eval_metrics(model: Any, params: Any, batch: Batch,
+                 rng: jax.Array) -> Dict[str, jax.Array]:
+  """Validation sums of one held-out batch: 'nll_sum', 'correct_sum', 'num_tokens'
+  (padding excluded) and 'num_scored' (the tokens 'correct_sum' counts over).
+
+  'ar'/'armd': the exact left-to-right NLL (`rng` unused). 'mdlm': a bound, the mean
+  negative ELBO of `objectives.MDLM_EVAL_DRAWS` draws from `rng` (give each batch its
+  own key); 'correct_sum' and 'num_scored' count masked tokens only.
+  """
+  return registry.kind_of(model).validation(model, params, batch, rng)
+
+
 def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
                     num_steps: int, shardings: TrainState, batch_shard: NamedSharding,
                     rules=None, max_traces: int = 1
@@ -199,8 +237,8 @@ def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
 
     def loss_fn(params):
       with partitioning.activation_sharding(mesh, rules):
-        return objective.compute_loss(model, params, batch, rng, state.step, order,
-                                      deterministic=False)
+        return compute_loss(model, params, batch, rng, state.step, order,
+                            deterministic=False)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -225,7 +263,7 @@ def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
 
 def make_eval_step(model: nn.Module, param_shardings: Any, batch_shard: NamedSharding,
                    rules=None) -> Callable[[Any, Dict[str, jax.Array], jax.Array], Metrics]:
-  """The jitted `eval_step(params, batch, rng) -> sums` (`objective.eval_metrics`: exact
+  """The jitted `eval_step(params, batch, rng) -> sums` (`eval_metrics`: exact
   left-to-right for 'ar'/'armd'; for 'mdlm' an ELBO whose draws come from `rng`)."""
   mesh = batch_shard.mesh
   rules = partitioning.DEFAULT_RULES if rules is None else rules
@@ -233,7 +271,7 @@ def make_eval_step(model: nn.Module, param_shardings: Any, batch_shard: NamedSha
 
   def eval_step(params, batch, rng):
     with partitioning.activation_sharding(mesh, rules):
-      return objective.eval_metrics(model, params, batch, rng)
+      return eval_metrics(model, params, batch, rng)
 
   return jax.jit(eval_step,
                  in_shardings=(param_shardings, {"tokens": batch_shard, "mask": batch_shard},

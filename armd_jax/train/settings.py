@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple, Type, TypeVar
 if TYPE_CHECKING:  # annotations only: the settings import without ml_collections
   import ml_collections
 
-from armd_jax import orders, registry
+from armd_jax import orders
 from armd_jax.models import ModelConfig
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -25,10 +25,10 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class OrderConfig:
-  """The training order schedule (spec section 3), drawn inside the train step.
+  """The training order schedule (docs/method.md, section 3), drawn inside the train step.
 
   Attributes:
-    kind: a training order of `armd_jax.registry.ORDERS` ('left_to_right' (an AR
+    kind: a training order of `armd_jax.orders.ORDERS` ('left_to_right' (an AR
       model), 'progressive_permutation' (k(step) tokens' slots shuffled, k ramping
       1 -> rho between i_ar and i_perm), 'strided' (SBP with S drawn uniformly from
       `streams` each step) or 'masked_diffusion' (multi-token blocks from a
@@ -50,7 +50,7 @@ class OrderConfig:
   schedule: str = "linear"
 
   def __post_init__(self):
-    _choice("order", "kind", self.kind, registry.TRAIN_ORDERS)
+    _choice("order", "kind", self.kind, orders.TRAIN_ORDERS)
     _choice("order", "schedule", self.schedule, orders.SCHEDULES)
     object.__setattr__(self, "streams", tuple(int(s) for s in self.streams))
     if not self.streams or min(self.streams) < 1:
