@@ -3,6 +3,10 @@
   python -m armd_jax.compile_check --config=configs/owt_medium.py --topology=v5e:8x8 \\
       [--config.model.attention=pallas] [--config.mesh.shape='(16,4)'] [--out=report.json] \\
       [--num_slices=2 [--config.mesh.dcn_shape='(-1,1,1)']]
+  python -m armd_jax.compile_check --workdir=gs://BUCKET/RUN --topology=v5e:8x8
+
+`--workdir` (a local path or a URL, see `armd_jax.storage`) compiles the config a run
+saved in its `config.json` instead of a config file; `--out` may be a URL too.
 
 Lowers and compiles, with libtpu, for the described TPU topology (nothing runs; no TPU is
 needed; `jax.experimental.topologies` describes the chips):
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shlex
 import sys
@@ -179,14 +182,14 @@ def compile_train_step(config, devices: Sequence[Any]) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from armd_jax import registry  # pylint: disable=g-import-not-at-top
+  from armd_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from armd_jax.train import partitioning  # pylint: disable=g-import-not-at-top
   from armd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from armd_jax.train.typed import model_config_from, settings_from  # pylint: disable=g-import-not-at-top
+  from armd_jax.train.settings import model_config_from, settings_from  # pylint: disable=g-import-not-at-top
 
   settings = settings_from(config)
   tc = settings.train
-  model = registry.build_model(model_config_from(config))
+  model = build_model(model_config_from(config))
   mesh = partitioning.make_mesh(settings.mesh, devices)
   rules = partitioning.rules_of(settings.mesh)
   partitioning.check_mesh(mesh, rules)
@@ -236,7 +239,7 @@ def compile_decode(config, model, abstract_state, devices: Sequence[Any]) -> Opt
   from armd_jax.sampling import decoding, plan  # pylint: disable=g-import-not-at-top
   from armd_jax.sampling.sampler import SamplerConfig  # pylint: disable=g-import-not-at-top
   from armd_jax.train import partitioning  # pylint: disable=g-import-not-at-top
-  from armd_jax.train.typed import settings_from  # pylint: disable=g-import-not-at-top
+  from armd_jax.train.settings import settings_from  # pylint: disable=g-import-not-at-top
 
   sc = settings_from(config).sample
   if sc.num_samples == 0 or model.config.kind != "armd":
@@ -354,17 +357,30 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise SystemExit(f"compile_check: unexpected arguments {argv[1:]}")
   from absl import flags  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
+
+  from armd_jax import storage  # pylint: disable=g-import-not-at-top
+  config, source = config_of(flags.FLAGS.config, flags.FLAGS.workdir)
   report = check(config, flags.FLAGS.topology, flags.FLAGS.num_slices)
-  report["config"] = flags.FLAGS["config"].config_filename if hasattr(
-      flags.FLAGS["config"], "config_filename") else None
+  report["config"] = source
   report["command"] = command_line(sys.argv[1:])
   if flags.FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
-    with open(flags.FLAGS.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1, default=str)
+    storage.write_atomic(flags.FLAGS.out, json.dumps(report, indent=1, default=str))
     print(f"wrote {flags.FLAGS.out}", flush=True)
   sys.exit(0 if report["fits"] else 1)
+
+
+def config_of(config: Any, workdir: str) -> tuple:
+  """(config, where it came from): the `--config` file's, or the one a run saved in
+  `--workdir` (exactly one of the two; SystemExit(2) naming the flags otherwise)."""
+  if (config is None) == (not workdir):
+    print("compile_check: pass exactly one of --config=FILE and --workdir=DIR.",
+          file=sys.stderr)
+    raise SystemExit(2)
+  if workdir:
+    from armd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+    return checkpoints.load_config(workdir), f"{workdir}/config.json"
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return config, getattr(flags.FLAGS["config"], "config_filename", None)
 
 
 def _define_flags() -> None:
@@ -374,8 +390,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:8x8 (64 chips), v5p:4x4x8 (128).")
   flags.DEFINE_integer("num_slices", 1, "Number of slices of --topology (multi-slice over "
                        "DCN; the mesh is config.mesh.shape per slice x config.mesh.dcn_shape).")
-  flags.DEFINE_string("out", "", "Also write the report as JSON here.")
-  flags.mark_flags_as_required(["config", "topology"])
+  flags.DEFINE_string("workdir", "", "Compile the config a training run saved here "
+                      "(<workdir>/config.json; a local path or a URL) instead of --config.")
+  flags.DEFINE_string("out", "", "Also write the report as JSON here (a path or a URL).")
+  flags.mark_flags_as_required(["topology"])
 
 
 if __name__ == "__main__":

@@ -201,6 +201,25 @@ def test_a_sweep_root_in_a_bucket_gets_its_summary_and_launch_commands_keep_the_
   assert os.listdir(in_tmp_cwd) == []
 
 
+def test_compile_check_reads_a_runs_config_from_a_bucket_and_needs_exactly_one_source(
+    gcs_bucket, in_tmp_cwd):
+  """`compile_check --workdir=gs://...` compiles the config the run saved there."""
+  from armd_jax import compile_check  # pylint: disable=import-outside-toplevel
+  from armd_jax.train import checkpoints, defaults  # pylint: disable=import-outside-toplevel
+  config = defaults.config_from_file(os.path.join(REPO, "configs", "tiny.py"))
+  config.model.d_model = 48
+  workdir = f"{gcs_bucket}/run"
+  checkpoints.save_config(config, workdir)
+  loaded, source = compile_check.config_of(None, workdir)
+  assert loaded.model.d_model == 48 and source == f"{workdir}/config.json"
+  assert loaded.to_dict() == checkpoints.load_config(workdir).to_dict()
+  for both_or_neither in ((config, workdir), (None, "")):
+    with pytest.raises(SystemExit) as stop:
+      compile_check.config_of(*both_or_neither)
+    assert stop.value.code == 2
+  assert os.listdir(in_tmp_cwd) == []
+
+
 # ---------------------------------------------------------------------------------------
 # A whole run in a bucket: 2 processes, killed, resumed.
 
