@@ -3,7 +3,7 @@
 With singleton blocks the per-token mean is the exact NLL of that order (per token).
 With multi-token blocks from a T-step masking schedule and weight gamma = 1 it is an
 unbiased estimate of an upper bound on the NLL of the block sampler (Jensen over
-reveal trajectories): report it as a bound (spec section 3). The spec's per-block
+reveal trajectories): report it as a bound (docs/method.md, section 3). The per-block
 weight gamma is fixed at 1 here (no config sets another; an unused weights argument was
 removed).
 """

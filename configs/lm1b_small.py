@@ -1,4 +1,4 @@
-"""lm1b_small: the paper's LM1B setting (spec section 3) for ARMD.
+"""lm1b_small: the paper's LM1B setting (docs/method.md, section 3) for ARMD.
 
 Data: TFDS `lm1b` (train / test), bert-base-uncased WordPiece (Hugging Face tokenizer;
 `config.data.hf_tokenizer` may point at a local tokenizer.json), sentences joined with EOS

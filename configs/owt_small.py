@@ -1,4 +1,4 @@
-"""owt_small: the paper's OpenWebText GPT-2-small setting (spec section 3) for ARMD.
+"""owt_small: the paper's OpenWebText GPT-2-small setting (docs/method.md, section 3) for ARMD.
 
 Data: Hugging Face `openwebtext` (needs `pip install -e .[hf]` and the dataset; the last
 0.05% of documents held out), GPT-2 BPE, documents joined with EOS into 1024-token

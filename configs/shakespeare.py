@@ -1,11 +1,11 @@
-"""shakespeare: character-level ARMD on tiny Shakespeare (the spec's section 8 setting).
+"""shakespeare: character-level ARMD on tiny Shakespeare (our calibration setting, docs/benchmarks.md).
 
 Data: `../shared/data/tinyshakespeare/input.txt` next to this repository when it exists
 (DATA's 'text_files' task, last 10% of the text held out), else the TFDS
 `tiny_shakespeare` dataset (train / validation splits; needs TFDS data). Byte vocabulary.
 Model: 4 layers (2 two-stream), width 128, 4 heads, MLP 512, N = 128, batch 32,
 AdamW 1e-3 warmup + cosine, 1500 steps; progressive permutation up to 8 shuffled tokens.
-Expected result: held-out left-to-right NLL about 1.70-1.75 nats/char, from the spec's
+Expected result: held-out left-to-right NLL about 1.70-1.75 nats/char, from our
 calibration of a reimplementation of this setting (ARMD 1.70-1.74, a same-depth GPT
 1.64); not yet re-measured end to end with this code (a partial run here had train loss
 3.72 at step 50 and 2.13 at step 200). 1500 steps at 0.4-0.8 s/step on 2 CPU cores.
@@ -25,7 +25,7 @@ LOCAL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."
 def get_config():
   """The tiny-Shakespeare configuration."""
   c = base_config()
-  c.model.d_model = 128  # spec section 8 model
+  c.model.d_model = 128  # calibration model
   c.model.num_layers = 4  # 2 two-stream + 2 causal
   c.model.num_heads = 4  # head dim 32
   c.model.mlp_dim = 512  # 4x width
@@ -44,11 +44,11 @@ def get_config():
   c.order.i_perm = 1200  # k reaches rho at step 1200
   c.order.rho = 8  # up to 8 shuffled tokens
 
-  c.optim.learning_rate = 1e-3  # spec section 8
+  c.optim.learning_rate = 1e-3  # calibration setting
   c.optim.warmup_steps = 100  # short warmup
 
-  c.train.num_steps = 1500  # spec section 8
-  c.train.global_batch_size = 32  # spec section 8
+  c.train.num_steps = 1500  # calibration setting
+  c.train.global_batch_size = 32  # calibration setting
   c.train.seq_len = 128  # characters per sequence
   c.train.log_every = 50  # progress line every 50 steps
   c.train.eval_every = 500  # three validations

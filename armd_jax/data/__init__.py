@@ -1,4 +1,4 @@
-"""Data: corpora, vocabularies, packing and the grain pipeline (spec: issue 3, item 1).
+"""Data: corpora, vocabularies, packing and the grain pipeline.
 
 The only package that touches seqio / TensorFlow / Hugging Face, and only lazily, inside
 the functions of the tasks that need them: `import armd_jax.data` stays light, and its
