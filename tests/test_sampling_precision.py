@@ -13,7 +13,7 @@ import pytest
 
 from armd_jax import sampling
 from armd_jax.sampling import SamplerConfig
-from armd_jax.sampling.sampler import exponential_from_bits, first_argmax
+from armd_jax.sampling.sampler import exponential_from_bits, first_argmax, sample_with_gumbel
 
 
 def test_precise_noise_equals_float64_exponentials_from_the_same_bits_at_every_scale():
@@ -94,3 +94,27 @@ def test_first_argmax_equals_argmax_with_ties_and_infinities():
   got = np.asarray(first_argmax(jnp.asarray(values)))
   np.testing.assert_array_equal(got, np.argmax(values, axis=-1))
   assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("sampler", [SamplerConfig(top_k=2), SamplerConfig(top_p=0.5)],
+                         ids=["top_k", "top_p"])
+def test_a_filtered_token_is_never_drawn_even_by_the_most_extreme_precise_noise(sampler):
+  # Words of zeros are the uniform draw v = 0 (probability 2^-48 per element): unclamped,
+  # E = 0 and the Gumbel noise -log E = +inf would lift a filtered logit (-1e30) above
+  # every kept one. Each row gives that draw to one filtered token and the largest draw
+  # (E ~ 33, noise ~ -3.5) to every other token, so only the clamp can keep it out.
+  probs = np.array([0.5, 0.3, 0.1, 0.06, 0.04])
+  logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (3, 5)))
+  filtered_out = np.array([2, 3, 4])  # outside top-2 and outside the 0.5 nucleus
+  words = np.full((3, 5), 2**32 - 1, np.uint32)
+  words[np.arange(3), filtered_out] = 0
+  smallest = exponential_from_bits(jnp.asarray(words), jnp.asarray(words))
+  assert float(smallest.min()) > 0
+  gumbel = -jnp.log(smallest)
+  assert bool(jnp.isfinite(gumbel).all())
+  drawn = np.asarray(sample_with_gumbel(logits, gumbel, sampler))
+  kept = np.asarray(sampling.filter_logits(logits, sampler))[0] > -1e29
+  assert kept[drawn].all(), (drawn, kept)
+  # The same noise without a filter does draw those tokens: the noise is extreme enough.
+  np.testing.assert_array_equal(sample_with_gumbel(logits, gumbel, SamplerConfig()),
+                                filtered_out)

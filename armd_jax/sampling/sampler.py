@@ -27,6 +27,11 @@ import jax.numpy as jnp
 _FILTERED = -1e30
 NOISES = ("precise", "fast")
 _TWO24 = float(2**24)
+# Smallest exponential noise: the grid cell v = 0 (probability 2^-48) would give E = 0 and
+# Gumbel noise +inf, which beats even a filtered logit (-1e30 + inf = inf). E is clamped
+# to half the grid step, so the noise stays finite (at most 49 log 2 ~ 34) and the CDF of
+# E is unchanged at every x >= 2^-48.
+_MIN_EXPONENTIAL = float(2**-49)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,8 @@ def exponential_noise(rng: jax.Array, shape) -> jax.Array:
   uniform on a 2^-48 grid in [0, 1). E = -log(1 - v) is computed as -log1p(-v) when
   v < 1/2 (small E keep v's relative precision) and as -log(u) with u = 1 - v =
   ((2^24 - a) - b 2^-24) 2^-24 formed exactly otherwise (large E keep u's). E lies in
-  [0, 33.3]; its CDF matches 1 - exp(-x) to float32 relative precision for x >= 2^-48.
+  [2^-49, 33.3] (v = 0 is clamped up to 2^-49, so -log E is always finite); its CDF matches
+  1 - exp(-x) to float32 relative precision for x >= 2^-48.
   """
   words = jax.random.bits(rng, (2,) + tuple(shape), jnp.uint32)
   return exponential_from_bits(words[0], words[1])
@@ -98,7 +104,8 @@ def exponential_from_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
   frac = (lo >> 8).astype(jnp.float32) * jnp.float32(1.0 / _TWO24)  # [0, 1)
   v = (a + frac) * jnp.float32(1.0 / _TWO24)  # uniform [0, 1); float32 rel. precision
   u = ((jnp.float32(_TWO24) - a) - frac) * jnp.float32(1.0 / _TWO24)  # 1 - v in (0, 1]
-  return jnp.where(a < _TWO24 / 2, -jnp.log1p(-v), -jnp.log(u))
+  e = jnp.where(a < _TWO24 / 2, -jnp.log1p(-v), -jnp.log(u))
+  return jnp.maximum(e, jnp.float32(_MIN_EXPONENTIAL))
 
 
 def sample_logits(rng: jax.Array, logits: jax.Array, sampler: SamplerConfig) -> jax.Array:
@@ -109,12 +116,22 @@ def sample_logits(rng: jax.Array, logits: jax.Array, sampler: SamplerConfig) -> 
   """
   if sampler.greedy:
     return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, sampler)
   if sampler.noise == "fast":
-    gumbel = jax.random.gumbel(rng, filtered.shape, dtype=jnp.float32)
+    gumbel = jax.random.gumbel(rng, logits.shape, dtype=jnp.float32)
   else:
-    gumbel = -jnp.log(exponential_noise(rng, filtered.shape))  # +inf only when E = 0
-  return first_argmax(filtered + gumbel)
+    gumbel = -jnp.log(exponential_noise(rng, logits.shape))  # finite: E >= 2^-49
+  return sample_with_gumbel(logits, gumbel, sampler)
+
+
+def sample_with_gumbel(logits: jax.Array, gumbel: jax.Array,
+                       sampler: SamplerConfig) -> jax.Array:
+  """int32 tokens [...]: argmax of the filtered logits [..., V] plus Gumbel noise [..., V].
+
+  The draw of `sample_logits` once its noise is fixed (exposed so tests can pass extreme
+  noise). A filtered token (logit -1e30) can only win against finite noise of the kept
+  ones if its own noise is about 1e30, which neither noise produces.
+  """
+  return first_argmax(filter_logits(logits, sampler) + gumbel)
 
 
 def first_argmax(values: jax.Array) -> jax.Array:
