@@ -3,6 +3,7 @@
 import getpass
 import os
 import tempfile
+from typing import Any, Dict, Iterator, NamedTuple, Tuple
 
 # The suite runs on the CPU. With the [tpu] extra installed (the compile_check tests use
 # libtpu), JAX would otherwise probe for a TPU at start-up and log an error line in every
@@ -30,6 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 import armd_jax  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -60,3 +63,62 @@ def host_devices_env(count: int, **extra: str) -> dict:
   keeping the suite's own XLA flags."""
   flags = f"--xla_force_host_platform_device_count={count} {SUITE_XLA_FLAGS}"
   return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+
+
+# -- one trained `tiny` workdir per pytest worker ------------------------------------------
+
+
+class TinyRun(NamedTuple):
+  """The shared trained workdir: `workdir, final = tiny_run` unpacks it."""
+  workdir: str  # a local directory (see `tiny_run` for what it holds)
+  final: Dict[str, Any]  # train_and_evaluate's final metrics (eval/nll, eval/perplexity, ...)
+
+
+def tiny_run_config():
+  """configs/tiny.py exactly as committed: what the `tiny_run` fixture trains."""
+  from armd_jax.train.defaults import config_from_file  # pylint: disable=g-import-not-at-top
+  return config_from_file(os.path.join(REPO, "configs", "tiny.py"))
+
+
+def _fingerprint(root: str) -> Dict[str, Tuple[int, int]]:
+  """{relative path: (size, mtime_ns)} of every file under `root`."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      stat = os.stat(path)
+      out[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Iterator[TinyRun]:
+  """One run of configs/tiny.py, trained once per pytest worker (~10 s) and shared by
+  every test that only reads a trained model.
+
+  The workdir holds what `python -m armd_jax.main --config=configs/tiny.py` writes:
+  config.json; checkpoints/ at steps 20, 40 and 60 (train state with EMA params,
+  ema_decay 0.9, so EMA and raw params differ); metrics.jsonl with train/loss every 10
+  steps and eval/* at steps 30 and 60; the byte-level synthetic vocabulary (no file).
+  `train.load_trained(workdir)` restores it at step 60; the sample and evaluate
+  commands accept it as --workdir.
+
+  Tests must not modify it (no training into it, no damaging or moving its files): a
+  test that does copies it first, `shutil.copytree(tiny_run.workdir, tmp_path / "run")`.
+  Any change is reported as an error when the session ends.
+  """
+  from armd_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
+  final = train.train_and_evaluate(tiny_run_config(), workdir)
+  before = _fingerprint(workdir)
+  yield TinyRun(workdir, dict(final))
+  after = _fingerprint(workdir)
+  changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+  assert not changed, (f"a test modified the shared tiny_run workdir {workdir} (copy it with "
+                       f"shutil.copytree first): {changed[:10]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_run) -> str:
+  """The path of the shared trained `tiny` workdir (read only; see `tiny_run`)."""
+  return tiny_run.workdir

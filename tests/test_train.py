@@ -25,12 +25,7 @@ def load_config(name):
   return module.get_config()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  """One 60-step run of configs/tiny.py, shared by the tests below."""
-  workdir = str(tmp_path_factory.mktemp("tiny"))
-  final = train.train_and_evaluate(load_config("tiny"), workdir)
-  return workdir, final
+# `tiny_run` (tests/conftest.py): the session's one 60-step run of configs/tiny.py.
 
 
 def test_tiny_run_lowers_the_loss_writes_checkpoints_and_evaluates(tiny_run):
