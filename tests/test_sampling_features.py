@@ -66,6 +66,15 @@ def test_prefill_of_the_leading_known_blocks_of_an_explicit_order(tiny):
                              atol=1e-5, rtol=0)
 
 
+def kept_text_alone(model, params, tokens, block_ids, keep):
+  """One-pass log-probs [n] of row `tokens[keep]` with nothing else in the sequence: the
+  kept tokens at their own positions and block ids, the dropped positions absent."""
+  where = np.flatnonzero(keep)
+  tokens, ids = np.asarray(tokens)[where][None], np.asarray(block_ids)[where][None]
+  logits = model.apply(params, tokens, ids, where[None].astype(np.int32))
+  return np.asarray(token_log_probs(logits, tokens))[0]
+
+
 @pytest.mark.parametrize("order", ["strided", "random"])
 def test_stop_at_eos_ends_each_row_at_its_first_eos_in_text_order(tiny, order):
   model, params = tiny
@@ -78,20 +87,63 @@ def test_stop_at_eos_ends_each_row_at_its_first_eos_in_text_order(tiny, order):
   free = sampling.generate(model, params, rng, **kwargs)
   eos = int(np.asarray(free.tokens)[0, 4])  # row 0 meets this token at position <= 4
   out = sampling.generate(model, params, rng, stop_at_eos=True, eos_id=eos, pad_id=12, **kwargs)
-  assert out.num_calls == free.num_calls
+  assert out.num_calls == free.num_calls + 1  # one call rescores the kept text
   drawn, tokens, valid = (np.asarray(x) for x in (out.drawn, out.tokens, out.valid))
   np.testing.assert_array_equal(drawn, free.tokens)  # decoding itself is unchanged
+  log_probs = np.asarray(out.log_probs)
   for b in range(B):
     hits = np.flatnonzero(drawn[b] == eos)
     end = hits[0] if len(hits) else N - 1
     np.testing.assert_array_equal(valid[b], np.arange(N) <= end)
     np.testing.assert_array_equal(tokens[b, :end + 1], drawn[b, :end + 1])
     assert (tokens[b, end + 1:] == 12).all()
+    np.testing.assert_allclose(
+        log_probs[b, :end + 1],
+        kept_text_alone(model, params, tokens[b], out.block_ids[b], valid[b]),
+        atol=1e-5, rtol=0)
   assert not valid[0].all()
-  log_probs = np.asarray(out.log_probs)
   assert (log_probs[~valid] == 0).all()
-  want = one_pass(model, params, out.drawn, out.block_ids)
-  np.testing.assert_allclose(log_probs[valid], want[valid], atol=1e-5, rtol=0)
+
+
+def test_stop_at_eos_log_probs_are_the_kept_texts_not_conditioned_on_dropped_tokens(tiny):
+  # Right to left with a given EOS at position 5: positions 11..6 are drawn first and
+  # then dropped, so every kept generated token was drawn conditioned on them.
+  model, params = tiny
+  ids = np.broadcast_to(N - np.arange(N), (B, N)).astype(np.int32)
+  known = np.arange(N) == 5
+  eos = 1
+  infill = (np.where(known, eos, 0), known)
+  out = sampling.generate(model, params, jax.random.PRNGKey(11), batch_size=B, length=N,
+                          order=ids, infill=infill, stop_at_eos=True, eos_id=eos)
+  tokens, valid, log_probs = (np.asarray(x) for x in (out.tokens, out.valid, out.log_probs))
+  conditioned = one_pass(model, params, out.drawn, ids)  # the scores while drawing
+  for b in range(B):
+    alone = kept_text_alone(model, params, tokens[b], ids[b], valid[b])
+    np.testing.assert_allclose(log_probs[b][valid[b]], alone, atol=1e-5, rtol=0)
+    # The test can tell: the drawing scores differ, because the dropped tokens differ.
+    assert np.abs(conditioned[b][valid[b]] - alone).max() > 1e-3
+  assert (log_probs[~valid] == 0).all()
+
+
+def test_stop_at_eos_keeps_given_infill_tokens_after_the_eos(tiny):
+  model, params = tiny
+  known = np.zeros(N, bool)
+  known[[3, 8, 9]] = True  # an EOS at 3, then two given tokens after it
+  given = np.zeros(N, np.int32)
+  given[[3, 8, 9]] = [1, 7, 4]
+  out = sampling.generate(model, params, jax.random.PRNGKey(12), batch_size=B, length=N,
+                          infill=(given, known), stop_at_eos=True, eos_id=1, pad_id=12)
+  tokens, drawn, valid = (np.asarray(x) for x in (out.tokens, out.drawn, out.valid))
+  for b in range(B):
+    end = np.flatnonzero(drawn[b] == 1)[0]  # <= 3: a drawn EOS may come first
+    want_valid = (np.arange(N) <= end) | known
+    np.testing.assert_array_equal(valid[b], want_valid)
+    np.testing.assert_array_equal(tokens[b, [8, 9]], [7, 4])  # kept as given, not padding
+    np.testing.assert_array_equal(tokens[b][~want_valid], 12)
+    np.testing.assert_allclose(
+        np.asarray(out.log_probs)[b][want_valid],
+        kept_text_alone(model, params, tokens[b], out.block_ids[b], want_valid),
+        atol=1e-5, rtol=0)
 
 
 # (5, 0) and (5, 3): U % k != 0 generated positions (12 and 9 with k = 5), so the last

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from armd_jax.sampling.mdlm import BaselineOutput
+from armd_jax.sampling.generation import BaselineOutput
 from armd_jax.sampling.sampler import SamplerConfig, sample_logits
 
 
@@ -77,7 +77,8 @@ def _generate(model, params, rng, forced, is_forced, sampler):
     prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(j - 1, 0), 1, axis=1)  # [B, 1]
 
     def run(module):
-      row = jnp.where(j == 0, module.bos(batch), module.embed(prev))  # [B, 1, D]
+      row = jnp.where(j == 0, module.bos(batch),
+                      module.embed(prev, jnp.full_like(prev, j)))  # [B, 1, D] at row j
       return _decode_row(module, row, j, k_cache, v_cache)
 
     logits, k_cache, v_cache = nn.apply(run, model)(params)

@@ -3,18 +3,22 @@
 `generate` checks its arguments, builds the order (strided streams, any given block
 ids, or confidence order) and runs the decoder (`decoding.decode` or
 `confidence_order.decode_confidence`); `GenerateOutput` is its result and
-`truncate_at_eos` the optional stop at each row's first EOS. See docs/sampling.md.
+`truncate_at_eos` the optional stop at each row's first EOS, after which
+`kept_text_log_probs` rescores the kept text. `BaselineOutput` is what the baseline
+samplers (`ar`, `mdlm`) return. See docs/sampling.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from armd_jax.losses import token_log_probs
 from armd_jax.sampling import plan as plan_lib
 from armd_jax.sampling.confidence_order import decode_confidence
 from armd_jax.sampling.decoding import decode
@@ -28,10 +32,12 @@ class GenerateOutput:
   Attributes:
     tokens: int32 [B, N] generated tokens (known prompt/infill tokens unchanged).
     num_calls: number of model calls (one per block of the order, one for the whole
-      prefill of known tokens, and every probe of order='confidence').
+      prefill of known tokens, every probe of order='confidence', and with stop_at_eos
+      the one call that rescores the kept text).
     log_probs: float32 [B, N] log-probability of each token under the model's
       conditional it was drawn from (before temperature/filtering); for known tokens,
-      their teacher-forced log-probability.
+      their teacher-forced log-probability. With stop_at_eos: the log-probs of the kept
+      text alone (`kept_text_log_probs`; 0 at padding).
     block_ids: int32 [B, N] numpy, the order used (known positions first; for
       order='confidence' the realized order).
     valid: bool [B, N]; False at padding after a row's first EOS (stop_at_eos).
@@ -45,6 +51,18 @@ class GenerateOutput:
   block_ids: np.ndarray
   valid: Optional[jax.Array] = None
   drawn: Optional[jax.Array] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineOutput:
+  """What the baseline samplers return (`sampling.ar` and `sampling.mdlm`).
+
+  tokens [B, N] int32; num_calls: network calls made for the batch (scalar);
+  num_calls_per_row [B]: calls each row alone would have needed.
+  """
+  tokens: jax.Array
+  num_calls: jax.Array
+  num_calls_per_row: jax.Array
 
 
 def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, streams: int = 1,
@@ -84,10 +102,14 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
     k: positions revealed per exact call of order='confidence'.
     criterion: confidence of order='confidence': 'max_prob', 'margin' or 'entropy'.
     stop_at_eos: each row ends at its first `eos_id` in text order (the EOS kept):
-      later positions are set to `pad_id`, get log-prob 0 and `valid` False. Decoding
+      later generated positions are set to `pad_id`, get log-prob 0 and `valid` False;
+      known (prompt/infill) tokens stay as given and valid wherever they are. Decoding
       itself is unchanged (fixed-shape calls; no call is saved), so `drawn` keeps the
-      tokens the network conditioned on and `log_probs` at valid positions stay the
-      one-pass model's scores of `drawn` under `block_ids`.
+      tokens the network conditioned on. A kept token may have been drawn after a
+      dropped one (any order but left to right), so one more call rescores the kept
+      text with every dropped position moved after the kept ones
+      (`kept_text_log_probs`): the log-probs condition on kept tokens only and sum to
+      the log-probability of the kept text.
     eos_id, pad_id: token ids used by stop_at_eos (eos_id required then).
 
   Returns:
@@ -151,17 +173,45 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
   valid = jnp.ones(out.shape, bool)
   drawn = out
   if stop_at_eos:
-    out, log_probs, valid = truncate_at_eos(out, log_probs, eos_id, pad_id)
+    out, _, valid = truncate_at_eos(out, log_probs, eos_id, pad_id, known=known)
+    log_probs = kept_text_log_probs(model, params, out, block_ids, valid)
+    calls += 1
   return GenerateOutput(out, calls, log_probs, block_ids, valid, drawn)
 
 
-def truncate_at_eos(tokens: jax.Array, log_probs: jax.Array, eos_id: int,
-                    pad_id: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Ends each row at its first `eos_id` in text order (kept): later positions become
-  `pad_id` with log-prob 0. Returns (tokens, log_probs, valid bool [B, N])."""
+def truncate_at_eos(tokens: jax.Array, log_probs: jax.Array, eos_id: int, pad_id: int,
+                    known=None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Ends each row of tokens [B, N] at its first `eos_id` in text order (the EOS kept).
+
+  Later positions become `pad_id` with log-prob 0, except where the optional bool
+  `known` [B, N] (prompt/infill positions) is True: given tokens are kept as they are.
+  Returns (tokens, log_probs, valid bool [B, N]); the log-probs of kept positions are
+  passed through unchanged (see `kept_text_log_probs` for scores of the kept text).
+  """
   is_eos = tokens == eos_id
   after = jnp.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
-  valid = ~after
+  valid = ~after if known is None else ~after | jnp.asarray(known, bool)
   return (jnp.where(valid, tokens, pad_id).astype(tokens.dtype),
           jnp.where(valid, log_probs, 0.0), valid)
+
+
+def kept_text_log_probs(model, params, tokens: jax.Array, block_ids: np.ndarray,
+                        valid: jax.Array) -> jax.Array:
+  """float32 [B, N]: log-probs of the kept tokens given kept tokens only; 0 where not valid.
+
+  One one-pass call scores `tokens` under `block_ids` with every dropped position
+  (valid False) moved after all kept ones, keeping the kept positions' relative order:
+  each kept token then conditions on the kept tokens of earlier blocks, never on a
+  dropped one, and the row sums are the log-probability of the kept text under that order.
+  """
+  ids = np.asarray(block_ids, np.int32)  # ids >= 1, so ids + max > every kept id
+  return _kept_text_log_probs(model, params, tokens, ids, ids + ids.max(axis=1, keepdims=True),
+                              valid)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kept_text_log_probs(model, params, tokens, ids, dropped_ids, valid):
+  kept_first = jnp.where(valid, ids, dropped_ids)  # [B, N]
+  log_probs = token_log_probs(model.apply(params, tokens, kept_first), tokens)
+  return jnp.where(valid, log_probs, 0.0)
 

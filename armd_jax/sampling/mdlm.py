@@ -12,7 +12,6 @@ nothing the next step's logits are the cached ones: such steps cost no network c
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -21,19 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from armd_jax.models.mdlm import mask_id
+from armd_jax.sampling.generation import BaselineOutput
 from armd_jax.sampling.sampler import SamplerConfig, sample_logits
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineOutput:
-  """What the baseline samplers return (MDLM here, AR in `sampling.ar`).
-
-  tokens [B, N] int32; num_calls: network calls made for the batch (scalar);
-  num_calls_per_row [B]: calls each row alone would have needed.
-  """
-  tokens: jax.Array
-  num_calls: jax.Array
-  num_calls_per_row: jax.Array
 
 
 def initial_state(config, batch_size: int, length: int, prompt=None,
