@@ -15,6 +15,10 @@ processes use gloo.
 
 `--force_unlock` removes `<workdir>/train.lock` first (printing whose it was), for a person
 who knows its trainer is gone; see `armd_jax.train.lock`.
+
+A SIGTERM (preemption, `launch/tpu_vm.sh --stop`, SLURM) saves a checkpoint at a step
+every process agrees on and exits with status 143; the same command resumes from it
+(`armd_jax.train.preemption`).
 """
 
 import os
@@ -41,6 +45,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   from armd_jax import train  # pylint: disable=g-import-not-at-top
+  from armd_jax.train import preemption  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
@@ -54,6 +59,9 @@ def main(argv):
       from armd_jax.train import lock  # pylint: disable=g-import-not-at-top
       lock.force_unlock(_WORKDIR.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:  # a checkpoint was saved; the same command resumes
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
   except (ValueError, FileNotFoundError, train.NonFiniteError, train.WorkdirBusyError,
           train.ResumeError) as e:
     if flags.FLAGS["verbosity"].present:  # --verbosity=... asks for the full traceback

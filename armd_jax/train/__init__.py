@@ -17,7 +17,7 @@ _EXPORTS = {
     "Trained": "loading", "load_trained": "loading",
     "train_and_evaluate": "loop",
     "WorkdirBusyError": "lock", "ResumeError": "checkpoints",
-    "NonFiniteError": "observe", "read_metrics": "observe",
+    "NonFiniteError": "observe", "read_metrics": "observe", "Preempted": "preemption",
     "TrainState": "state", "compute_loss": "state", "create_train_state": "state",
     "make_eval_step": "state", "make_optimizer": "state", "make_train_step": "state",
     "train_state_layout": "state",

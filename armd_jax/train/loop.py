@@ -17,7 +17,7 @@ from absl import logging
 
 from armd_jax import registry
 from armd_jax.models import build_model
-from armd_jax.train import checkpoints, lock, observe, partitioning
+from armd_jax.train import checkpoints, lock, observe, partitioning, preemption
 from armd_jax.train import state as state_lib
 from armd_jax.train.settings import Settings, model_config_from, settings_from
 
@@ -96,28 +96,32 @@ def _train(config: ml_collections.ConfigDict, settings: Settings,
   pending = None  # (step, device metrics) checked one step late, so steps stay pipelined
 
   try:
-    for step in range(start + 1, tc.num_steps + 1):  # `step` = steps done after this update
-      batch = partitioning.global_batch(next(datasets.train_iter), batch_shard)
-      state, metrics = train_step(state, batch)
-      if step == start + 1:  # rates exclude compilation
-        progress.restart(step, jax.block_until_ready(metrics))
-      if pending is not None:
-        observe.check_finite(pending[0], jax.device_get(pending[1]), last_good)
-      pending = (step, metrics)
-      is_last = step == tc.num_steps
-      if step % tc.log_every == 0 or is_last:
-        train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        observe.check_finite(step, train_metrics, last_good)
-        rates = progress.line(step, train_metrics)
-        writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
-                               if k not in _SUMS}, **rates})
-      if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
-        report_eval(writer, step, run_eval(eval_step, state, datasets, batch_shard, settings),
-                    model_config.kind)
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
-        observe.check_finite(step, jax.device_get(metrics), last_good)
-        checkpoints.save(manager, step, state, datasets.train_iter)
-        last_good = step
+    with preemption.Watch() as preempt:
+      for step in range(start + 1, tc.num_steps + 1):  # `step` = steps done after this update
+        batch = partitioning.global_batch(next(datasets.train_iter), batch_shard)
+        state, metrics = train_step(state, batch)
+        if step == start + 1:  # rates exclude compilation
+          progress.restart(step, jax.block_until_ready(metrics))
+        if pending is not None:
+          observe.check_finite(pending[0], jax.device_get(pending[1]), last_good)
+        pending = (step, metrics)
+        is_last = step == tc.num_steps
+        if step % tc.log_every == 0 or is_last:
+          train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          observe.check_finite(step, train_metrics, last_good)
+          rates = progress.line(step, train_metrics)
+          writer.write(step, {**{f"train/{k}": v for k, v in train_metrics.items()
+                                 if k not in _SUMS}, **rates})
+        if (tc.eval_every and step % tc.eval_every == 0) and not is_last:
+          report_eval(writer, step, run_eval(eval_step, state, datasets, batch_shard, settings),
+                      model_config.kind)
+        stop = preempt.reached(step)  # a SIGTERM: save this step on every process, stop
+        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last or stop:
+          observe.check_finite(step, jax.device_get(metrics), last_good)
+          checkpoints.save(manager, step, state, datasets.train_iter)
+          last_good = step
+        if stop and not is_last:
+          raise preemption.Preempted(step)
   finally:  # let the last good checkpoint finish writing, even on errors
     manager.wait_until_finished()
     manager.close()
@@ -238,7 +242,8 @@ def print_samples(model, params, vocab, settings: Settings) -> None:
   from armd_jax import sampling  # pylint: disable=g-import-not-at-top
 
   sc = settings.sample
-  sampler = sampling.SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
+  sampler = sampling.SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                                   noise=sc.noise)
   kind = model.config.kind
   out = registry.get_kind(kind).generate(model, params, jax.random.PRNGKey(sc.seed),
                                          batch_size=sc.num_samples, length=sc.length,

@@ -1,0 +1,88 @@
+"""A SIGTERM saves a checkpoint at the step it arrived, the trainer exits with status 143,
+and the same command resumes from that step: no step is lost (`armd_jax.train.preemption`)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from armd_jax.train import checkpoints, preemption
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_sigterm_flag_is_seen_at_the_next_step_and_the_old_handler_comes_back():
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.Watch() as watch:
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process goes on
+    assert watch.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert preemption.EXIT_STATUS == 143
+
+
+def _command(workdir, steps):
+  return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.train.num_steps={steps}",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+          "--config.train.eval_every=0", "--config.eval.num_batches=1",
+          "--config.sample.num_samples=0"]
+
+
+@pytest.mark.slow
+def test_a_sigterm_mid_run_saves_that_step_exits_143_and_the_rerun_resumes_from_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(_command(workdir, 400), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  for line in proc.stdout:  # progress lines: "step 5/400 ..."
+    if re.match(r"step\s+5\b", line.strip()):
+      proc.send_signal(signal.SIGTERM)
+      break
+    assert time.time() < deadline, "no step 5 within 300 s"
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  saved = [int(s.name) for s in checkpoints.checkpoint_dir(workdir).iterdir() if s.name.isdigit()]
+  assert len(saved) == 1 and 5 <= saved[0] < 400, saved  # checkpoint_every=1000: only the SIGTERM's
+  assert f"saved a checkpoint at step {saved[0]}" in err
+  assert "eval at step" not in out  # it stopped: no final evaluation
+
+  rerun = subprocess.run(_command(workdir, saved[0] + 2), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"resuming from step {saved[0]}" in rerun.stdout
+  assert f"training steps {saved[0] + 1}..{saved[0] + 2}" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_of_two_processes_saves_one_agreed_step_on_both(tmp_path):
+  """jax's preemption service turns a notice on one host into one step for all hosts."""
+  from test_multiprocess import NUM_STEPS, start_pair  # noqa: PLC0415
+  workdir, logs_dir = str(tmp_path / "multi"), str(tmp_path / "logs")
+  os.makedirs(logs_dir)
+  procs, logs = start_pair(workdir, logs_dir, 0)
+  try:
+    for line in procs[0].stdout:
+      if line.startswith("step 5/"):
+        procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+        break
+    procs[0].communicate(timeout=300)
+    procs[1].wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for f in logs:
+      f.close()
+  stderr = [open(os.path.join(logs_dir, f"p{i}_0.log")).read() for i in range(2)]
+  assert [p.returncode for p in procs] == [143, 143], [s[-1500:] for s in stderr]
+  agreed = {int(m) for text in stderr
+            for m in re.findall(r"saved a checkpoint at step (\d+)", text)}
+  assert len(agreed) == 1, agreed  # both processes name one step
+  step = agreed.pop()
+  saved = {int(s.name) for s in checkpoints.checkpoint_dir(workdir).iterdir() if s.name.isdigit()}
+  assert 5 < step < NUM_STEPS and step in saved, (step, saved)
