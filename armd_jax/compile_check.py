@@ -244,7 +244,8 @@ def compile_decode(config, model, abstract_state, devices: Sequence[Any]) -> Opt
   sc = settings_from(config).sample
   if sc.num_samples == 0 or model.config.kind != "armd":
     return None
-  sampler = SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
+  sampler = SamplerConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                          noise=sc.noise)
   known = np.zeros((sc.num_samples, sc.length), bool)
   block_ids = plan.conditional_strided_order(known, sc.streams)
   positions = np.broadcast_to(np.arange(sc.length, dtype=np.int32), known.shape)

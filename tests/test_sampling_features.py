@@ -199,3 +199,27 @@ def test_confidence_rejects_what_it_does_not_support(tiny):
                       criterion="luck")
   with pytest.raises(ValueError, match="eos_id"):
     sampling.generate(model, params, rng, batch_size=1, length=N, stop_at_eos=True)
+
+
+def test_config_sample_noise_reaches_the_samples_the_trainer_prints(capsys):
+  from armd_jax.data.vocab import ByteVocabulary
+  from armd_jax.sampling.sampler import NOISES
+  from armd_jax.train import defaults, loop, settings
+
+  assert settings.SAMPLE_NOISES == NOISES  # the config offers exactly the sampler's noises
+  model, params = init_model(tiny_config(vocab_size=259))
+  vocab = ByteVocabulary()
+  printed = {}
+  for noise in NOISES:
+    config = defaults.base_config()
+    config.sample.num_samples, config.sample.length, config.sample.noise = B, N, noise
+    loop.print_samples(model, params, vocab, settings.settings_from(config))
+    printed[noise] = capsys.readouterr().out
+    want = sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=B, length=N,
+                             sampler=SamplerConfig(noise=noise))
+    for row in np.asarray(want.tokens):
+      assert f"\n{vocab.decode(row.tolist())}\n" in printed[noise]
+  assert printed["precise"] != printed["fast"]  # the same key draws differently
+  config.sample.noise = "float16"
+  with pytest.raises(ValueError, match=r"config\.sample\.noise"):
+    settings.settings_from(config)

@@ -262,6 +262,10 @@ class EvalConfig:
       raise ValueError(f"config.eval.num_batches={self.num_batches} must be >= 0.")
 
 
+# = armd_jax.sampling.sampler.NOISES (not imported: this module stays free of the sampler).
+SAMPLE_NOISES = ("precise", "fast")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """Samples printed at the end of training (through `armd_jax.sampling.generate`).
@@ -272,6 +276,8 @@ class SampleConfig:
     streams: strided parallel streams S (N/S + S - 1 network calls).
     temperature, top_k, top_p: sampler controls (top_k 0 / top_p 1.0 = off).
     seed: sampling rng seed.
+    noise: the sampler's categorical noise, 'precise' (float32 relative precision down
+      to 2^-48) or 'fast' (jax's float32 Gumbel noise); `SamplerConfig.noise`.
   """
 
   num_samples: int = 0
@@ -281,8 +287,10 @@ class SampleConfig:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  noise: str = "precise"
 
   def __post_init__(self):
+    _choice("sample", "noise", self.noise, SAMPLE_NOISES)
     if self.num_samples < 0 or self.length < 1 or self.streams < 1:
       raise ValueError("config.sample needs num_samples >= 0, length >= 1 and streams >= 1; "
                        f"got {self.num_samples}, {self.length}, {self.streams}.")
