@@ -167,6 +167,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from armd_jax import platforms  # pylint: disable=g-import-not-at-top
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a host without a TPU
   f = flags.FLAGS
   try:
     results = evaluate_workdir(

@@ -44,11 +44,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
 
-  from armd_jax import train  # pylint: disable=g-import-not-at-top
+  from armd_jax import platforms, train  # pylint: disable=g-import-not-at-top
   from armd_jax.train import preemption  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a host without a TPU
   if _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**distributed_args(os.environ))

@@ -11,7 +11,8 @@ streams: N/S + S - 1 network calls, plus one call that reads the whole prompt) a
 each sample, the number of network calls, the decode time and tokens/s.
 --order=confidence reveals the --per_call most confident positions per exact call after
 probing every unrevealed one (2 ceil(U/K) - 1 calls). --stop_at_eos ends each sample at
-its first EOS (later positions are padding, not printed). tokens/s is measured on a second, timed run
+its first EOS (`sampling.truncate_at_eos`: later generated positions are padding, not
+printed; the prompt is kept as given). tokens/s is measured on a second, timed run
 after a warm-up run that compiles the decoder (--nowarmup times the first run,
 compilation included). A workdir without a checkpoint, a length beyond the model's
 max_len, or S not dividing the generated length is a clear error.
@@ -61,7 +62,8 @@ flags.mark_flags_as_required(["workdir"])
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
-  """Samples from a workdir: decoded `texts`, `tokens` [B, N], `num_calls`, timing."""
+  """Samples from a workdir: decoded `texts`, `tokens` [B, N] (padding after each row's
+  first EOS with stop_at_eos), `num_calls`, timing."""
 
   texts: List[str]
   tokens: object
@@ -126,8 +128,12 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
   tokens = np.asarray(jax.block_until_ready(out.tokens))
   seconds = time.perf_counter() - start
   valid = np.ones(tokens.shape, bool)
-  if stop_at_eos:  # every kind: text ends at the first EOS (kept out of the text)
-    valid = np.cumsum(tokens == trained.vocab.eos_id, axis=1) == 0
+  if stop_at_eos:  # every kind: the text ends at its first EOS (decode drops the EOS)
+    known = np.zeros(tokens.shape, bool)
+    known[:, :0 if prompt_ids is None else len(prompt_ids)] = True
+    tokens, _, valid = sampling.truncate_at_eos(tokens, None, trained.vocab.eos_id,
+                                                trained.vocab.pad_id, known=known)
+    tokens, valid = np.asarray(tokens), np.asarray(valid)
   texts = [trained.vocab.decode(row[keep].tolist()) for row, keep in zip(tokens, valid)]
   return SampleResult(texts, tokens, int(out.num_calls), seconds,
                       int(valid.sum()) / seconds, trained.step)
@@ -136,10 +142,11 @@ def sample_from_workdir(workdir: str, *, num_samples: int = 4, length: int = 256
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from armd_jax import sampling  # pylint: disable=g-import-not-at-top
+  from armd_jax import platforms, sampling  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
     logging.set_verbosity(logging.WARNING)
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a host without a TPU
   try:
     sampler = sampling.SamplerConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                      top_p=_TOP_P.value, greedy=_GREEDY.value,

@@ -179,20 +179,21 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
   return GenerateOutput(out, calls, log_probs, block_ids, valid, drawn)
 
 
-def truncate_at_eos(tokens: jax.Array, log_probs: jax.Array, eos_id: int, pad_id: int,
-                    known=None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def truncate_at_eos(tokens: jax.Array, log_probs: Optional[jax.Array], eos_id: int,
+                    pad_id: int, known=None) -> Tuple[jax.Array, Optional[jax.Array], jax.Array]:
   """Ends each row of tokens [B, N] at its first `eos_id` in text order (the EOS kept).
 
   Later positions become `pad_id` with log-prob 0, except where the optional bool
   `known` [B, N] (prompt/infill positions) is True: given tokens are kept as they are.
-  Returns (tokens, log_probs, valid bool [B, N]); the log-probs of kept positions are
-  passed through unchanged (see `kept_text_log_probs` for scores of the kept text).
+  Returns (tokens, log_probs, valid bool [B, N]); the log-probs [B, N] of kept positions
+  are passed through unchanged (see `kept_text_log_probs` for scores of the kept text),
+  and None stays None (samplers without log-probs).
   """
   is_eos = tokens == eos_id
   after = jnp.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
   valid = ~after if known is None else ~after | jnp.asarray(known, bool)
-  return (jnp.where(valid, tokens, pad_id).astype(tokens.dtype),
-          jnp.where(valid, log_probs, 0.0), valid)
+  tokens = jnp.where(valid, tokens, pad_id).astype(tokens.dtype)
+  return tokens, None if log_probs is None else jnp.where(valid, log_probs, 0.0), valid
 
 
 def kept_text_log_probs(model, params, tokens: jax.Array, block_ids: np.ndarray,

@@ -112,9 +112,10 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   import grain  # pylint: disable=g-import-not-at-top
 
   # Both saved items are registered (an unregistered 'data' item makes orbax warn at
-  # every access); only 'state' is restored.
+  # every access); only 'state' is restored. Nothing is written: create=False, and this
+  # manager never saves or deletes (read_only=True would log three warnings per restore).
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()})
   step = manager.latest_step() if step is None else step
