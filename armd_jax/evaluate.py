@@ -5,7 +5,8 @@
       [--max_batches=M] [--zero_shot=ptb,wikitext2,lambada,lm1b,text]
       [--zero_shot_files=ptb=/data/ptb.test.txt,text=/data/book.txt]
       [--gen_samples=16 --gen_length=128 --gen_streams=4 --gen_num_steps=T
-       --evaluator=AR_WORKDIR | --evaluator=hf:gpt2-large] [--noheldout]
+       --evaluator=AR_WORKDIR | --evaluator=hf:gpt2-large --mauve_bootstrap=50]
+      [--noheldout]
       [--output=results.json]
 
 Every perplexity line says whether it is exact or a bound and under which order: an
@@ -17,7 +18,11 @@ data is the run's own validation split (`config.data`); zero-shot sets are read 
 `armd_jax.eval.zero_shot` for the detokenisation conventions). Generative perplexity
 samples from the workdir's model and scores the samples with `--evaluator` (default:
 the workdir itself when it is an 'ar' or 'armd' model; pass an AR workdir to follow
-the usual protocol); the evaluator is named in the output.
+the usual protocol); the evaluator is named in the output. Beside it: the samples'
+unigram entropy and MAUVE under our evaluator (its mean last hidden states of the
+samples against as many held-out rows of the run's validation split, cropped to
+--gen_length; bootstrap 95% interval; `armd_jax.eval.mauve_score`), since generative
+PPL alone rewards degenerate text. An hf: evaluator gets no MAUVE (the line says so).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def define_flags() -> None:
                        "with N = gen_length, S = gen_streams: ARMD's call count; "
                        "armd_jax.registry.matched_mdlm_steps).")
   flags.DEFINE_string("evaluator", None, "An ar/armd workdir, or hf:NAME.")
+  flags.DEFINE_integer("mauve_bootstrap", 50, "Bootstrap resamples for MAUVE's 95% "
+                       "interval (0: none).")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_integer("seed", 0, "Seed for random orders, ELBO draws and samples.")
   flags.DEFINE_bool("use_ema", True, "Use EMA parameters when present.")
@@ -98,7 +105,8 @@ def evaluate_workdir(workdir: str, *, order: Optional[str] = None, streams: int 
                      batch_size: int = 16, seq_len: Optional[int] = None,
                      gen_samples: int = 0, gen_length: int = 128, gen_streams: int = 1,
                      gen_num_steps: Optional[int] = None, evaluator: Optional[str] = None,
-                     temperature: float = 1.0, seed: int = 0, use_ema: bool = True,
+                     mauve_bootstrap: int = 50, temperature: float = 1.0, seed: int = 0,
+                     use_ema: bool = True,
                      log=print) -> Dict[str, object]:
   """Runs every requested evaluation of a workdir; returns a JSON-ready dict.
 
@@ -123,12 +131,14 @@ def evaluate_workdir(workdir: str, *, order: Optional[str] = None, streams: int 
   results: Dict[str, object] = {"workdir": workdir, "step": trained.step, "model_kind": kind}
   log(f"{workdir}: {kind} model at step {trained.step}")
 
-  if heldout:
-    datasets = data_lib.create_datasets(
+  def datasets():
+    return data_lib.create_datasets(
         trained.config.data, seq_len=int(trained.config.train.seq_len),
         global_batch_size=int(trained.config.train.global_batch_size), workdir=workdir,
         seed=int(trained.config.train.seed), process_index=0, process_count=1)
-    result = ev.evaluate_perplexity(trained.model, trained.params, datasets.eval_batches(),
+
+  if heldout:
+    result = ev.evaluate_perplexity(trained.model, trained.params, datasets().eval_batches(),
                                     order=eval_order, rng=rng, num_samples=mc_samples,
                                     max_batches=max_batches, log=log)
     log(f"held-out: {result}")
@@ -154,9 +164,23 @@ def evaluate_workdir(workdir: str, *, order: Optional[str] = None, streams: int 
                               num_steps=gen_num_steps, warmup=False,
                               sampler=sampling.SamplerConfig(temperature=temperature))
     result = ev.generative_perplexity(out.tokens, scorer, vocab=trained.vocab)
+    quality = {**result.as_dict()}
+    if not isinstance(scorer, ev.ModelEvaluator):
+      mauve_text = ("MAUVE not computed (its features come from one of our models: "
+                    "--evaluator=WORKDIR)")
+    elif gen_samples < 2:
+      mauve_text = "MAUVE not computed (needs --gen_samples >= 2)"
+    else:
+      ref_tokens, ref_mask = ev.take_rows(datasets().eval_batches(), gen_samples, gen_length)
+      mauve = ev.mauve_score(
+          ev.evaluator_features(out.tokens, scorer, vocab=trained.vocab),
+          ev.evaluator_features(ref_tokens, scorer, vocab=trained.vocab, mask=ref_mask),
+          evaluator=scorer.name, num_bootstrap=mauve_bootstrap, seed=seed)
+      quality.update(mauve.as_dict())
+      mauve_text = str(mauve)
     log(f"samples ({gen_samples} x {gen_length}, streams {gen_streams}, {out.num_calls} "
-        f"network calls, {out.seconds / gen_samples:.3f} s/sample): {result}")
-    results["generative"] = {**result.as_dict(), "num_calls": out.num_calls,
+        f"network calls, {out.seconds / gen_samples:.3f} s/sample): {result}; {mauve_text}")
+    results["generative"] = {**quality, "num_calls": out.num_calls,
                              "seconds_per_sample": out.seconds / gen_samples,
                              "streams": gen_streams, "length": gen_length}
   return results
@@ -177,7 +201,8 @@ def main(argv):
         zero_shot=f.zero_shot, zero_shot_files=parse_files(f.zero_shot_files),
         batch_size=f.batch_size, seq_len=f.seq_len, gen_samples=f.gen_samples,
         gen_length=f.gen_length, gen_streams=f.gen_streams, gen_num_steps=f.gen_num_steps,
-        evaluator=f.evaluator, temperature=f.temperature, seed=f.seed, use_ema=f.use_ema)
+        evaluator=f.evaluator, mauve_bootstrap=f.mauve_bootstrap, temperature=f.temperature,
+        seed=f.seed, use_ema=f.use_ema)
   except (FileNotFoundError, ValueError, ImportError) as e:
     raise SystemExit(f"error: {e}") from None
   if f.output:  # a local file or URL, like the workdir

@@ -5,8 +5,10 @@ Trains every run with `armd_jax.train.train_and_evaluate` (character level, the
 - validation perplexity vs. step (from each run's metrics.jsonl; PNG),
 - final held-out perplexity, labelled exact or bound (`armd_jax.eval`),
 - train tokens/s (median of the progress lines, compilation excluded),
-- generative perplexity and per-sample unigram entropy of unconditional samples (128 per
-  sampler in the full mode, each figure with a bootstrap 95% interval over samples) for
+- generative perplexity, per-sample unigram entropy and MAUVE under the evaluator (its
+  mean last hidden states, samples against as many held-out rows) of unconditional
+  samples (128 per sampler in the full mode, each figure with a bootstrap 95% interval
+  over samples; each sample set scored once) for
   ARMD sequential, strided S = 2, 4, confidence-ordered decoding with k = 4, 8 per exact
   call (2 ceil(N/k) - 1 calls: 63 and 31 at N = 128, beside S = 2's 65 and S = 4's 35),
   and MDLM with the same number of reverse steps as ARMD's strided calls (N/S + S - 1),
@@ -23,10 +25,15 @@ Runs (all the same width, depth and steps unless stated):
   armd_all_two_stream  ablation: every layer two-stream (costs more per step).
   mdlm                 masked diffusion, continuous-time ELBO with the linear schedule.
 
+Data: tiny Shakespeare's input.txt (1.1 MB), passed as --data (required), e.g.
+  curl -o /tmp/input.txt \
+    https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+
 Commands (from the repository root):
-  python benchmarks/compare.py --smoke   # tiny sizes, ~2 minutes on 2 cores: a test
-  python benchmarks/compare.py           # the full comparison (see docs/benchmarks.md)
-  python benchmarks/compare.py --generation_only --workdir_root=DIR  # re-sample and score
+  python benchmarks/compare.py --data=/tmp/input.txt --smoke  # tiny sizes, minutes on 2 cores
+  python benchmarks/compare.py --data=/tmp/input.txt  # the full comparison (docs/benchmarks.md)
+  python benchmarks/compare.py --data=/tmp/input.txt --generation_only --workdir_root=DIR
+      # re-sample and score
       # the trained runs in DIR (no training): writes compare_generation.*
 
 Writes benchmarks/results/compare.json, compare_val_ppl.png, compare.md and the results
@@ -58,7 +65,8 @@ from armd_jax import registry, sampling, train  # noqa: E402
 from armd_jax.train import observe  # noqa: E402
 from armd_jax.train.defaults import base_config  # noqa: E402
 
-DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
+DATA_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+            "input.txt")
 DOCS = os.path.join(REPO, "docs", "benchmarks.md")
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -76,7 +84,8 @@ SIZES = {
 RUNS = ("ar", "armd", "armd_sbp", "armd_prefix_init", "armd_all_two_stream", "mdlm")
 STREAMS = (1, 2, 4)
 CONFIDENCE_K = (4, 8)  # confidence-ordered decoding: positions per exact call
-BOOTSTRAP = 2000  # resamples for the 95% intervals
+BOOTSTRAP = 2000  # resamples for the 95% intervals of gen. PPL and entropy
+MAUVE_BOOTSTRAP = 50  # resamples for MAUVE's (each re-runs its k-means)
 
 
 def run_config(name: str, size: Dict, data_path: str, workdirs: Dict[str, str]):
@@ -183,9 +192,11 @@ def _armd_samples(trained, key, batch: int, length: int, k: int):
   return ev.Samples(tokens, int(out.num_calls), time.perf_counter() - start)
 
 
-def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
-  """Generative PPL / entropy (with bootstrap 95% intervals) / calls / seconds per sample
-  for the run's samplers."""
+def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: Dict
+                    ) -> List[Dict]:
+  """Generative PPL / entropy / MAUVE against `reference` features [M, D] (each with a
+  bootstrap 95% interval) / calls / seconds per sample for the run's samplers; every
+  sample set is scored once."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
@@ -200,19 +211,18 @@ def generation_rows(name: str, trained, evaluator, size: Dict) -> List[Dict]:
     else:  # 'mdlm' runs the registry's matched step count for S.
       samples = ev.generate_samples(trained.model, trained.params, key, batch_size=batch,
                                     length=length, streams=s, sampler=sampling.SamplerConfig())
-    result = ev.generative_perplexity(samples.tokens, evaluator)
-    nll, counts = evaluator.score_tokens(samples.tokens)
-    entropy = ev.unigram_entropy(samples.tokens)
+    scores = ev.score_samples(samples.tokens, evaluator)
+    result = scores.result()
+    mauve = ev.mauve_score(ev.evaluator_features(samples.tokens, evaluator), reference,
+                           evaluator=evaluator.name, num_bootstrap=MAUVE_BOOTSTRAP)
     name_ = (f"confidence k={s} (max prob)" if how == "confidence"
              else _sampler_name(name, kind, s, length))
     row = {"run": name, "sampler": name_, "streams": s if how == "streams" else None,
            "per_call": s if how == "confidence" else None,
            "num_calls": samples.num_calls, "seconds_per_sample": samples.seconds / batch,
-           **result.as_dict(), **bootstrap_interval(np.asarray(nll, np.float64),
-                                                    np.asarray(counts, np.float64),
-                                                    np.asarray(entropy, np.float64)),
-           "example": trained.vocab.decode(samples.tokens[0].tolist())}
-    print(f"  {name} {row['sampler']}: {result}; 95% CI {row['gen_ppl_ci95']}; "
+           **result.as_dict(), **bootstrap_interval(scores.nll, scores.counts, scores.entropy),
+           **mauve.as_dict(), "example": trained.vocab.decode(samples.tokens[0].tolist())}
+    print(f"  {name} {row['sampler']}: {result}; 95% CI {row['gen_ppl_ci95']}; {mauve}; "
           f"{samples.num_calls} calls, {row['seconds_per_sample'] * 1e3:.1f} ms/sample",
           flush=True)
     rows.append(row)
@@ -265,16 +275,20 @@ def markdown(results: Dict) -> str:
     lines.append(f"| {name} | {run['kind']} | {main['ppl']:.3f} | {main['label']} "
                  f"({main_key}) | {others} | {run['tokens_per_s']:,.0f} | "
                  f"{run['train_seconds']:.0f} |")
-  lines += ["", f"Generative perplexity under the evaluator: {results['evaluator']}; "
-            f"{size['gen_samples']} samples of {size['seq_len']} characters, temperature 1.", "",
+  lines += ["", f"Generative perplexity and MAUVE under the evaluator: {results['evaluator']}; "
+            f"{size['gen_samples']} samples of {size['seq_len']} characters, temperature 1; "
+            "MAUVE on the evaluator's mean last hidden states against as many held-out rows "
+            "(not comparable to GPT-2-large MAUVE).", "",
             "| run | sampler | network calls | gen. PPL [95% CI] | entropy (nats) [95% CI] | "
-            "ms / sample |", "|---|---|---|---|---|---|"]
+            "MAUVE [95% CI] | ms / sample |", "|---|---|---|---|---|---|---|"]
   for row in results["generation"]:
     ci = row.get("gen_ppl_ci95", [float("nan")] * 2)
     eci = row.get("entropy_nats_ci95", [float("nan")] * 2)
+    mci = row.get("mauve_ci95", [float("nan")] * 2)
     lines.append(f"| {row['run']} | {row['sampler']} | {row['num_calls']} | "
                  f"{row['gen_ppl']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
                  f"{row['entropy_nats']:.3f} [{eci[0]:.3f}, {eci[1]:.3f}] | "
+                 f"{row.get('mauve', float('nan')):.3f} [{mci[0]:.3f}, {mci[1]:.3f}] | "
                  f"{row['seconds_per_sample'] * 1e3:.1f} |")
   return "\n".join(lines) + "\n"
 
@@ -294,7 +308,8 @@ def update_docs(table: str, png_name: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: tests the pipeline")
-  parser.add_argument("--data", default=DEFAULT_DATA, help="tiny Shakespeare input.txt")
+  parser.add_argument("--data", default=None, help=f"tiny Shakespeare input.txt "
+                      f"(required; download {DATA_URL})")
   parser.add_argument("--workdir_root", default=None, help="where the runs train "
                       "(default /tmp/armd_compare[_smoke]; emptied first)")
   parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
@@ -312,9 +327,13 @@ def main() -> None:
     size["eval_every"] = max(1, args.steps // 4)
   if args.gen_samples:
     size["gen_samples"] = args.gen_samples
+  if args.data is None:
+    raise SystemExit(f"error: pass --data=PATH, tiny Shakespeare's input.txt (download "
+                     f"{DATA_URL}).")
   data_path = os.path.normpath(args.data)
   if not os.path.isfile(data_path):
-    raise SystemExit(f"error: no tiny Shakespeare file at {data_path} (pass --data).")
+    raise SystemExit(f"error: no tiny Shakespeare file at {data_path} (pass --data; get it "
+                     f"from {DATA_URL}).")
   runs = [r for r in args.runs.split(",") if r]
   unknown = sorted(set(runs) - set(RUNS))
   if unknown or "ar" not in runs:
@@ -355,11 +374,15 @@ def main() -> None:
   evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab,
                                 name=f"the 'ar' run of this benchmark (step {ar.step})")
   results["evaluator"] = evaluator.name
+  ref_tokens, ref_mask = ev.take_rows(heldout_batches(ar, workdirs["ar"]),
+                                      size["gen_samples"], size["seq_len"])
+  reference = ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)  # [M, D]
   for name in runs:
     if name in ("armd_prefix_init", "armd_all_two_stream"):
       continue  # ablations report perplexity and speed only
     print(f"[{time.time() - start:6.0f}s] sampling {name}", flush=True)
-    results["generation"] += generation_rows(name, trained_runs[name], evaluator, size)
+    results["generation"] += generation_rows(name, trained_runs[name], evaluator, reference,
+                                             size)
   results["wall_seconds"] = time.time() - start
 
   out_dir = os.path.join(HERE, "results")

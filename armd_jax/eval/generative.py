@@ -15,19 +15,32 @@ Evaluators (each states its `name` in every result):
   its own tokenizer and scored after its BOS/EOS token.
 When the evaluator shares the generator's vocabulary the sample tokens are scored
 directly; otherwise samples are decoded to text and re-tokenised.
+
+Generative PPL rewards degenerate text (a repeated phrase scores well), so it is always
+reported beside the unigram entropy and MAUVE (`mauve_score`): the divergence frontier
+between the samples and held-out text (the `mauve-text` package, `[eval]` extra),
+computed on *our evaluator's* features (`sample_features`: the mean of its last hidden
+states over a sample's tokens), with a bootstrap 95% interval. "MAUVE under our
+evaluator" is comparable between samplers scored by one evaluator and reference set,
+never with published MAUVE figures (GPT-2-large features).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+import os
+import sys
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from armd_jax import registry
+from armd_jax import orders, registry
 from armd_jax.eval import perplexity as ppl_lib
 
 
@@ -115,17 +128,21 @@ class ModelEvaluator:
                                              jax.random.PRNGKey(0), order, 1))
     return nll, mask.sum(1)
 
-  def score_texts(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-text NLL sums and token counts under this model's vocabulary."""
+  def encode_texts(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Texts in this model's vocabulary: right-padded tokens and mask [B, max length]."""
     if self.vocab is None:
-      raise ValueError("ModelEvaluator.score_texts needs the evaluator's vocab.")
+      raise ValueError("ModelEvaluator: texts need the evaluator's vocab.")
     encoded = [list(self.vocab.encode(t)) or [self.vocab.eos_id] for t in texts]
     length = max(len(e) for e in encoded)
     tokens = np.full((len(texts), length), self.vocab.pad_id, np.int32)
     mask = np.zeros((len(texts), length), np.int32)
     for i, e in enumerate(encoded):
       tokens[i, :len(e)], mask[i, :len(e)] = e, 1
-    return self.score_tokens(tokens, mask)
+    return tokens, mask
+
+  def score_texts(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-text NLL sums and token counts under this model's vocabulary."""
+    return self.score_tokens(*self.encode_texts(texts))
 
 
 class HFEvaluator:
@@ -188,6 +205,49 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
   return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleScores:
+  """One sample set scored once: per-sample NLL sums (nats) [B], evaluator token counts
+  [B] and unigram entropies (nats) [B]; `result()` pools them, bootstraps reuse them."""
+
+  nll: np.ndarray
+  counts: np.ndarray
+  entropy: np.ndarray
+  evaluator: str
+
+  def result(self) -> GenerativeResult:
+    """Generative PPL (exp of the pooled NLL per evaluator token) and mean entropy."""
+    total = int(np.sum(self.counts))
+    if total == 0:
+      raise ValueError("generative_perplexity: no tokens to score.")
+    mean_nll = float(np.sum(self.nll) / total)
+    return GenerativeResult(math.exp(mean_nll), mean_nll, total, float(self.entropy.mean()),
+                            self.evaluator, len(self.nll))
+
+
+def _rows(tokens: np.ndarray, mask: Optional[np.ndarray]) -> List[np.ndarray]:
+  """Each row's real tokens (mask == 1), for decoding to text."""
+  if mask is None:
+    return list(tokens)
+  return [t[np.asarray(m).astype(bool)] for t, m in zip(tokens, mask)]
+
+
+def score_samples(tokens: np.ndarray, evaluator, *, vocab=None,
+                  mask: Optional[np.ndarray] = None) -> SampleScores:
+  """Scores sample tokens [B, N] once under `evaluator` (see `generative_perplexity`)."""
+  tokens = np.asarray(tokens)
+  direct = isinstance(evaluator, ModelEvaluator) and (vocab is None or vocab is evaluator.vocab)
+  if direct:
+    nll, counts = evaluator.score_tokens(tokens, mask)
+  else:
+    if vocab is None:
+      raise ValueError("generative_perplexity: pass the generator's vocab to decode samples "
+                       "for an evaluator with another tokenizer.")
+    nll, counts = evaluator.score_texts([vocab.decode(list(r)) for r in _rows(tokens, mask)])
+  return SampleScores(np.asarray(nll, np.float64), np.asarray(counts, np.float64),
+                      unigram_entropy(tokens, mask), evaluator.name)
+
+
 def generative_perplexity(tokens: np.ndarray, evaluator, *, vocab=None,
                           mask: Optional[np.ndarray] = None) -> GenerativeResult:
   """Generative PPL of sample tokens [B, N] under `evaluator`, plus unigram entropy.
@@ -200,24 +260,208 @@ def generative_perplexity(tokens: np.ndarray, evaluator, *, vocab=None,
       and the texts re-tokenised by the evaluator.
     mask: optional [B, N] {0, 1} marking real sample tokens (e.g. before EOS).
   """
-  tokens = np.asarray(tokens)
-  direct = isinstance(evaluator, ModelEvaluator) and (vocab is None or vocab is evaluator.vocab)
-  if direct:
-    nll, counts = evaluator.score_tokens(tokens, mask)
-  else:
-    if vocab is None:
-      raise ValueError("generative_perplexity: pass the generator's vocab to decode samples "
-                       "for an evaluator with another tokenizer.")
-    rows = tokens if mask is None else [t[np.asarray(m).astype(bool)] for t, m in
-                                        zip(tokens, mask)]
-    nll, counts = evaluator.score_texts([vocab.decode(list(r)) for r in rows])
-  total = int(np.sum(counts))
-  if total == 0:
-    raise ValueError("generative_perplexity: no tokens to score.")
-  mean_nll = float(np.sum(nll) / total)
-  return GenerativeResult(math.exp(mean_nll), mean_nll, total,
-                          float(unigram_entropy(tokens, mask).mean()), evaluator.name,
-                          tokens.shape[0])
+  return score_samples(tokens, evaluator, vocab=vocab, mask=mask).result()
+
+
+# -- MAUVE under our evaluator ---------------------------------------------------------
+
+
+def _is_final_norm(module, method_name: str) -> bool:
+  return module.name == "final_norm" and method_name == "__call__"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_hidden_states(model, params, tokens: jax.Array) -> jax.Array:
+  """Final-norm outputs [B, N, D] (what the output head reads) of a left-to-right pass."""
+  batch, length = tokens.shape
+  block_ids = orders.left_to_right(batch, length)  # singleton blocks: row n reads x_<n
+  _, state = model.apply(params, tokens, block_ids, capture_intermediates=_is_final_norm,
+                         mutable=["intermediates"])
+  captured = state.get("intermediates", {}).get("final_norm", {}).get("__call__")
+  if not captured:
+    raise ValueError(f"sample_features: a {model.config.kind!r} model without a top-level "
+                     "`final_norm` module has no last hidden states to read.")
+  return captured[0].astype(jnp.float32)
+
+
+def sample_features(model, params, tokens: np.ndarray,
+                    mask: Optional[np.ndarray] = None) -> np.ndarray:
+  """MAUVE features [B, D] (float64): each sample's mean last hidden state.
+
+  The model ('ar' or 'armd') reads each row left to right; its last hidden state at
+  row n (after the final norm) has read BOS and tokens 0..n-1. The mean runs over the
+  rows 1 <= n < L of a sample of L real tokens (mask[n] == 1, n >= 1): states that
+  have read some of the sample and nothing else, the same whatever padding follows
+  (the BOS row, alike for all samples, is left out; the last token is never read).
+  Rows longer than max_len are read in consecutive windows, each from BOS.
+
+  Args:
+    tokens: [B, N] ids in the model's vocabulary; mask: optional [B, N] {0, 1}
+      (contiguous from the left, as samples truncated at EOS are).
+  Raises:
+    ValueError: a kind without an exact left-to-right pass, or a row with < 2 tokens.
+  """
+  if not registry.kind_of(model).exact_scorer:
+    raise ValueError(f"sample_features needs an 'ar' or 'armd' model, got "
+                     f"{model.config.kind!r}.")
+  tokens = np.asarray(tokens, np.int32)
+  mask = np.ones(tokens.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
+  window = model.config.max_len
+  total = np.zeros((tokens.shape[0], model.config.d_model))
+  count = np.zeros(tokens.shape[0])
+  for start in range(0, tokens.shape[1], window):
+    chunk, chunk_mask = tokens[:, start:start + window], mask[:, start:start + window]
+    states = np.asarray(_last_hidden_states(model, params, jnp.asarray(chunk)), np.float64)
+    read = np.zeros(chunk_mask.shape)  # [B, W]: rows 1 <= n < L of each window
+    read[:, 1:] = chunk_mask[:, 1:]
+    total += np.einsum("bn,bnd->bd", read, states)
+    count += read.sum(1)
+  if np.any(count == 0):
+    raise ValueError(f"sample_features: rows {np.flatnonzero(count == 0).tolist()} have "
+                     "fewer than 2 real tokens (no state has read one of their tokens).")
+  return total / count[:, None]
+
+
+def evaluator_features(tokens: np.ndarray, evaluator: "ModelEvaluator", *, vocab=None,
+                       mask: Optional[np.ndarray] = None) -> np.ndarray:
+  """`sample_features` [B, D] of tokens [B, N] under a `ModelEvaluator`: the tokens
+  directly when `vocab` is None or the evaluator's own, else decoded and re-encoded."""
+  if not isinstance(evaluator, ModelEvaluator):
+    raise ValueError(f"MAUVE features come from one of our models (a ModelEvaluator: "
+                     f"--evaluator=WORKDIR), not {evaluator.name}.")
+  if vocab is None or vocab is evaluator.vocab:
+    return sample_features(evaluator.model, evaluator.params, tokens, mask)
+  tokens, mask = evaluator.encode_texts([vocab.decode(list(r)) for r in
+                                         _rows(np.asarray(tokens), mask)])
+  return sample_features(evaluator.model, evaluator.params, tokens, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class MauveResult:
+  """MAUVE of samples against reference text under our evaluator's features.
+
+  `ci95` is a percentile bootstrap interval: both sets resampled with replacement and
+  MAUVE recomputed (quantisation included) `num_bootstrap` times.
+  """
+
+  mauve: float
+  ci95: Tuple[float, float]
+  num_samples: int
+  num_reference: int
+  num_buckets: int
+  num_bootstrap: int
+  evaluator: str
+
+  def as_dict(self) -> Dict[str, object]:
+    """JSON-ready summary (keys prefixed `mauve`)."""
+    return {"mauve": self.mauve, "mauve_ci95": list(self.ci95),
+            "mauve_num_reference": self.num_reference, "mauve_num_buckets": self.num_buckets,
+            "mauve_num_bootstrap": self.num_bootstrap,
+            "mauve_features": f"mean last hidden state of {self.evaluator}"}
+
+  def __str__(self) -> str:
+    return (f"MAUVE under our evaluator {self.mauve:.3f} [95% CI {self.ci95[0]:.3f}, "
+            f"{self.ci95[1]:.3f}] ({self.num_samples} samples vs {self.num_reference} "
+            f"held-out, {self.num_buckets} buckets; not comparable to GPT-2-large MAUVE)")
+
+
+@contextlib.contextmanager
+def _without_faiss_size_warnings():
+  """Drops faiss's C-level "WARNING clustering N points to K centroids" lines from stderr
+  (MAUVE's n/10 buckets always have fewer than faiss's 39 points per centroid); any
+  other stderr output is passed on."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+              if not line.startswith("WARNING clustering")]
+      if kept:
+        sys.stderr.write("".join(kept))
+
+
+def frontier_area(curve: np.ndarray) -> float:
+  """MAUVE from a divergence curve [M, 2] given in mixture-weight order (as
+  `compute_mauve(...).divergence_curve`): the mean of the areas under y(x) and x(y).
+
+  Along that order x never increases and y never decreases, so each area is integrated
+  in the curve's own order. (mauve-text 0.4.0 re-sorts the points by coordinate with an
+  unstable sort, so identical histograms, where the points tie at x = 1, can give 0.75
+  instead of 1; elsewhere the two agree.)
+  """
+  x, y = np.asarray(curve, np.float64).T
+  trapezoid = getattr(np, "trapezoid", None) or np.trapz
+  return float(0.5 * (trapezoid(y[::-1], x[::-1]) + trapezoid(x, y)))
+
+
+def _compute_mauve(p: np.ndarray, q: np.ndarray, num_buckets, seed: int):
+  try:
+    import mauve  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("MAUVE needs the mauve-text package: pip install -e '.[eval]'.") from e
+  import faiss  # pylint: disable=import-outside-toplevel  (mauve-text's k-means)
+  threads = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(1)  # a few hundred points: threads only add overhead (~10x)
+  try:
+    with _without_faiss_size_warnings():
+      out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets,
+                                seed=seed, verbose=False)
+  finally:
+    faiss.omp_set_num_threads(threads)
+  return frontier_area(out.divergence_curve), int(out.num_buckets)
+
+
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, evaluator: str = "",
+                num_bootstrap: int = 50, num_buckets="auto", seed: int = 0) -> MauveResult:
+  """MAUVE of samples p [B, D] against reference q [M, D]: `mauve.compute_mauve`'s
+  quantisation and divergence curve, its area by `frontier_area`.
+
+  Args:
+    p_features, q_features: e.g. `evaluator_features` of the samples and of held-out
+      text of the same length.
+    evaluator: named in the result.
+    num_bootstrap: resamples for the 95% interval (0: the interval is the point).
+    num_buckets: k-means clusters ('auto': min(B, M) / 10, at least 2).
+    seed: k-means and bootstrap seed.
+  Raises:
+    ValueError: fewer than 2 rows in a set, or feature widths that differ.
+  """
+  p, q = np.asarray(p_features, np.float64), np.asarray(q_features, np.float64)
+  if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1] or min(len(p), len(q)) < 2:
+    raise ValueError(f"mauve_score: needs two [n >= 2, D] feature sets of one width, got "
+                     f"{p.shape} and {q.shape}.")
+  value, buckets = _compute_mauve(p, q, num_buckets, seed)
+  rng = np.random.default_rng(seed)
+  draws = [_compute_mauve(p[rng.integers(0, len(p), len(p))],
+                          q[rng.integers(0, len(q), len(q))], num_buckets, seed)[0]
+           for _ in range(num_bootstrap)]
+  low, high = np.percentile(draws, [2.5, 97.5]) if draws else (value, value)
+  return MauveResult(value, (float(low), float(high)), len(p), len(q), buckets,
+                     num_bootstrap, evaluator)
+
+
+def take_rows(batches, num: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The first `num` rows of batches {'tokens', optional 'mask'} cropped to `length`:
+  tokens and mask [num, <= length] (reference text for MAUVE). ValueError if fewer."""
+  tokens, masks = [], []
+  for batch in batches:
+    t = np.asarray(batch["tokens"])[:, :length]
+    tokens.append(t)
+    masks.append(np.asarray(batch.get("mask", np.ones(t.shape)))[:, :length])
+    if sum(len(x) for x in tokens) >= num:
+      break
+  tokens_, masks_ = (np.concatenate(tokens)[:num], np.concatenate(masks)[:num].astype(np.int32)
+                     ) if tokens else (np.zeros((0, length), np.int32),) * 2
+  if len(tokens_) < num:
+    raise ValueError(f"take_rows: the reference split has {len(tokens_)} rows, {num} needed.")
+  return tokens_, masks_
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +498,3 @@ def generate_samples(model, params, rng: jax.Array, *, batch_size: int, length: 
   out = run(rng)
   tokens = np.asarray(jax.block_until_ready(out.tokens))
   return Samples(tokens, int(out.num_calls), time.perf_counter() - start)
-
-
-def describe_samples(tokens: np.ndarray, vocab, limit: int = 3) -> List[str]:
-  """The first `limit` samples decoded, for printing."""
-  return [vocab.decode(list(np.asarray(t))) for t in np.asarray(tokens)[:limit]]
