@@ -69,9 +69,8 @@ def test_training_and_evaluation_validate_orders_against_the_one_order_registry(
 def test_training_and_evaluation_draw_the_same_strided_ids():
   train_ids, info = orders.draw_block_ids(settings_lib.OrderConfig(kind="strided", streams=(4,)),
                                           jax.random.PRNGKey(0), jnp.int32(0), 2, 16)
-  eval_ids = perplexity.armd_block_ids(jax.random.PRNGKey(1),
-                                       perplexity.EvalOrder("strided", streams=4),
-                                       jnp.ones((2, 16), jnp.int32))
+  eval_ids, _ = orders.draw_block_ids(perplexity.EvalOrder("strided", streams=4),
+                                      jax.random.PRNGKey(1), jnp.int32(0), 2, 16)
   chex.assert_trees_all_equal(train_ids, eval_ids, orders.strided(2, 16, 4))
   assert int(info["order/streams"]) == 4
 

@@ -108,13 +108,6 @@ class PerplexityResult:
             f"NLL {self.nll:.4f} nats/token over {self.num_tokens} tokens)")
 
 
-def armd_block_ids(rng: jax.Array, order: EvalOrder, mask: jax.Array) -> jax.Array:
-  """Block ids [B, N] of an evaluation order (`armd_jax.orders.ORDERS`), padding moved
-  to the last block."""
-  ids, _ = orders.draw_block_ids(order, rng, jnp.zeros((), jnp.int32), *mask.shape)
-  return orders.padding_last(ids, mask)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def sequence_nll(model: nn.Module, params, batch: Dict[str, jax.Array], rng: jax.Array,
                  order: EvalOrder, num_samples: int = 1) -> jax.Array:
