@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from armd_jax import evaluate, train
+from conftest import tiny_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +28,19 @@ def tiny(kind, steps=20):
   return config
 
 
+def test_an_armd_workdir_reports_the_trainers_own_final_heldout_nll(tiny_run):
+  """The evaluate library call on the shared trained `tiny` workdir: the default order of
+  an ARMD model is left-to-right and exact, and over the trainer's eval batches it gives
+  the NLL the trainer's final evaluation logged (same EMA params, same batches)."""
+  results = evaluate.evaluate_workdir(
+      tiny_run.workdir, max_batches=tiny_run_config().eval.num_batches, log=lambda _: None)
+  assert results["step"] == 60 and results["model_kind"] == "armd"
+  heldout = results["heldout"]
+  assert heldout["label"] == "exact" and heldout["order"] == "left_to_right"
+  assert heldout["num_tokens"] == tiny_run.final["eval/num_tokens"]
+  assert heldout["nll"] == pytest.approx(tiny_run.final["eval/nll"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Tiny runs of the AR (20 steps) and MDLM (60 steps: its bound starts above ln V)."""
@@ -38,6 +52,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow  # trains the two baselines (the `runs` fixture)
 @pytest.mark.parametrize("kind", ["ar", "mdlm"])
 def test_baselines_train_with_the_shared_loop_and_lower_their_loss(runs, kind):
   workdir, final = runs[kind]
@@ -47,6 +62,7 @@ def test_baselines_train_with_the_shared_loop_and_lower_their_loss(runs, kind):
   assert trained.model_config.kind == kind and trained.step == (20 if kind == "ar" else 60)
 
 
+@pytest.mark.slow  # trains the two baselines (the `runs` fixture)
 def test_ar_workdir_reports_exact_perplexity_and_scores_its_samples(runs, tmp_path):
   workdir, _ = runs["ar"]
   text = tmp_path / "book.txt"
@@ -62,6 +78,7 @@ def test_ar_workdir_reports_exact_perplexity_and_scores_its_samples(runs, tmp_pa
   assert gen["num_calls"] == 16
 
 
+@pytest.mark.slow  # trains the two baselines (the `runs` fixture)
 def test_mdlm_workdir_reports_a_bound_and_is_scored_by_the_ar_evaluator(runs):
   (workdir, _), (ar_workdir, _) = runs["mdlm"], runs["ar"]
   results = evaluate.evaluate_workdir(workdir, max_batches=2, gen_samples=2, gen_length=16,
@@ -77,6 +94,7 @@ def test_mdlm_workdir_reports_a_bound_and_is_scored_by_the_ar_evaluator(runs):
     evaluate.evaluate_workdir(workdir, order="left_to_right", log=lambda _: None)
 
 
+@pytest.mark.slow  # trains the two baselines (the `runs` fixture)
 def test_the_sample_command_generates_from_both_baselines(runs):
   from armd_jax import sample as sample_cmd  # pylint: disable=import-outside-toplevel
   for kind in ("ar", "mdlm"):
@@ -85,6 +103,7 @@ def test_the_sample_command_generates_from_both_baselines(runs):
     assert result.tokens.shape == (2, 16) and len(result.texts) == 2
 
 
+@pytest.mark.slow  # trains the two baselines (the `runs` fixture)
 def test_the_evaluate_command_prints_labels_and_writes_json(runs, tmp_path):
   output = tmp_path / "out.json"
   proc = subprocess.run(

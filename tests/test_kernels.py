@@ -269,6 +269,7 @@ def test_tile_ranges_hold_every_visible_pair(kind):
         assert not (c1 <= i < end1 or c2 <= i < end2) or pair.all()
 
 
+@pytest.mark.slow  # the interpreted kernel inside a whole model, forward and backward
 def test_model_logits_and_gradients_are_the_same_with_the_kernel():
   length = 19
   config = tiny_config(max_len=length, num_layers=2)  # one two-stream, one causal layer

@@ -1,6 +1,5 @@
 """Generation from trained models: greedy recall of memorised sequences, the sample command."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -76,24 +75,10 @@ def test_greedy_decoding_reproduces_the_trained_sequences(memorised, streams):
 # -- the sample command -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A workdir trained by TRAIN's tiny config (a few steps), ending with printed samples."""
-  from armd_jax import train  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("tiny_config_file",
-                                                os.path.join(root, "configs", "tiny.py"))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
-  config.train.num_steps = 10
-  config.train.eval_every = 10
-  config.train.checkpoint_every = 10
-  config.sample.num_samples = 2
-  config.sample.streams = 4
-  path = str(tmp_path_factory.mktemp("sample_workdir"))
-  train.train_and_evaluate(config, path)
-  return path
+@pytest.fixture
+def workdir(tiny_workdir):
+  """The session's trained `tiny` workdir (tests/conftest.py; read only)."""
+  return tiny_workdir
 
 
 @pytest.mark.slow
@@ -119,7 +104,6 @@ def test_sample_command_decodes_in_confidence_order_and_stops_at_eos(workdir):
   assert "confidence order, 4 per call, 7 network calls" in proc.stdout  # 2 * 16/4 - 1
 
 
-@pytest.mark.slow
 def test_sample_library_call_keeps_the_prompt_and_counts_calls(workdir):
   from armd_jax.sample import sample_from_workdir  # pylint: disable=g-import-not-at-top
   result = sample_from_workdir(workdir, num_samples=2, length=18, streams=4, prompt="ab",
@@ -129,7 +113,6 @@ def test_sample_library_call_keeps_the_prompt_and_counts_calls(workdir):
   assert result.tokens.shape == (2, 18)
 
 
-@pytest.mark.slow
 def test_sample_command_errors_name_the_problem(workdir, tmp_path):
   from armd_jax.sample import sample_from_workdir  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError):
