@@ -25,16 +25,35 @@
 
 # %%
 # Install armd-jax in a fresh runtime (Colab); does nothing when it is already importable.
+# Inside a checkout of the repository that checkout is installed; anywhere else (a notebook
+# opened alone) the repository is cloned from ARMD_JAX_SOURCE (its git URL: set it here or
+# in the environment variable of the same name). The clone also holds configs/.
+import importlib
 import importlib.util
 import os
 import subprocess
 import sys
 
+ARMD_JAX_SOURCE = os.environ.get("ARMD_JAX_SOURCE", "")  # e.g. "https://github.com/OWNER/armd-jax"
+
 if importlib.util.find_spec("armd_jax") is None:
   checkout = next((p for p in (".", "..", "armd-jax") if os.path.exists(os.path.join(p, "setup.py"))),
-                  None)  # a clone of the repository (e.g. `git clone ... armd-jax`), else PyPI
-  target = os.path.abspath(checkout) + "[plot]" if checkout else "armd-jax[plot]"
-  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", target])
+                  None)
+  if checkout is None:
+    if not ARMD_JAX_SOURCE:
+      raise RuntimeError("armd-jax is not installed and this notebook is not inside a checkout: "
+                         "set ARMD_JAX_SOURCE (first code cell, or the environment variable) to "
+                         "the repository's git URL, or clone it next to the notebook.")
+    try:
+      subprocess.run(["git", "clone", "-q", "--depth=1", ARMD_JAX_SOURCE, "armd-jax"], check=True,
+                     capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+      raise RuntimeError(f"could not clone ARMD_JAX_SOURCE={ARMD_JAX_SOURCE!r}: "
+                         f"{getattr(e, 'stderr', None) or e}") from None
+    checkout = "armd-jax"
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
+                         os.path.abspath(checkout) + "[plot]"])
+  importlib.invalidate_caches()  # the new package is importable in this running kernel
 
 # %% tags=["parameters"]
 # CI runs this notebook with ARMD_NOTEBOOK_SMALL=1: the same cells with a smaller model

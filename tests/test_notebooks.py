@@ -3,6 +3,7 @@ and executed top to bottom (CI-sized settings) drawing every figure they promise
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -66,3 +67,26 @@ def test_notebook_runs_and_draws_its_figures(name):
   print(f"{name}: executed in {seconds:.1f} s")
   if os.environ.get("ARMD_NOTEBOOK_FIGURES"):  # e.g. =docs/img to refresh the README's
     run_notebooks.save_figures(name, drawn, os.environ["ARMD_NOTEBOOK_FIGURES"])
+
+
+def install_cell(name):
+  return "".join(code_cells(load(name))[0]["source"])
+
+
+def test_a_notebook_opened_alone_names_its_source_or_says_how_to_set_it(tmp_path):
+  # All notebooks share one install cell, whose source is the ARMD_JAX_SOURCE constant.
+  cells = {install_cell(name) for name in FIGURES}
+  assert len(cells) == 1
+  cell = cells.pop()
+  assert cell.count('os.environ.get("ARMD_JAX_SOURCE", "")') == 1
+  assert "armd-jax[plot]\"" not in cell  # no unpublished PyPI name to fall back to
+  # Run it as a fresh runtime would: `python -S` cannot import armd_jax (no site-packages),
+  # and the working directory is no checkout.
+  env = {k: v for k, v in os.environ.items() if k != "ARMD_JAX_SOURCE"}
+  for source, message in ((None, "set ARMD_JAX_SOURCE"),
+                          (str(tmp_path / "no_such_repo"), "could not clone ARMD_JAX_SOURCE")):
+    run_env = env if source is None else {**env, "ARMD_JAX_SOURCE": source}
+    proc = subprocess.run([sys.executable, "-S", "-c", cell], cwd=tmp_path, env=run_env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "RuntimeError" in proc.stderr and not (tmp_path / "armd-jax").exists()
