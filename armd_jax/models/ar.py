@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import (ACTIVATION, Block, check_tokens, layer_norm,
-                                    output_head, start_embedding, token_embedding, vocab_logits)
+from armd_jax.models.layers import (ACTIVATION, Block, add_positions, check_tokens, layer_norm,
+                                    output_head, position_table, start_embedding,
+                                    token_embedding, vocab_logits)
 
 
 def check_left_to_right(block_ids, shape) -> None:
@@ -54,18 +55,23 @@ class AR(nn.Module):
     cfg = self.config
     self.embedding = token_embedding(cfg, cfg.vocab_size)
     self.bos_embedding = start_embedding(self, cfg)
+    self.position_embedding = position_table(self, cfg)  # None unless learned_positions
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
     self.head = output_head(cfg)
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """Token embeddings [B, N, D]."""
-    return self.embedding(tokens)
+  def embed(self, tokens: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Stream inputs [B, N, D] of tokens [B, N] placed at stream rows `rows` [B, N]
+    (token x_{j-1} sits at row j): the token embeddings, plus the rows' position-table
+    entries with `config.learned_positions` (then `rows` is required)."""
+    return add_positions(self.config, self.embedding(tokens), self.position_embedding, rows)
 
   def bos(self, batch: int) -> jax.Array:
-    """Start-token embedding [B, 1, D]."""
-    return jnp.broadcast_to(self.bos_embedding.astype(self.config.compute_dtype),
-                            (batch, 1, self.config.d_model))
+    """Start-token row [B, 1, D] (row 0; plus table row 0 with learned positions)."""
+    x = jnp.broadcast_to(self.bos_embedding.astype(self.config.compute_dtype),
+                         (batch, 1, self.config.d_model))
+    return add_positions(self.config, x, self.position_embedding,
+                         jnp.zeros((batch, 1), jnp.int32))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Float32 logits [B, N, vocab] from last-layer states h [B, N, D]."""
@@ -74,8 +80,8 @@ class AR(nn.Module):
   def inputs(self, tokens: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Shifted input stream [BOS, x_0 .. x_{N-2}] [B, N, D] and its ids/positions [B, N]."""
     batch, length = tokens.shape
-    x = jnp.concatenate([self.bos(batch), self.embed(tokens[:, :-1])], axis=1)
     ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x = jnp.concatenate([self.bos(batch), self.embed(tokens[:, :-1], ids[:, 1:])], axis=1)
     return nn.with_logical_constraint(x, ACTIVATION), ids
 
   def __call__(self, tokens: jax.Array, block_ids: jax.Array | None = None,

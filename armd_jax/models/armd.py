@@ -31,8 +31,9 @@ import numpy as np
 
 from armd_jax.models import prefix
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import (ACTIVATION, Block, dense_init, layer_norm, output_head,
-                                    start_embedding, token_embedding, vocab_logits)
+from armd_jax.models.layers import (ACTIVATION, Block, add_positions, dense_init, layer_norm,
+                                    output_head, position_table, start_embedding,
+                                    token_embedding, vocab_logits)
 
 
 class ARMD(nn.Module):
@@ -50,6 +51,7 @@ class ARMD(nn.Module):
     cfg = self.config
     self.embedding = token_embedding(cfg, cfg.vocab_size)
     self.bos_embedding = start_embedding(self, cfg)
+    self.position_embedding = position_table(self, cfg)  # None unless learned_positions
     self.pe = self.param("pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                             (None, "pe")), (cfg.max_len, cfg.d_pe))
     self.bos_pe = self.param("bos_pe", nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -65,8 +67,13 @@ class ARMD(nn.Module):
   # -- pieces (also used by the KV-cached sampler) ------------------------------------
 
   def embed(self, tokens: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Token embeddings X0 [B, N, D] and PE rows [B, N, d_pe] of tokens at positions."""
-    x0 = self.embedding(tokens)
+    """Token embeddings X0 [B, N, D] and PE rows [B, N, d_pe] of tokens at positions.
+
+    With `config.learned_positions` X0 includes the position-table row of each token's
+    RoPE position (positions + 1), so the prefix aggregation averages those rows too.
+    """
+    x0 = add_positions(self.config, self.embedding(tokens), self.position_embedding,
+                       positions + 1)
     pe = jnp.take(self.pe, positions, axis=0).astype(self.config.compute_dtype)
     return x0, pe
 
@@ -74,6 +81,8 @@ class ARMD(nn.Module):
     """BOS embedding [B, 1, D] and PE row [B, 1, d_pe]."""
     dtype = self.config.compute_dtype
     x0 = jnp.broadcast_to(self.bos_embedding.astype(dtype), (batch, 1, self.config.d_model))
+    x0 = add_positions(self.config, x0, self.position_embedding,
+                       jnp.zeros((batch, 1), jnp.int32))  # the start token sits at 0
     pe = jnp.broadcast_to(self.bos_pe.astype(dtype), (batch, 1, self.config.d_pe))
     return x0, pe
 

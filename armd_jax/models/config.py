@@ -15,6 +15,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 PREFIX_AGGREGATIONS = ("auto", "dense", "chunked")
 QUERY_INITS = ("prefix", "prefix_plus_position")
 REMAT_POLICIES = ("none", "full", "save_dots")
+NORMS = ("layer_norm", "rms_norm")
+MLP_ACTIVATIONS = ("gelu", "swiglu")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -72,8 +74,23 @@ class ModelConfig:
       (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
       learned projection of the target position's PE row (spec section 8 ablation).
     tie_embeddings: share the token embedding with the output projection.
-    rope_base: RoPE wavelength base.
-    layer_norm_epsilon: epsilon of every LayerNorm.
+    rope_base: RoPE wavelength base; None: no rotary embedding (attention sees
+      positions only through `learned_positions`, as in GPT-2).
+    layer_norm_epsilon: epsilon of every normalisation layer (LayerNorm or RMSNorm).
+
+  Architecture options (defaults give the original blocks; `armd_jax.convert` sets them
+  to read GPT-2 and Llama-family weights into the same modules):
+    norm: 'layer_norm' (scale and bias) or 'rms_norm' (scale only, Llama).
+    mlp_activation: 'gelu' (two-layer MLP, tanh-approximated GELU) or 'swiglu'
+      (`wo(silu(wi_gate(x)) * wi(x))`, Llama).
+    mlp_bias: biases on the MLP projections.
+    attention_bias: biases on the query, key, value and output projections (GPT-2).
+    num_kv_heads: key/value heads (grouped-query attention); must divide num_heads.
+      None: num_heads. Keys and values are repeated to num_heads by `keys_values`, so
+      every consumer (kernels, KV caches) sees num_heads heads.
+    learned_positions: add a learned absolute position table [max_len + 1, D]
+      (`position_embedding`) to the input rows, indexed by the row's RoPE position
+      (AR: row j; ARMD: the start token 0, token p at p + 1; MDLM: p).
   """
 
   vocab_size: int
@@ -96,8 +113,14 @@ class ModelConfig:
   prefix_chunk: int = 256
   query_init: str = "prefix_plus_position"
   tie_embeddings: bool = True
-  rope_base: float = 10_000.0
+  rope_base: Optional[float] = 10_000.0
   layer_norm_epsilon: float = 1e-6
+  norm: str = "layer_norm"
+  mlp_activation: str = "gelu"
+  mlp_bias: bool = True
+  attention_bias: bool = False
+  num_kv_heads: Optional[int] = None
+  learned_positions: bool = False
 
   def __post_init__(self):
     if self.num_two_stream_layers is None:
@@ -107,9 +130,22 @@ class ModelConfig:
     if self.d_model % self.num_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide "
                        f"ModelConfig.d_model={self.d_model}.")
-    if (self.d_model // self.num_heads) % 2:
+    if self.rope_base is not None and (self.d_model // self.num_heads) % 2:
       raise ValueError(f"ModelConfig.d_model / num_heads = {self.d_model // self.num_heads} "
-                       "must be even for RoPE.")
+                       "must be even for RoPE (or rope_base=None: no RoPE).")
+    if self.rope_base is not None and not self.rope_base > 0:
+      raise ValueError(f"ModelConfig.rope_base={self.rope_base} must be positive, or None "
+                       "for no RoPE.")
+    if self.num_kv_heads is not None and (
+        not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0
+        or self.num_heads % self.num_kv_heads):
+      raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must be None or a "
+                       f"positive int dividing num_heads={self.num_heads}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"ModelConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                       f"{self.mlp_activation!r}.")
     if not 0 <= self.num_two_stream_layers <= self.num_layers:
       raise ValueError(f"ModelConfig.num_two_stream_layers={self.num_two_stream_layers} must "
                        f"be in [0, num_layers={self.num_layers}].")
@@ -142,6 +178,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: `num_kv_heads`, or num_heads when unset."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def attention_implementation(self) -> str:

@@ -62,8 +62,13 @@ def dense_init(*axes: str):
   return lambda *args, **kwargs: _LogicallyPartitionedKernel(init(*args, **kwargs), axes)
 
 
-def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm in the compute dtype with float32, 'embed'-sharded scale and bias."""
+def layer_norm(config: ModelConfig, name: str | None = None) -> nn.Module:
+  """The config's normalisation in the compute dtype: LayerNorm with float32,
+  'embed'-sharded scale and bias, or RMSNorm (scale only) with `config.norm='rms_norm'`."""
+  if config.norm == "rms_norm":
+    return nn.RMSNorm(
+        epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))
   return nn.LayerNorm(
       epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -76,6 +81,31 @@ def token_embedding(config: ModelConfig, num_embeddings: int) -> nn.Embed:
                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                               ("vocab", "embed")),
                   name="embedding")
+
+
+def position_table(module: nn.Module, config: ModelConfig) -> jax.Array | None:
+  """The learned absolute position table [max_len + 1, D] of `module` (call inside its
+  setup), or None unless `config.learned_positions`."""
+  if not config.learned_positions:
+    return None
+  return module.param("position_embedding",
+                      nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                   (None, "embed")),
+                      (config.max_len + 1, config.d_model))
+
+
+def add_positions(config: ModelConfig, x: jax.Array, table: jax.Array | None,
+                  positions: jax.Array | None) -> jax.Array:
+  """x [B, N, D] plus rows `positions` [B, N] of the learned table (x itself without one).
+
+  Raises ValueError when the model has a table and no positions were given.
+  """
+  if table is None:
+    return x
+  if positions is None:
+    raise ValueError("ModelConfig.learned_positions=True: this call needs the rows' "
+                     "positions to add the position table.")
+  return x + jnp.take(table, positions, axis=0).astype(x.dtype)
 
 
 def start_embedding(module: nn.Module, config: ModelConfig) -> jax.Array:
@@ -118,8 +148,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     base: wavelength base.
 
   Returns:
-    [B, N, H, D], same dtype as x (rotation computed in float32).
+    [B, N, H, D], same dtype as x (rotation computed in float32); x itself when `base`
+    is None (no RoPE).
   """
+  if base is None:
+    return x
   half = x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
   angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, N, D/2]
@@ -137,18 +170,31 @@ class Attention(nn.Module):
 
   def setup(self):
     cfg = self.config
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
-        kernel_init=dense_init("embed", "heads", "kv"), name=name)
-    self.query, self.key, self.value = proj("query"), proj("key"), proj("value")
-    self.out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
+    bias = lambda *axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)  # noqa: E731
+    proj = lambda name, heads: nn.DenseGeneral(  # noqa: E731
+        (heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=cfg.compute_dtype,
+        kernel_init=dense_init("embed", "heads", "kv"), bias_init=bias("heads", "kv"),
+        name=name)
+    self.query = proj("query", cfg.num_heads)
+    self.key, self.value = proj("key", cfg.kv_heads), proj("value", cfg.kv_heads)
+    self.out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.attention_bias,
                                dtype=cfg.compute_dtype,
-                               kernel_init=dense_init("heads", "kv", "embed"), name="out")
+                               kernel_init=dense_init("heads", "kv", "embed"),
+                               bias_init=bias("embed"), name="out")
 
   def keys_values(self, h: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Rotated keys and values [B, Nk, H, Dh] of normalised inputs h [B, Nk, D]."""
-    k = apply_rope(self.key(h), positions, self.config.rope_base)
+    """Rotated keys and values [B, Nk, H, Dh] of normalised inputs h [B, Nk, D].
+
+    With grouped-query attention (`num_kv_heads` < num_heads) each key/value head is
+    repeated for its num_heads / num_kv_heads query heads (head h reads kv head
+    h // group), so callers always get num_heads heads.
+    """
+    cfg = self.config
+    k = apply_rope(self.key(h), positions, cfg.rope_base)  # [B, Nk, Hkv, Dh]
     v = self.value(h)
+    if cfg.kv_heads != cfg.num_heads:
+      k = jnp.repeat(k, cfg.num_heads // cfg.kv_heads, axis=2)  # [B, Nk, H, Dh]
+      v = jnp.repeat(v, cfg.num_heads // cfg.kv_heads, axis=2)
     return (nn.with_logical_constraint(k, HEADS_ACTIVATION),
             nn.with_logical_constraint(v, HEADS_ACTIVATION))
 
@@ -216,21 +262,25 @@ def divisible_spec(spec: P, shape: Tuple[int, ...], mesh) -> P:
 
 
 class Mlp(nn.Module):
-  """Two-layer GELU MLP."""
+  """The MLP: two-layer GELU (tanh approximation), or SwiGLU with
+  `config.mlp_activation='swiglu'` (`wo(silu(wi_gate(x)) * wi(x))`)."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, kernel_init=dense_init("embed", "mlp"),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-                 name="wi")(x)
-    h = nn.with_logical_constraint(nn.gelu(h), ("activation_batch", "activation_length",
-                                                "activation_mlp"))
-    return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, kernel_init=dense_init("mlp", "embed"),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                    name="wo")(h)
+    dense = lambda features, axes, name: nn.Dense(  # noqa: E731
+        features, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, kernel_init=dense_init(*axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name)
+    h = dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x)  # [B, N, F]
+    if cfg.mlp_activation == "swiglu":
+      h = nn.silu(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)) * h
+    else:
+      h = nn.gelu(h)
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
+                                       "activation_mlp"))
+    return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
 
 
 class Block(nn.Module):

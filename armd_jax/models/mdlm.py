@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from armd_jax.losses import token_log_probs
 from armd_jax.models.config import ModelConfig
-from armd_jax.models.layers import (ACTIVATION, Block, check_tokens, layer_norm,
-                                    output_head, token_embedding, vocab_logits)
+from armd_jax.models.layers import (ACTIVATION, Block, add_positions, check_tokens, layer_norm,
+                                    output_head, position_table, token_embedding, vocab_logits)
 
 # t is drawn from [T_MIN, 1]: the 1/t weight stays finite and the truncated mass is
 # negligible (a token is masked with probability < T_MIN below it).
@@ -53,6 +53,7 @@ class MDLM(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = token_embedding(cfg, cfg.vocab_size + 1)
+    self.position_embedding = position_table(self, cfg)  # None unless learned_positions
     self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
     self.head = output_head(cfg)
@@ -65,7 +66,8 @@ class MDLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(noisy_tokens.shape[1], dtype=jnp.int32),
                                    noisy_tokens.shape)
-    x = nn.with_logical_constraint(self.embedding(noisy_tokens), ACTIVATION)  # [B, N, D]
+    x = add_positions(cfg, self.embedding(noisy_tokens), self.position_embedding, positions)
+    x = nn.with_logical_constraint(x, ACTIVATION)  # [B, N, D]
     ids = jnp.zeros_like(noisy_tokens)  # all equal: fully bidirectional
     for layer in self.layers:
       x = layer(x, positions, ids, deterministic=deterministic)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from armd_jax import registry
+from armd_jax import registry, storage
 from armd_jax.models import build_model
 from armd_jax.train import checkpoints, lock, observe, partitioning, preemption
 from armd_jax.train import state as state_lib
@@ -167,13 +167,28 @@ def resume_or_init(manager, init, abstract, train_iter, settings: Settings, work
   source = settings.checkpoint.init_from
   if source:
     saved, step = checkpoints.restore_state_arrays(source)
-    params = _put_like(saved["params"], abstract.params, "params", source)
+    saved_params, saved_ema = saved["params"], saved.get("ema_params") or saved["params"]
+    how = ""
+    source_dir = storage.path(source)
+    if source_dir.name == checkpoints.CHECKPOINT_DIR:  # init_from=<workdir>/checkpoints
+      source_dir = source_dir.parent
+    source_config = (checkpoints.load_config(source_dir)
+                     if (source_dir / checkpoints.CONFIG_FILE).exists() else None)
+    if (source_config is not None and source_config.model.get("kind") == "ar"
+        and config.model.get("kind") == "armd"):
+      # An ARMD adapted from an AR run: shared weights copied, ARMD-only ones fresh.
+      from armd_jax import convert  # pylint: disable=g-import-not-at-top
+      adapt = lambda tree: convert.adapt_ar_params(  # noqa: E731
+          tree, state.params, model_config_from(source_config),
+          model_config_from(config), source=f"config.checkpoint.init_from={source!r}")
+      saved_params, saved_ema = adapt(saved_params), adapt(saved_ema)
+      how = ", AR weights adapted to ARMD"
+    params = _put_like(saved_params, abstract.params, "params", source)
     ema = state.ema_params
     if ema is not None:
-      saved_ema = saved.get("ema_params") or saved["params"]
       ema = _put_like(saved_ema, abstract.ema_params, "ema_params", source)
-    logging.info("Initialised parameters from %s (step %d).", source, step)
-    print(f"initialised from {source} (step {step})", flush=True)
+    logging.info("Initialised parameters from %s (step %d%s).", source, step, how)
+    print(f"initialised from {source} (step {step}{how})", flush=True)
     state = state.replace(params=params, ema_params=ema)
   return state
 
