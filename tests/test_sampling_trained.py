@@ -38,7 +38,7 @@ def training_orders(rng: np.random.Generator, batch: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def memorised():
-  model, params = init_model(tiny_config(), length=LENGTH)
+  model, params = init_model(tiny_config(num_layers=2), length=LENGTH)  # 1 two-stream + 1 causal
   data = jnp.asarray(np.tile(synthetic_sequences(), (4, 1)))  # [16, 17]
   # The first token (which sequence) is the prompt: never a target, it is uncertain.
   mask = jnp.ones(data.shape).at[:, 0].set(0)
