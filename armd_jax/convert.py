@@ -461,15 +461,21 @@ def write_workdir(workdir: str, model_config, params: Mapping[str, Any], seed: i
   for name, value in _model_config_dict(model_config).items():
     config.model[name] = value
   config.train.seed = seed
+  # No corpus comes with imported weights: the data section names only the vocabulary
+  # (fine-tuning runs bring their own config.data). The 'synthetic' task needs no files.
+  config.data.task = "synthetic"
+  config.data.vocab = "hf"
   if tokenizer is not None:
-    vocab_dir = storage.path(workdir) / "vocab"
-    vocab_dir.mkdir(parents=True, exist_ok=True)
-    copy = vocab_dir / "tokenizer.json"
-    copy.write_bytes(open(tokenizer, "rb").read())
-    config.data.vocab = "hf"
-    config.data.hf_tokenizer = str(copy)
-  elif note:
-    note += "; no tokenizer.json: set config.data.vocab / hf_tokenizer to use it"
+    from armd_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+    config.data.hf_tokenizer = "tokenizer.json"
+    # Where load_vocab looks first for this workdir's copy of `hf_tokenizer`.
+    copy = vocab_lib._workdir_hf_copy(  # pylint: disable=protected-access
+        vocab_lib.DataConfig.from_config(config.data), workdir)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with open(tokenizer, "rb") as f:
+      copy.write_bytes(f.read())
+  elif note:  # hf_tokenizer stays '': loading the vocabulary names the missing field
+    note += "; no tokenizer.json: set config.data.hf_tokenizer to read text with it"
   checkpoints.save_config(config, workdir)
   to_jax = lambda t: jax.tree.map(jnp.asarray, dict(t))  # noqa: E731
   state = {"step": jnp.zeros((), jnp.int32), "params": to_jax(params),

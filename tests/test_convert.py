@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -124,6 +125,26 @@ def test_the_kv_cached_sampler_of_an_imported_gpt2_follows_its_learned_positions
   tokens = np.asarray(out.tokens)
   logits = np.asarray(trained.model.apply(trained.params, jnp.asarray(tokens)))
   np.testing.assert_array_equal(tokens[:, 2:], logits.argmax(-1)[:, 2:])
+
+
+def test_an_imported_workdir_reads_text_with_the_tokenizer_json_beside_the_weights(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(os.path.join(FIXTURES, "hf_gpt2"), hf_dir)
+  words = {"[UNK]": 0, "<|endoftext|>": 1, **{f"w{i}": i for i in range(2, 48)}}
+  tokenizer = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.save(str(hf_dir / "tokenizer.json"))
+  assert convert.main(["import", f"--hf_dir={hf_dir}", "--kind=armd",
+                       f"--workdir={tmp_path / 'run'}"]) == 0
+  trained = train.load_trained(str(tmp_path / "run"))
+  assert trained.model_config.kind == "armd"
+  assert list(trained.vocab.encode("w5 w17")) == [5, 17] and trained.vocab.eos_id == 1
+  shutil.rmtree(tmp_path / "run")  # without tokenizer.json: loading the text side says so
+  assert convert.main(["import", f"--hf_dir={FIXTURES}/hf_gpt2", "--kind=ar",
+                       f"--workdir={tmp_path / 'run'}"]) == 0
+  with pytest.raises(ValueError, match="hf_tokenizer"):
+    train.load_trained(str(tmp_path / "run"))
 
 
 def test_unsupported_hf_configs_are_refused_with_the_field_named():
