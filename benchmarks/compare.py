@@ -332,8 +332,8 @@ def main() -> None:
                      f"{DATA_URL}).")
   data_path = os.path.normpath(args.data)
   if not os.path.isfile(data_path):
-    raise SystemExit(f"error: no tiny Shakespeare file at {data_path} (pass --data; get it "
-                     f"from {DATA_URL}).")
+    raise SystemExit(f"error: no tiny Shakespeare file at {data_path} (pass --data); get "
+                     f"it from {DATA_URL}.")
   runs = [r for r in args.runs.split(",") if r]
   unknown = sorted(set(runs) - set(RUNS))
   if unknown or "ar" not in runs:

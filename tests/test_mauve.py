@@ -129,7 +129,7 @@ def test_evaluate_prints_mauve_beside_generative_perplexity(tiny_workdir):
   lines = []
   results = evaluate.evaluate_workdir(tiny_workdir, heldout=False, gen_samples=8,
                                       gen_length=16, mauve_bootstrap=3, log=lines.append)
-  (line,) = [l for l in lines if "generative PPL" in l]
+  (line,) = [text for text in lines if "generative PPL" in text]
   assert "unigram entropy" in line and "MAUVE under our evaluator" in line
   gen = results["generative"]
   assert {"gen_ppl", "entropy_nats", "mauve", "mauve_ci95", "mauve_features"} <= set(gen)
