@@ -159,13 +159,12 @@ def bucket_length(length: int, max_len: int) -> int:
 def fit_pair(context: Sequence[int], continuation: Sequence[int],
              max_len: int) -> Tuple[List[int], List[int]]:
   """(context, continuation) cut to the model: the rightmost max_len tokens are kept.
+  An empty continuation stays empty (it scores log 1 = 0 and counts as greedy).
 
   Raises:
     ValueError: the continuation alone is longer than max_len (it could not be scored
       whole).
   """
-  if not continuation:
-    raise ValueError("loglikelihood: the continuation encodes to no tokens.")
   if len(continuation) > max_len:
     raise ValueError(f"loglikelihood: the continuation has {len(continuation)} tokens, more "
                      f"than the model's ModelConfig.max_len={max_len}.")

@@ -257,24 +257,58 @@ def test_options_an_ar_model_does_not_have_are_refused_naming_them():
     backend.fit_pair([1, 2], list(range(9)), 8)
 
 
-def tiny_kind(kind, steps):
+def test_an_empty_continuation_scores_zero_and_is_greedy(armd):
+  assert armd.loglikelihood([Instance("loglikelihood", {}, ("the cat", ""), 0)]) == [(0.0, True)]
+
+
+def tiny_kind(kind, steps, **data):
   from armd_jax.train.defaults import config_from_file
   config = config_from_file(os.path.join(REPO, "configs", "tiny.py"))
   config.model.kind = kind
   config.train.num_steps = steps
   config.train.eval_every = 0
   config.train.checkpoint_every = steps
+  config.data.update(data)
   return config
 
 
+def gpt2_like_tokenizer(folder, text: str) -> str:
+  """A byte-level BPE with <|endoftext|> (GPT-2's layout: a word's leading space is part
+  of its token), trained on `text`; returns its tokenizer.json."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator([text] * 5, tokenizers.trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<|endoftext|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(folder / "tokenizer.json"))
+  return str(folder / "tokenizer.json")
+
+
 @pytest.mark.slow
-def test_ar_and_mdlm_workdirs_run_the_tasks_labelled_exact_and_bound(
+def test_ar_with_a_bpe_vocabulary_and_mdlm_run_the_tasks_labelled_exact_and_bound(
     tmp_path_factory, tasks):
-  ar_dir = str(tmp_path_factory.mktemp("ar"))
-  train.train_and_evaluate(tiny_kind("ar", 4), ar_dir)
+  folder = tmp_path_factory.mktemp("ar")
+  corpus = "to be or not to be, that is the question.\n\n" * 40
+  (folder / "corpus.txt").write_text(corpus)
+  ar_dir = str(folder / "run")
+  train.train_and_evaluate(tiny_kind(
+      "ar", 4, task="text_files", train_files=str(folder / "corpus.txt"), vocab="hf",
+      hf_tokenizer=gpt2_like_tokenizer(folder, corpus), document_split="paragraph"), ar_dir)
   ar = backend.ArmdLM(ar_dir)
   assert ar.describe()["likelihood"] == "exact"
+  assert "HuggingFaceVocabulary" in ar.describe()["vocab"]
+  # The harness's split: " to be" keeps its leading space inside its first BPE token.
+  ctx, cont = harness_pair(ar, "to be or not", " to be")
+  assert ar.tok_encode("to be or not to be") == ctx + cont
+  assert ar.tok_decode(cont[:1]).startswith(" ")
   assert_chain_rule(ar)
+  free = ar.generate_until([Instance("generate_until", {}, (
+      "to be", {"until": [], "max_gen_toks": 8}), 0)])[0]
+  cut = ar.generate_until([Instance("generate_until", {}, (
+      "to be", {"until": [free[-1:]], "max_gen_toks": 8}), 0)])[0]
+  assert cut == free[:free.index(free[-1:])]
 
   mdlm_dir = str(tmp_path_factory.mktemp("mdlm"))
   train.train_and_evaluate(tiny_kind("mdlm", 4), mdlm_dir)
