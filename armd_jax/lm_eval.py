@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
