@@ -102,7 +102,9 @@ def test_score_comparison_catches_an_upper_cache_that_hides_the_own_block(tiny, 
 
 @pytest.mark.parametrize("streams,sampler", [
     (1, SamplerConfig()),
-    (3, SamplerConfig(temperature=0.7, top_k=6, top_p=0.9)),
+    # Full recompute compiles a whole-sequence call per step: the second case is slow.
+    pytest.param(3, SamplerConfig(temperature=0.7, top_k=6, top_p=0.9),
+                 marks=pytest.mark.slow),
 ])
 def test_cached_sampler_draws_the_same_tokens_as_full_recompute(tiny, streams, sampler):
   model, params = tiny
@@ -115,6 +117,7 @@ def test_cached_sampler_draws_the_same_tokens_as_full_recompute(tiny, streams, s
   assert cached.num_calls == reference.num_calls
 
 
+@pytest.mark.slow  # full recompute at every step
 def test_cached_sampler_matches_full_recompute_in_a_multi_token_order_with_infill(tiny):
   model, params = tiny
   ids = make_order("multi_token_blocks", 2, N)
@@ -212,7 +215,11 @@ def segmented(monkeypatch):
   monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
 
 
-@pytest.mark.parametrize("order", ["left_to_right", "strided", "multi_token_blocks"])
+@pytest.mark.parametrize("order", [
+    "left_to_right",
+    # Each order compiles its own segmented program: one runs in the quick tier.
+    pytest.param("strided", marks=pytest.mark.slow),
+    pytest.param("multi_token_blocks", marks=pytest.mark.slow)])
 def test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass(
     tiny, segmented, monkeypatch, order):
   model, params = tiny
@@ -237,6 +244,7 @@ def test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass
   assert min(read_rows) < full_rows, "some calls attend over only the rows they can see"
 
 
+@pytest.mark.slow  # four lowerings of the whole decoder
 def test_segments_are_lowered_for_cpu_only(tiny, monkeypatch):
   """Cutting the caches is measured on CPU only: a TPU lowering keeps one scan per phase."""
   model, params = tiny
@@ -259,6 +267,7 @@ def test_segments_are_lowered_for_cpu_only(tiny, monkeypatch):
   assert loops("tpu", split=True) == loops("tpu", split=False)
 
 
+@pytest.mark.slow  # two decoders of length 2N compiled
 def test_segmented_generation_draws_the_same_tokens_as_one_scan(tiny, monkeypatch):
   model, params = tiny
   kwargs = dict(batch_size=B, length=2 * N, streams=2)
