@@ -455,7 +455,6 @@ def write_workdir(workdir: str, model_config, params: Mapping[str, Any], seed: i
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  from armd_jax import storage  # pylint: disable=g-import-not-at-top
   from armd_jax.train import checkpoints, defaults  # pylint: disable=g-import-not-at-top
   config = defaults.base_config()
   for name, value in _model_config_dict(model_config).items():

@@ -6,7 +6,6 @@ import os
 import shutil
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
