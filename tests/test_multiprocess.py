@@ -69,6 +69,25 @@ def start_pair(workdir, log_dir, attempt):
   return procs, logs
 
 
+def kill_pair_after(procs, logs, step):
+  """SIGKILLs both processes once process 0 prints the progress line of `step` (or ends);
+  closes their log files and returns process 0's stdout lines up to then."""
+  output = []
+  try:
+    for line in procs[0].stdout:
+      output.append(line)
+      if line.startswith(f"step {step}/"):
+        break
+  finally:
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+    for f in logs:
+      f.close()
+  return output
+
+
 def last_loss_per_step(workdir):
   return {r["step"]: r["train/loss"] for r in train.read_metrics(workdir) if "train/loss" in r}
 
@@ -80,19 +99,7 @@ def test_two_processes_killed_and_restarted_match_one_process_on_eight_devices(t
 
   # 1. Two processes, SIGKILLed together right after step KILL_AFTER.
   procs, logs = start_pair(multi, logs_dir, 0)
-  first_output = []
-  try:
-    for line in procs[0].stdout:
-      first_output.append(line)
-      if line.startswith(f"step {KILL_AFTER}/"):
-        break
-  finally:
-    for p in procs:
-      p.send_signal(signal.SIGKILL)
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-    for f in logs:
-      f.close()
+  first_output = kill_pair_after(procs, logs, KILL_AFTER)
   assert "process 0 of 2" in "".join(first_output), (
       "".join(first_output) + open(os.path.join(logs_dir, "p0_0.log")).read()[-3000:])
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in "".join(first_output)

@@ -4,7 +4,6 @@ clear error for URLs no client handles. The slow test trains `tiny` on 2 process
 """
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -247,7 +246,8 @@ def test_two_processes_train_in_a_bucket_survive_sigkill_and_match_a_local_run(
   on 4 devices within test_multiprocess's tolerance. Nothing is written to a local `gs:`
   folder, and `sample` and `evaluate` read the same URL."""
   from test_multiprocess import (  # pylint: disable=import-outside-toplevel
-      KILL_AFTER, LOSS_RTOL, NUM_STEPS, TIMEOUT_S, command, environment, last_loss_per_step)
+      KILL_AFTER, LOSS_RTOL, NUM_STEPS, TIMEOUT_S, command, environment, kill_pair_after,
+      last_loss_per_step)
   from armd_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
   run = f"{gcs_bucket}/run"
   logs_dir = tmp_path / "logs"
@@ -257,19 +257,7 @@ def test_two_processes_train_in_a_bucket_survive_sigkill_and_match_a_local_run(
     return (logs_dir / name).read_text()[-3000:]
 
   procs, logs = _in_bucket_pair(run, in_tmp_cwd, logs_dir, 0)
-  output = []
-  try:
-    for line in procs[0].stdout:
-      output.append(line)
-      if line.startswith(f"step {KILL_AFTER}/"):
-        break
-  finally:
-    for p in procs:
-      p.send_signal(signal.SIGKILL)
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-    for f in logs:
-      f.close()
+  output = kill_pair_after(procs, logs, KILL_AFTER)
   assert f"step {KILL_AFTER}/" in "".join(output), "".join(output)[-2000:] + log("p0_0.log")
   saved = sorted(int(p.name) for p in checkpoints.checkpoint_dir(run).iterdir()
                  if p.name.isdigit())
