@@ -70,7 +70,7 @@ DATA_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tin
 DOCS = os.path.join(REPO, "docs", "benchmarks.md")
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
-# Sizes: 'full' is the spec's section 8 model; 'smoke' only exercises the pipeline.
+# Sizes: 'full' is the calibration model (docs/benchmarks.md); 'smoke' only exercises the pipeline.
 SIZES = {
     # eval_batches: held-out batches per validation in the train loop; final_batches: for
     # the final perplexities (None = the whole held-out split).

@@ -1,4 +1,4 @@
-"""Properties of the ARMD network (spec section 2), each stated as a sentence."""
+"""Properties of the ARMD network (docs/method.md, section 2), each stated as a sentence."""
 
 import itertools
 
@@ -182,10 +182,10 @@ def test_inputs_captured_as_constants_inside_jit_are_checked_not_traced(tiny):
     jax.jit(lambda p: model.apply(p, tokens, bad))(params)
 
 
-# -- the leaner forward and the chunked prefix aggregation (issue 12) -----------------
+# -- the leaner forward and the chunked prefix aggregation ------------------------------
 
 def full_two_stream_forward(module, tokens, block_ids):
-  """The formulation before issue 12, kept as the reference: dense prefix aggregation
+  """The formulation before the lean last layer, kept as the reference: dense prefix aggregation
   and every two-stream layer (the last one included) runs content and query rows."""
   from armd_jax.models import prefix
   cfg = module.config

@@ -1,5 +1,5 @@
 """One-call prefill, stopping at EOS and confidence-ordered decoding: each exact, with
-its calls counted (spec section 4; docs/sampling.md)."""
+its calls counted (docs/method.md, section 4; docs/sampling.md)."""
 
 import jax
 import numpy as np

@@ -1,6 +1,6 @@
 """The ARMD network: prefix aggregation, a two-stream lower half, a causal upper half.
 
-Spec: `shared/docs/ARMD_SPEC.md` section 2. Inputs stay in text order; block ids decide
+The method: docs/method.md, section 2. Inputs stay in text order; block ids decide
 who sees whom, so a single forward pass yields `log p(x_n | tokens of earlier blocks)`
 for every n at once.
 
@@ -17,7 +17,7 @@ Conventions (ours, where the paper is silent):
   its content output is never read.
   This is a mean, so activations stay bounded at any length, and it is permutation
   equivariant. `query_init='prefix_plus_position'` adds `Dense(PE[p_n])` after the
-  LayerNorm (the spec section 8 variant that narrowed the gap to a GPT).
+  LayerNorm (the calibration variant that narrowed the gap to a GPT; docs/benchmarks.md).
 """
 
 from __future__ import annotations

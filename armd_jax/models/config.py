@@ -31,7 +31,7 @@ def resolve_dtype(dtype: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyperparameters of the ARMD network (spec section 2).
+  """Hyperparameters of the ARMD network (docs/method.md, section 2).
 
   Attributes:
     kind: which network of the family `build_model` makes: 'armd', 'ar' (causal GPT
@@ -70,9 +70,9 @@ class ModelConfig:
       model sorts by block id first) or 'auto' (chunked on the Pallas path, dense
       otherwise). See `armd_jax.models.prefix`.
     prefix_chunk: rows per chunk of the chunked prefix aggregation.
-    query_init: how the query stream starts. 'prefix' is the spec's prefix aggregation
+    query_init: how the query stream starts. 'prefix' is the method's prefix aggregation
       (mean over visible tokens, then LayerNorm); 'prefix_plus_position' also adds a
-      learned projection of the target position's PE row (spec section 8 ablation).
+      learned projection of the target position's PE row (a calibration ablation, docs/benchmarks.md).
     tie_embeddings: share the token embedding with the output projection.
     rope_base: RoPE wavelength base; None: no rotary embedding (attention sees
       positions only through `learned_positions`, as in GPT-2).
