@@ -114,6 +114,18 @@ def configure_emulator(environ=None) -> None:
     environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   if own:
     _configure_fsspec(emulated=bool(host and host != "default"))
+    _forget_epath_backend_choice()
+
+
+def _forget_epath_backend_choice() -> None:
+  """epath caches, at its first URL, whether TensorFlow serves URLs (`_is_tf_installed`,
+  read from EPATH_USE_TF then). Anything that touched a URL before this module was
+  imported (a library, a test) would pin TensorFlow's file system for the process;
+  clearing the cache makes the variable above count."""
+  gpath = sys.modules.get("etils.epath.gpath")
+  cached = getattr(gpath, "_is_tf_installed", None)
+  if cached is not None and hasattr(cached, "cache_clear"):
+    cached.cache_clear()
 
 
 def _configure_fsspec(emulated: bool) -> None:

@@ -294,3 +294,15 @@ def test_two_processes_train_in_a_bucket_survive_sigkill_and_match_a_local_run(
   local_files = [os.path.join(d, n) for d, dirs, files in os.walk(in_tmp_cwd)
                  for n in dirs + files]
   assert local_files == []  # no `gs:` folder (nor anything else) in the processes' cwd
+
+
+def test_urls_use_fsspec_even_when_epath_chose_a_backend_before_storage_was_configured(
+    monkeypatch):
+  """epath caches its TensorFlow-or-not choice at the first URL it sees; storage resets it."""
+  from etils.epath import gpath  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("EPATH_USE_TF", raising=False)
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  pinned = gpath._is_tf_installed()  # pylint: disable=protected-access  (True: TF is installed)
+  storage.configure_emulator()
+  assert pinned and not gpath._is_tf_installed()  # pylint: disable=protected-access
+  assert "FileSystemSpec" in type(storage.path("gs://bucket/x")._backend).__name__  # pylint: disable=protected-access
