@@ -122,3 +122,27 @@ def tiny_run(tmp_path_factory) -> Iterator[TinyRun]:
 def tiny_workdir(tiny_run) -> str:
   """The path of the shared trained `tiny` workdir (read only; see `tiny_run`)."""
   return tiny_run.workdir
+
+
+# The quick tier (`pytest -m "not slow"`) runs the first case of every parametrized
+# property; the full suite (what CI runs) runs them all. Tests marked here by name are the
+# quick tier's heaviest single cases (each still runs in the full suite).
+QUICK_TIER_EXCLUDES = (
+    "test_learns_ar.py::test_forty_left_to_right_steps_take_a_deterministic_corpus_well_below_uniform",
+    "test_model.py::test_bfloat16_model_with_chunked_prefix_matches_dense_prefix",
+    "test_registry.py::test_mdlm_validation_accuracy_is_over_masked_tokens_and_each_key_draws_anew",
+    "test_sampling.py::test_score_comparison_catches_an_upper_cache_that_hides_the_own_block",
+)
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Marks later cases of a parametrized test, and QUICK_TIER_EXCLUDES, as slow."""
+  seen = set()
+  for item in items:
+    base = item.nodeid.split("[", 1)[0]
+    if base.split("/")[-1] in QUICK_TIER_EXCLUDES:
+      item.add_marker(pytest.mark.slow)
+    elif "[" in item.nodeid:
+      if base in seen:
+        item.add_marker(pytest.mark.slow)
+      seen.add(base)
