@@ -128,3 +128,33 @@ def test_attention_kernel_smoke_writes_its_table(tmp_path):
   assert "SMOKE" in text
   for name in ("pallas 16x16", "xla masked reference", "xla causal"):
     assert f"| 16 | 64 | {name}" in text
+
+
+@pytest.mark.slow
+def test_adapt_from_ar_runs_its_three_runs_and_records_exact_perplexities(tmp_path):
+  if not os.path.exists(CORPUS):
+    pytest.skip(f"tiny Shakespeare is not at {CORPUS}")
+  out = tmp_path / "adapt.json"
+  run_script("benchmarks/adapt_from_ar.py", f"--root={tmp_path / 'runs'}", f"--out={out}",
+             "--ar_steps=2", "--adapt_steps=2", "--d_model=16", "--layers=2",
+             "--seq_len=16", "--batch=2", "--eval_batches=1")
+  runs = json.loads(out.read_text())["runs"]
+  assert sorted(runs) == ["adapted", "ar", "scratch"]
+  assert runs["adapted"]["strided_S4"]["label"] == "exact"
+  assert runs["scratch"]["steps"] == 4
+
+
+def test_the_adaptation_plot_draws_every_run_of_the_committed_results(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "plot_adapt_from_ar", os.path.join(ROOT, "benchmarks", "plot_adapt_from_ar.py"))
+  plot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot)
+  files = [os.path.join(ROOT, "benchmarks", "results", name)
+           for name in ("adapt_from_ar.json", "adapt_from_ar_lr1e-3.json")]
+  rows = plot.bars(files)
+  assert [r[0].split("\n")[0] for r in rows] == ["AR", "ARMD adapted", "ARMD scratch",
+                                                  "ARMD adapted"]
+  assert rows[0][2] is None and all(r[2] > r[1] for r in rows[1:])  # strided costs more
+  out = tmp_path / "plot.png"
+  run_script("benchmarks/plot_adapt_from_ar.py", f"--results={','.join(files)}", f"--out={out}")
+  assert out.stat().st_size > 10_000
