@@ -27,6 +27,7 @@ PPL alone rewards degenerate text. An hf: evaluator gets no MAUVE (the line says
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Dict, List, Optional
 
@@ -131,6 +132,7 @@ def evaluate_workdir(workdir: str, *, order: Optional[str] = None, streams: int 
   results: Dict[str, object] = {"workdir": workdir, "step": trained.step, "model_kind": kind}
   log(f"{workdir}: {kind} model at step {trained.step}")
 
+  @functools.cache  # built once, whether held-out perplexity, MAUVE or both read it
   def datasets():
     return data_lib.create_datasets(
         trained.config.data, seq_len=int(trained.config.train.seq_len),

@@ -315,8 +315,8 @@ class ArmdLM(TemplateLM):
     self.kind = trained.model_config.kind
     self.settings.check_kind(self.kind)
     self.max_len = int(trained.model_config.max_len)
-    order_name = "elbo" if self.kind == "mdlm" else self.settings.order
-    self.likelihood = registry.likelihood_label(self.kind, order_name)
+    self.order = "elbo" if self.kind == "mdlm" else self.settings.order  # 'ar': checked l2r
+    self.likelihood = registry.likelihood_label(self.kind, self.order)
     self._rng = jax.random.PRNGKey(self.settings.seed)
     if self.likelihood != "exact":
       message = (f"{self.workdir} is an {self.kind!r} model: loglikelihood and "
@@ -329,10 +329,8 @@ class ArmdLM(TemplateLM):
   def describe(self) -> Dict[str, Any]:
     """What this backend measures, for results files: workdir, kind, step, order,
     streams, generation and 'exact' or 'bound'."""
-    order = self.settings.order if self.kind == "armd" else (
-        "elbo" if self.kind == "mdlm" else "left_to_right")
     return {"workdir": self.workdir, "kind": self.kind, "step": self.step,
-            "order": order, "streams": self.settings.streams,
+            "order": self.order, "streams": self.settings.streams,
             "generation": self.settings.generation, "likelihood": self.likelihood,
             "vocab": repr(self.vocab), "max_len": self.max_len}
 

@@ -173,7 +173,7 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
   valid = jnp.ones(out.shape, bool)
   drawn = out
   if stop_at_eos:
-    out, _, valid = truncate_at_eos(out, log_probs, eos_id, pad_id, known=known)
+    out, _, valid = truncate_at_eos(out, None, eos_id, pad_id, known=known)  # rescored below
     log_probs = kept_text_log_probs(model, params, out, block_ids, valid)
     calls += 1
   return GenerateOutput(out, calls, log_probs, block_ids, valid, drawn)

@@ -135,15 +135,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: storage.PathLike) ->
   """Writes the (filled) experiment config to <workdir>/config.json (process 0 only)."""
   if jax.process_index() != 0:
     return
-  directory = storage.path(workdir)
-  directory.mkdir(parents=True, exist_ok=True)
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if storage.is_local(directory):  # atomic: a reader never sees half a file
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, directory / CONFIG_FILE)
-  else:  # an object store writes an object whole
-    (directory / CONFIG_FILE).write_text(text, encoding="utf-8")
+  # Atomic: a reader never sees half a file (a renamed temporary file, or one object).
+  storage.write_atomic(storage.path(workdir) / CONFIG_FILE,
+                       config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
