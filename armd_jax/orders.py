@@ -257,6 +257,7 @@ ORDERS: Dict[str, Order] = {o.name: o for o in (
           doc="MDLM's continuous-time negative ELBO"),
 )}
 TRAIN_ORDERS = tuple(n for n, o in ORDERS.items() if o.train)
+MIX_ORDERS = ("strided", "random")  # orders a share of each batch's rows can be drawn from
 EVAL_ORDERS = tuple(n for n, o in ORDERS.items() if o.evaluate)
 
 
@@ -275,7 +276,21 @@ def draw_block_ids(settings, rng: jax.Array, step: jax.Array, batch: int,
   order = get_order(name)
   if order.draw is None:
     raise ValueError(f"order {name!r} is a model kind's own objective, not block ids.")
-  return order.draw(settings, rng, step, batch, length)
+  share = float(getattr(settings, "mix_share", 0.0))
+  if share <= 0.0:  # the rng is used as it always was
+    return order.draw(settings, rng, step, batch, length)
+  return _draw_mixed(order, get_order(settings.mix_kind), share, settings, rng, step, batch,
+                     length)
+
+
+def _draw_mixed(main: Order, mix: Order, share: float, settings, rng, step, batch, length):
+  """Each row from `mix` with probability `share`, else from `main` [B, N]."""
+  main_key, mix_key, choose_key = jax.random.split(rng, 3)
+  main_ids, metrics = main.draw(settings, main_key, step, batch, length)
+  mix_ids, _ = mix.draw(settings, mix_key, step, batch, length)
+  from_mix = jax.random.bernoulli(choose_key, share, (batch,))  # [B]
+  metrics = dict(metrics, **{"order/mix_rows": jnp.mean(from_mix.astype(jnp.float32))})
+  return jnp.where(from_mix[:, None], mix_ids, main_ids), metrics
 
 
 def _check_sizes(batch: int, length: int) -> None:

@@ -192,17 +192,18 @@ def _armd_samples(trained, key, batch: int, length: int, k: int):
   return ev.Samples(tokens, int(out.num_calls), time.perf_counter() - start)
 
 
-def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: Dict
-                    ) -> List[Dict]:
+def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: Dict,
+                    streams=STREAMS, confidence_k=CONFIDENCE_K) -> List[Dict]:
   """Generative PPL / entropy / MAUVE against `reference` features [M, D] (each with a
-  bootstrap 95% interval) / calls / seconds per sample for the run's samplers; every
-  sample set is scored once."""
+  bootstrap 95% interval) / calls / seconds per sample for the run's samplers (S in
+  `streams`; confidence order with k in `confidence_k` for ARMD); every sample set is
+  scored once."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
-  settings = [("streams", s) for s in (STREAMS if spec.parallel_streams else (1,))]
+  settings = [("streams", s) for s in (streams if spec.parallel_streams else (1,))]
   if kind == "armd":
-    settings += [("confidence", k) for k in CONFIDENCE_K if k <= length]
+    settings += [("confidence", k) for k in confidence_k if k <= length]
   rows = []
   for how, s in settings:
     key = jax.random.PRNGKey(100 + s + (1000 if how == "confidence" else 0))

@@ -158,3 +158,30 @@ def test_the_adaptation_plot_draws_every_run_of_the_committed_results(tmp_path):
   out = tmp_path / "plot.png"
   run_script("benchmarks/plot_adapt_from_ar.py", f"--results={','.join(files)}", f"--out={out}")
   assert out.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path):
+  corpus = tmp_path / "corpus.txt"  # a made-up corpus: this repository's own sources
+  corpus.write_text("".join(open(os.path.join(ROOT, "armd_jax", name), encoding="utf-8").read()
+                            for name in ("orders.py", "losses.py", "objectives.py")) * 4)
+  out, root = tmp_path / "recipes", tmp_path / "runs"
+  args = ("benchmarks/recipes.py", "--smoke", f"--data={corpus}", f"--root={root}",
+          "--runs=ar,base,sbp", f"--out={out}")
+  first = run_script(*args)
+  assert "training sbp" in first.stdout
+  results = json.loads((tmp_path / "recipes.json").read_text())
+  points = results["points"]
+  assert list(points) == ["ar", "base", "sbp4", "sbp8"]  # the SBP lengths of --smoke
+  assert [points[p]["step"] for p in ("sbp4", "sbp8")] == [4, 8]
+  for name in ("base", "sbp4", "sbp8"):
+    ppl = points[name]["perplexity"]
+    assert {"left_to_right", "strided S=2", "strided S=4", "strided S=8"} <= set(ppl)
+    ratio = ppl["strided S=4"]["ppl"] / ppl["left_to_right"]["ppl"]
+    assert abs(ppl["strided S=4"]["over_left_to_right"] - ratio) < 1e-9
+    samplers = [row["sampler"] for row in points[name]["generation"]]
+    assert len(samplers) == 5 and samplers[0] == "sequential", samplers
+  assert points["sbp4"]["perplexity"] != points["sbp8"]["perplexity"]  # two checkpoints
+  second = run_script(*args)  # everything is reused: no training, no scoring
+  assert "training" not in second.stdout and "scoring" not in second.stdout
+  assert json.loads((tmp_path / "recipes.json").read_text())["points"] == points

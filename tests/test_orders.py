@@ -117,3 +117,48 @@ def test_padding_last_puts_padding_after_every_real_token():
   np.testing.assert_array_equal(ids, [[3, 1, 2, 4]])
   ids = orders.padding_last(jnp.array([[4, 1, 2, 3]]), jnp.array([[0, 1, 1, 0]]))
   np.testing.assert_array_equal(ids, [[3, 1, 2, 3]])
+
+
+def _order_settings(**kw):
+  from armd_jax.train.settings import OrderConfig  # pylint: disable=import-outside-toplevel
+  return OrderConfig(**{"kind": "progressive_permutation", "i_ar": 0, "i_perm": 1, "rho": 4,
+                        "streams": (2, 4), **kw})
+
+
+def test_a_zero_mix_share_draws_exactly_what_the_main_order_draws():
+  rng, step = jax.random.PRNGKey(3), jnp.asarray(5, jnp.int32)
+  plain = orders.get_order("progressive_permutation").draw(_order_settings(), rng, step, 8, 16)
+  mixed = orders.draw_block_ids(_order_settings(mix_share=0.0), rng, step, 8, 16)
+  np.testing.assert_array_equal(plain[0], mixed[0])
+
+
+def test_a_mixed_batch_has_rows_of_both_orders_in_about_the_share_asked():
+  settings = _order_settings(mix_share=0.25)
+  ids, metrics = jax.jit(lambda r: orders.draw_block_ids(settings, r, jnp.asarray(5), 512, 16))(
+      jax.random.PRNGKey(0))
+  ids = np.asarray(ids)
+  strided = [any(np.array_equal(row, orders.strided(1, 16, s)[0]) for s in (2, 4))
+             for row in ids]
+  share = sum(strided) / len(ids)
+  assert 0.18 < share < 0.32, share  # 128 of 512 expected; binomial sd 0.019
+  assert abs(float(metrics["order/mix_rows"]) - share) < 1e-6
+  for row, is_strided in zip(ids, strided):  # the others: progressive permutations
+    assert is_strided or sorted(row.tolist()) == list(range(1, 17))
+
+
+def test_a_full_random_mix_draws_permutations_far_from_left_to_right():
+  settings = _order_settings(mix_kind="random", mix_share=1.0)
+  ids, _ = orders.draw_block_ids(settings, jax.random.PRNGKey(1), jnp.asarray(0), 64, 32)
+  ids = np.asarray(ids)
+  assert all(sorted(r.tolist()) == list(range(1, 33)) for r in ids)
+  moved = (ids != np.arange(1, 33)).sum(axis=1)
+  assert moved.mean() > 25  # uniform orders move all but about one of 32 tokens
+
+
+def test_bad_mix_settings_are_rejected_naming_the_field():
+  with pytest.raises(ValueError, match="mix_share"):
+    _order_settings(mix_share=1.5)
+  with pytest.raises(ValueError, match="mix_kind"):
+    _order_settings(mix_kind="masked_diffusion", mix_share=0.1)
+  with pytest.raises(ValueError, match="streams"):
+    _order_settings(mix_share=0.1, streams=(3,)).check_length(16)

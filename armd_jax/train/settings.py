@@ -39,6 +39,10 @@ class OrderConfig:
     streams: strided: the set S is drawn from, uniformly, every step.
     num_steps: masked_diffusion: number of masking steps T.
     schedule: masked_diffusion: 'linear' or 'cosine' alpha(t).
+    mix_kind: an order of `armd_jax.orders.MIX_ORDERS` that replaces `kind` in a share of
+      the rows of every batch ('strided' with `streams`, or 'random' singleton orders).
+    mix_share: the probability that a row is drawn from `mix_kind` (0 = `kind` alone;
+      each row chooses independently).
   """
 
   kind: str = "progressive_permutation"
@@ -48,9 +52,14 @@ class OrderConfig:
   streams: Tuple[int, ...] = (1,)
   num_steps: int = 128
   schedule: str = "linear"
+  mix_kind: str = "strided"
+  mix_share: float = 0.0
 
   def __post_init__(self):
     _choice("order", "kind", self.kind, orders.TRAIN_ORDERS)
+    _choice("order", "mix_kind", self.mix_kind, orders.MIX_ORDERS)
+    if not 0.0 <= self.mix_share <= 1.0:
+      raise ValueError(f"config.order.mix_share={self.mix_share} must be in [0, 1].")
     _choice("order", "schedule", self.schedule, orders.SCHEDULES)
     object.__setattr__(self, "streams", tuple(int(s) for s in self.streams))
     if not self.streams or min(self.streams) < 1:
@@ -66,7 +75,7 @@ class OrderConfig:
 
   def check_length(self, seq_len: int) -> None:
     """Raises ValueError if an order needs a length that `seq_len` is not."""
-    if self.kind == "strided":
+    if self.kind == "strided" or (self.mix_share > 0 and self.mix_kind == "strided"):
       bad = [s for s in self.streams if seq_len % s]
       if bad:
         raise ValueError(f"config.order.streams {bad} do not divide config.train.seq_len="

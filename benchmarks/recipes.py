@@ -1,0 +1,323 @@
+"""Recipes for strided generation, measured on tiny Shakespeare (docs/recipes.md).
+
+Which training recipe brings strided (S-stream) generation closest to sequential, and at
+what cost? Every point is an ARMD run at compare.py's model size (width 128, 4 layers,
+N = 128; batch --batch) on the same data, seed and step budget, changing one thing:
+
+  base             compare.py's ARMD recipe (progressive permutation, --steps steps):
+                   SBP length 0, order mix 0%, two-stream depth L/2.
+  sbp              base + strided fine-tuning (S uniform in {1, 2, 4}) for up to 2000
+                   steps at a constant rate (a third of the peak, short warmup); its
+                   checkpoints at SBP_STEPS are the SBP-length points (with a constant
+                   rate, the first k steps of the long run are a k-step run).
+  mix_strided10/25 the base recipe with 10% / 25% of every batch's rows in strided
+                   order (S uniform in {2, 4}) from step 0: strided order mixed into
+                   the main run instead of after it, at equal total steps.
+  mix_random25     25% of the rows in uniform random orders (what confidence-ordered
+                   decoding visits).
+  depth1/depth3    1 and L - 1 two-stream layers (base has L / 2), with the train step's
+                   FLOPs (XLA cost analysis) beside the quality.
+  ar               the evaluator: an AR model of the same size and steps.
+
+For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 (the
+first --eval_batches held-out batches) with the strided / left-to-right ratios;
+unconditional samples (--gen_samples each) from the sequential, strided S = 2, 4, 8 and
+confidence (k = 4) samplers with generative perplexity, unigram entropy and MAUVE under
+the evaluator (bootstrap 95% intervals; compare.generation_rows); train step time.
+
+Resumable: each trained run resumes from its workdir under --root, each finished point
+is kept in --root/points/<point>.json and reused. One command:
+
+  python benchmarks/recipes.py --data=../shared/data/tinyshakespeare/input.txt \\
+    --root=/tmp/armd_recipes
+  python benchmarks/recipes.py --data=... --smoke   # tiny sizes: tests the pipeline
+
+Writes benchmarks/results/recipes.json and recipes.md (recipes_smoke.* for --smoke) and
+the plots docs/img/recipes_*.png (full mode only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import compare  # noqa: E402  pylint: disable=wrong-import-position
+import results_file  # noqa: E402  pylint: disable=wrong-import-position
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from armd_jax import eval as ev  # noqa: E402
+from armd_jax import train  # noqa: E402
+from armd_jax.train import checkpoints, observe  # noqa: E402
+
+REPO = compare.REPO
+SBP_STEPS = (200, 800, 2000)
+STRIDES = (2, 4, 8)  # strided evaluation and generation
+GEN_STREAMS = (1,) + STRIDES
+CONFIDENCE_K = (4,)
+MIX_STREAMS = (2, 4)
+SIZES = {
+    "full": dict(compare.SIZES["full"], batch=16, steps=800, eval_batches=16,
+                 sbp_steps=SBP_STEPS),
+    "smoke": dict(compare.SIZES["smoke"], num_layers=4, steps=12, eval_batches=2, gen_samples=8,
+                  sbp_steps=(4, 8)),
+}
+# point -> (run it is read from, the step it is read at (None: the last), overrides).
+RUNS = {
+    "ar": dict(base="ar"),
+    "base": dict(base="armd"),
+    "sbp": dict(base="armd_sbp"),
+    "mix_strided10": dict(base="armd", order=dict(mix_kind="strided", mix_share=0.1,
+                                                   streams=MIX_STREAMS)),
+    "mix_strided25": dict(base="armd", order=dict(mix_kind="strided", mix_share=0.25,
+                                                   streams=MIX_STREAMS)),
+    "mix_random25": dict(base="armd", order=dict(mix_kind="random", mix_share=0.25)),
+    "depth1": dict(base="armd", model=dict(num_two_stream_layers=1)),
+    "depth3": dict(base="armd", model=dict(num_two_stream_layers=3)),
+}
+
+
+def run_config(name: str, size: Dict, data_path: str, root: str):
+  """The ConfigDict of one run: compare.py's, with the run's overrides."""
+  spec = RUNS[name]
+  workdirs = {"armd": os.path.join(root, "base")}
+  c = compare.run_config(spec["base"], size, data_path, workdirs)
+  c.train.eval_every = 0  # the points are scored after training
+  c.train.checkpoint_every = max(size["sbp_steps"][0], 1)
+  c.checkpoint.max_to_keep = 100
+  for section in ("model", "order"):
+    c[section].update(spec.get(section, {}))
+  if name == "sbp":  # constant rate so that every prefix is a shorter SBP run
+    c.train.num_steps = max(size["sbp_steps"])
+    c.train.eval_every = 0
+    c.optim.schedule = "constant"
+    c.optim.learning_rate = size["lr"] / 3
+    c.optim.warmup_steps = max(1, size["warmup"] // 4)
+  return c
+
+
+def points(size: Dict, names: List[str]) -> List[tuple]:
+  """[(point name, run name, step or None)] in training order."""
+  out = []
+  for name in names:
+    if name == "sbp":
+      out += [(f"sbp{s}", "sbp", s) for s in size["sbp_steps"]]
+    else:
+      out.append((name, name, None))
+  return out
+
+
+def last_step(workdir: str) -> int:
+  """The newest finished checkpoint step of a workdir (-1 if none)."""
+  folder = checkpoints.checkpoint_dir(workdir)
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+  return max(steps, default=-1)
+
+
+def step_seconds(workdir: str, tokens_per_step: int) -> float:
+  """Median train step time from the progress records (compilation excluded)."""
+  rates = [r["perf/tokens_per_s"] for r in observe.read_metrics(workdir)
+           if "perf/tokens_per_s" in r]
+  return tokens_per_step / statistics.median(rates) if rates else float("nan")
+
+
+def train_flops(config) -> float:
+  """XLA's FLOP count of one train step of `config` (the trainer's own step)."""
+  import train_throughput  # pylint: disable=import-outside-toplevel
+  step, state, batch = train_throughput.build_step(config)
+  cost = step.lower(state, batch).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:
+  """Exact held-out perplexities left to right and strided (first eval_batches)."""
+  out = {}
+  for order in [ev.EvalOrder("left_to_right")] + [ev.EvalOrder("strided", streams=s)
+                                                  for s in STRIDES if s <= size["seq_len"]]:
+    result = ev.evaluate_perplexity(trained.model, trained.params,
+                                    compare.heldout_batches(trained, workdir), order=order,
+                                    max_batches=size["eval_batches"])
+    out[order.describe()] = result.as_dict()
+  l2r = out["left_to_right"]["ppl"]
+  for key in list(out):
+    out[key]["over_left_to_right"] = out[key]["ppl"] / l2r
+  return out
+
+
+def score_point(point: str, run: str, step: Optional[int], root: str, size: Dict,
+                evaluator, reference, flops_cache: Dict) -> Dict:
+  """Everything measured for one point (see the module doc)."""
+  workdir = os.path.join(root, run)
+  trained = train.load_trained(workdir, step=step)
+  config = checkpoints.load_config(workdir)
+  depth = int(trained.model_config.num_two_stream_layers)
+  if depth not in flops_cache:
+    flops_cache[depth] = train_flops(config)
+  tokens_per_step = size["batch"] * size["seq_len"]
+  out = {"point": point, "run": run, "step": int(trained.step),
+         "kind": trained.model_config.kind, "two_stream_layers": depth,
+         "order": {k: config.order[k] for k in ("kind", "mix_kind", "mix_share")},
+         "train_step_seconds": step_seconds(workdir, tokens_per_step),
+         "train_gflop_per_step": flops_cache[depth] / 1e9}
+  if trained.model_config.kind == "armd":
+    out["perplexity"] = perplexities(trained, workdir, size)
+    out["generation"] = compare.generation_rows(point, trained, evaluator, reference, size,
+                                                streams=GEN_STREAMS,
+                                                confidence_k=CONFIDENCE_K)
+    for row in out["generation"]:
+      row.pop("example", None)
+  else:
+    out["perplexity"] = {"left_to_right": ev.evaluate_perplexity(
+        trained.model, trained.params, compare.heldout_batches(trained, workdir),
+        max_batches=size["eval_batches"]).as_dict()}
+  return out
+
+
+def markdown(results: Dict) -> str:
+  """The results tables (markdown)."""
+  size = results["size"]
+  lines = [f"d_model {size['d_model']}, {size['num_layers']} layers, N = {size['seq_len']}, "
+           f"batch {size['batch']}, {size['steps']} steps per run (SBP after them); "
+           f"held-out: the first {size['eval_batches']} batches; {size['gen_samples']} "
+           f"samples per sampler; evaluator: {results['evaluator']}; {results['device']}.",
+           "", "| point | step (SBP: after base) | two-stream layers | l2r PPL | S=2 / l2r | S=4 / l2r | "
+           "S=8 / l2r | step ms | GFLOP / step |", "|---|---|---|---|---|---|---|---|---|"]
+  for p in results["points"].values():
+    ppl = p["perplexity"]
+    ratios = [ppl.get(f"strided S={s}", {}).get("over_left_to_right") for s in STRIDES]
+    lines.append(f"| {p['point']} | {p['step']} | {p['two_stream_layers']} | "
+                 f"{ppl['left_to_right']['ppl']:.3f} | "
+                 + " | ".join("-" if r is None else f"{r:.3f}" for r in ratios)
+                 + f" | {p['train_step_seconds'] * 1e3:.0f} | {p['train_gflop_per_step']:.1f} |")
+  lines += ["", "| point | sampler | calls | gen. PPL [95% CI] | vs sequential | entropy | "
+            "MAUVE [95% CI] | ms / sample |", "|---|---|---|---|---|---|---|---|"]
+  for p in results["points"].values():
+    rows = p.get("generation", [])
+    seq = next((r["gen_ppl"] for r in rows if r["streams"] == 1), float("nan"))
+    for r in rows:
+      ci, mci = r["gen_ppl_ci95"], r["mauve_ci95"]
+      lines.append(f"| {p['point']} | {r['sampler']} | {r['num_calls']} | {r['gen_ppl']:.2f} "
+                   f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r['gen_ppl'] / seq - 1:+.1%} | "
+                   f"{r['entropy_nats']:.3f} | {r['mauve']:.3f} [{mci[0]:.3f}, {mci[1]:.3f}] | "
+                   f"{r['seconds_per_sample'] * 1e3:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: Dict, path: str) -> None:
+  """Left: strided/l2r perplexity ratio against SBP steps; right: generative perplexity
+  of every point's samplers with their 95% intervals."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  pts = results["points"]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  sbp = [p for p in pts.values() if p["run"] in ("base", "sbp")]
+  steps = [0 if p["run"] == "base" else p["step"] for p in sbp]  # SBP counts from 0
+  for s in STRIDES:
+    key = f"strided S={s}"
+    left.plot(steps, [p["perplexity"].get(key, {}).get("over_left_to_right", np.nan)
+                      for p in sbp], marker="o", label=f"exact PPL, S={s} / left to right")
+  left.set_xscale("symlog", linthresh=100)
+  left.set_xlabel("strided fine-tuning steps after the base run")
+  left.set_ylabel("held-out perplexity ratio")
+  left.grid(True, alpha=0.3)
+  left.legend(fontsize=8)
+  armd = [p for p in pts.values() if p.get("generation")]
+  samplers = [r["sampler"] for r in armd[0]["generation"]]
+  width = 0.8 / len(samplers)
+  for j, name in enumerate(samplers):
+    ys, lo, hi = [], [], []
+    for p in armd:
+      r = next(r for r in p["generation"] if r["sampler"] == name)
+      ys.append(r["gen_ppl"])
+      lo.append(r["gen_ppl"] - r["gen_ppl_ci95"][0])
+      hi.append(r["gen_ppl_ci95"][1] - r["gen_ppl"])
+    x = np.arange(len(armd)) + (j - len(samplers) / 2 + 0.5) * width
+    right.errorbar(x, ys, yerr=[lo, hi], fmt="o", ms=3, label=name)
+  right.set_xticks(np.arange(len(armd)))
+  right.set_xticklabels([p["point"] for p in armd], rotation=30, fontsize=8)
+  right.set_ylabel("generative perplexity (AR evaluator)")
+  right.grid(True, alpha=0.3)
+  right.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", required=True, help="tiny Shakespeare's input.txt")
+  parser.add_argument("--root", default="/tmp/armd_recipes", help="runs and points (resumed)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes: tests the pipeline")
+  parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset "
+                      "(always with 'ar', the evaluator, and 'base' before 'sbp')")
+  parser.add_argument("--out", default=None, help="results stem (default "
+                      "benchmarks/results/recipes[_smoke])")
+  args = parser.parse_args(argv)
+  mode = "smoke" if args.smoke else "full"
+  size = dict(SIZES[mode])
+  names = [n for n in RUNS if n in args.runs.split(",")]
+  unknown = sorted(set(args.runs.split(",")) - set(RUNS))
+  if unknown or "ar" not in names or ("sbp" in names and "base" not in names):
+    parser.error(f"--runs: known runs are {list(RUNS)}; 'ar' is required and 'sbp' needs "
+                 f"'base' (unknown: {unknown}).")
+  if not os.path.isfile(args.data):
+    parser.error(f"--data: no file at {args.data}")
+  data_path = os.path.abspath(args.data)
+  os.makedirs(os.path.join(args.root, "points"), exist_ok=True)
+  start = time.time()
+
+  def log(msg):
+    print(f"[{time.time() - start:7.0f}s] {msg}", flush=True)
+
+  for name in names:  # train (each resumes from its workdir; a finished run is skipped)
+    workdir = os.path.join(args.root, name)
+    config = run_config(name, size, data_path, args.root)
+    if last_step(workdir) >= config.train.num_steps:
+      continue
+    log(f"training {name} ({config.train.num_steps} steps) in {workdir}")
+    train.train_and_evaluate(config, workdir)
+
+  ar = train.load_trained(os.path.join(args.root, "ar"))
+  evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab,
+                                name=f"the 'ar' run of this study (step {ar.step})")
+  ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, os.path.join(args.root, "ar")),
+                                      size["gen_samples"], size["seq_len"])
+  reference = ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
+  results = {"mode": mode, "size": size, "data": data_path, "device": str(jax.devices()[0]),
+             "evaluator": evaluator.name, "points": {}}
+  flops_cache: Dict[int, float] = {}
+  for point, run, step in points(size, names):
+    path = os.path.join(args.root, "points", f"{point}.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        results["points"][point] = json.load(f)
+      continue
+    log(f"scoring {point}")
+    result = score_point(point, run, step, args.root, size, evaluator, reference, flops_cache)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+    results["points"][point] = result
+  results["wall_seconds_this_invocation"] = time.time() - start
+
+  stem = args.out or os.path.join(HERE, "results", "recipes" + ("_smoke" if args.smoke else ""))
+  results_file.write(stem + ".json", args, **results)
+  table = markdown(results)
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(table)
+  if not args.smoke and not args.out:
+    plot(results, os.path.join(REPO, "docs", "img", "recipes.png"))
+  print(table)
+  log(f"wrote {stem}.json and .md")
+
+
+if __name__ == "__main__":
+  main()
