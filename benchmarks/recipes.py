@@ -17,6 +17,8 @@ N = 128; batch --batch) on the same data, seed and step budget, changing one thi
                    decoding visits).
   depth1/depth3    1 and L - 1 two-stream layers (base has L / 2), with the train step's
                    FLOPs (XLA cost analysis) beside the quality.
+  rho32            up to 32 shuffled tokens instead of 8 (the paper's strided results
+                   improve with rho).
   ar               the evaluator: an AR model of the same size and steps.
 
 For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 (the
@@ -82,14 +84,16 @@ RUNS = {
     "mix_random25": dict(base="armd", order=dict(mix_kind="random", mix_share=0.25)),
     "depth1": dict(base="armd", model=dict(num_two_stream_layers=1)),
     "depth3": dict(base="armd", model=dict(num_two_stream_layers=3)),
+    "rho32": dict(base="armd", order=dict(rho=32)),
 }
 
 
-def run_config(name: str, size: Dict, data_path: str, root: str):
-  """The ConfigDict of one run: compare.py's, with the run's overrides."""
+def run_config(name: str, size: Dict, data_path: str, root: str, seed: int = 0):
+  """The ConfigDict of one run: compare.py's, with the run's overrides and `seed`."""
   spec = RUNS[name]
   workdirs = {"armd": os.path.join(root, "base")}
   c = compare.run_config(spec["base"], size, data_path, workdirs)
+  c.train.seed = seed
   c.train.eval_every = 0  # the points are scored after training
   c.train.checkpoint_every = max(size["sbp_steps"][0], 1)
   c.checkpoint.max_to_keep = 100
@@ -252,6 +256,48 @@ def plot(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
+def _mean_sd(values: List[float]) -> str:
+  if len(values) < 2:
+    return f"{values[0]:.3f}" if values else "-"
+  return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def combine_seeds(folder: str) -> None:
+  """recipes_seeds.md: every point's figures as mean ± sd over the seeds run (seed 0 is
+  recipes.json, seed N recipes_seed<N>.json), for the points every seed has."""
+  files = [os.path.join(folder, "recipes.json")] + sorted(
+      os.path.join(folder, f) for f in os.listdir(folder)
+      if f.startswith("recipes_seed") and f.endswith(".json"))
+  runs = []
+  for path in files:
+    with open(path, encoding="utf-8") as f:
+      runs.append(json.load(f))
+  common = [p for p in runs[0]["points"] if all(p in r["points"] for r in runs)
+            and runs[0]["points"][p].get("generation")]
+  seeds = [r.get("seed", 0) for r in runs]
+  lines = [f"Mean ± standard deviation over seeds {seeds} (training seed: init, orders, data "
+           f"order; the same evaluator and sampling keys), from "
+           + ", ".join(os.path.basename(f) for f in files) + ".", "",
+           "| point | l2r PPL | S=2 / l2r | S=4 / l2r | S=8 / l2r | gen. PPL sequential | "
+           "S=4 gen. PPL vs sequential | S=8 gen. PPL vs sequential | "
+           "confidence k=4 vs sequential |", "|---|---|---|---|---|---|---|---|---|"]
+  for p in common:
+    pts = [r["points"][p] for r in runs]
+    cells = [_mean_sd([q["perplexity"]["left_to_right"]["ppl"] for q in pts])]
+    cells += [_mean_sd([q["perplexity"][f"strided S={s}"]["over_left_to_right"] for q in pts])
+              for s in STRIDES]
+    gen = [{r["sampler"]: r["gen_ppl"] for r in q["generation"]} for q in pts]
+    cells.append(_mean_sd([g["sequential"] for g in gen]))
+    for name in ("strided S=4", "strided S=8", "confidence k=4 (max prob)"):
+      cells.append(_mean_sd([g[name] / g["sequential"] - 1 for g in gen]))
+    lines.append(f"| {p} | " + " | ".join(cells) + " |")
+  out = os.path.join(folder, "recipes_seeds.md")
+  with open(out, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", required=True, help="tiny Shakespeare's input.txt")
@@ -259,16 +305,25 @@ def main(argv=None) -> None:
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: tests the pipeline")
   parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset "
                       "(always with 'ar', the evaluator, and 'base' before 'sbp')")
+  parser.add_argument("--seed", type=int, default=0, help="training seed of every run "
+                      "(init, orders and data order); results go to recipes_seed<N>.*")
+  parser.add_argument("--evaluator", default=None, help="the AR workdir that scores samples "
+                      "(default: this study's 'ar' run; pass seed 0's for other seeds)")
   parser.add_argument("--out", default=None, help="results stem (default "
-                      "benchmarks/results/recipes[_smoke])")
+                      "benchmarks/results/recipes[_seed<N>][_smoke])")
+  parser.add_argument("--combine", action="store_true", help="no runs: summarise "
+                      "benchmarks/results/recipes.json and recipes_seed*.json over seeds")
   args = parser.parse_args(argv)
+  if args.combine:
+    return combine_seeds(os.path.join(HERE, "results"))
   mode = "smoke" if args.smoke else "full"
   size = dict(SIZES[mode])
   names = [n for n in RUNS if n in args.runs.split(",")]
   unknown = sorted(set(args.runs.split(",")) - set(RUNS))
-  if unknown or "ar" not in names or ("sbp" in names and "base" not in names):
-    parser.error(f"--runs: known runs are {list(RUNS)}; 'ar' is required and 'sbp' needs "
-                 f"'base' (unknown: {unknown}).")
+  if unknown or ("ar" not in names and not args.evaluator) or (
+      "sbp" in names and "base" not in names):
+    parser.error(f"--runs: known runs are {list(RUNS)}; 'ar' is required without "
+                 f"--evaluator and 'sbp' needs 'base' (unknown: {unknown}).")
   if not os.path.isfile(args.data):
     parser.error(f"--data: no file at {args.data}")
   data_path = os.path.abspath(args.data)
@@ -280,20 +335,21 @@ def main(argv=None) -> None:
 
   for name in names:  # train (each resumes from its workdir; a finished run is skipped)
     workdir = os.path.join(args.root, name)
-    config = run_config(name, size, data_path, args.root)
+    config = run_config(name, size, data_path, args.root, args.seed)
     if last_step(workdir) >= config.train.num_steps:
       continue
     log(f"training {name} ({config.train.num_steps} steps) in {workdir}")
     train.train_and_evaluate(config, workdir)
 
-  ar = train.load_trained(os.path.join(args.root, "ar"))
+  ar_dir = args.evaluator or os.path.join(args.root, "ar")
+  ar = train.load_trained(ar_dir)
   evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab,
-                                name=f"the 'ar' run of this study (step {ar.step})")
-  ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, os.path.join(args.root, "ar")),
+                                name=f"the 'ar' run of this study, seed 0 (step {ar.step})")
+  ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, ar_dir),
                                       size["gen_samples"], size["seq_len"])
   reference = ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
-  results = {"mode": mode, "size": size, "data": data_path, "device": str(jax.devices()[0]),
-             "evaluator": evaluator.name, "points": {}}
+  results = {"mode": mode, "size": size, "seed": args.seed, "data": data_path,
+             "device": str(jax.devices()[0]), "evaluator": evaluator.name, "points": {}}
   flops_cache: Dict[int, float] = {}
   for point, run, step in points(size, names):
     path = os.path.join(args.root, "points", f"{point}.json")
@@ -308,12 +364,13 @@ def main(argv=None) -> None:
     results["points"][point] = result
   results["wall_seconds_this_invocation"] = time.time() - start
 
-  stem = args.out or os.path.join(HERE, "results", "recipes" + ("_smoke" if args.smoke else ""))
+  stem = args.out or os.path.join(HERE, "results", "recipes" + (
+      f"_seed{args.seed}" if args.seed else "") + ("_smoke" if args.smoke else ""))
   results_file.write(stem + ".json", args, **results)
   table = markdown(results)
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(table)
-  if not args.smoke and not args.out:
+  if not args.smoke and not args.out and not args.seed:
     plot(results, os.path.join(REPO, "docs", "img", "recipes.png"))
   print(table)
   log(f"wrote {stem}.json and .md")

@@ -185,3 +185,29 @@ def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path
   second = run_script(*args)  # everything is reused: no training, no scoring
   assert "training" not in second.stdout and "scoring" not in second.stdout
   assert json.loads((tmp_path / "recipes.json").read_text())["points"] == points
+
+
+def test_recipes_combines_seeds_into_means_and_deviations(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "recipes", os.path.join(ROOT, "benchmarks", "recipes.py"))
+  recipes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipes)
+
+  def point(l2r, ratio4, seq, s4):
+    ppl = {"left_to_right": {"ppl": l2r}}
+    ppl.update({f"strided S={s}": {"over_left_to_right": ratio4 if s == 4 else 1.0}
+                for s in recipes.STRIDES})
+    gen = [{"sampler": name, "gen_ppl": value} for name, value in (
+        ("sequential", seq), ("strided S=4", s4), ("strided S=8", seq),
+        ("confidence k=4 (max prob)", seq))]
+    return {"perplexity": ppl, "generation": gen}
+
+  for name, seed, values in (("recipes.json", 0, (6.0, 1.1, 10.0, 11.0)),
+                             ("recipes_seed1.json", 1, (8.0, 1.3, 10.0, 13.0))):
+    (tmp_path / name).write_text(json.dumps({"seed": seed, "points": {"base": point(*values)}}))
+  recipes.combine_seeds(str(tmp_path))
+  table = (tmp_path / "recipes_seeds.md").read_text()
+  row = next(line for line in table.splitlines() if line.startswith("| base"))
+  # l2r 6 and 8: mean 7, sd sqrt(2); S=4 ratio 1.1 and 1.3; S=4 gen vs sequential +10%, +30%
+  assert row.startswith("| base | 7.000 ± 1.414 | 1.000 ± 0.000 | 1.200 ± 0.141 |"), row
+  assert "0.200 ± 0.141" in row and "seeds [0, 1]" in table
