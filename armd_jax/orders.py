@@ -93,19 +93,51 @@ def strided(batch: int, length: int, streams: int) -> jax.Array:
 
   Stream s covers positions [s*N/S, (s+1)*N/S). The S stream heads come first, one per
   block (ids 1..S); then block S + j holds the j-th token of every stream (tokens N/S
-  apart). N/S + S - 1 blocks in all; S = 1 is left-to-right. N must be divisible by S.
+  apart). N/S + S - 1 blocks in all; S = 1 is left-to-right. N must be divisible by S
+  (`strided_ids` takes any length).
   """
   _check_sizes(batch, length)
-  if not isinstance(streams, (int, np.integer)) or streams < 1:
-    raise ValueError(f"strided: streams must be a positive int, got {streams!r}.")
+  _check_streams(streams)
   if length % streams:
     raise ValueError(f"strided: length {length} is not divisible by streams={streams}; "
                      "pad or trim the sequence to a multiple of the number of streams.")
-  stride = length // streams
+  return jnp.broadcast_to(jnp.asarray(strided_ids(length, streams)), (batch, length))
+
+
+def strided_ids(length: int, streams: int) -> np.ndarray:
+  """Dense block ids [N] int32 of N = `length` tokens in at most `streams` contiguous
+  streams, for any N (host-side numpy).
+
+  Streams hold ceil(N / S) tokens (the last may be shorter, and fewer than S streams are
+  used when that fills N); the stream heads come one per block, then the j-th token of
+  every stream that has one. When S divides N this is `strided`; S = 1 is left to right.
+  Each block's tokens are conditionally independent given earlier blocks, so the product
+  over blocks is a normalised distribution: the likelihood under it is exact.
+  """
+  _check_sizes(1, length)
+  _check_streams(streams)
+  stride = -(-length // min(streams, length))
+  used = -(-length // stride)  # streams that hold a token
   n = np.arange(length)
-  stream, offset = n // stride, n % stride
-  ids = np.where(offset == 0, stream + 1, streams + offset)
-  return jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch, length))
+  return np.where(n % stride == 0, n // stride + 1, used + n % stride).astype(np.int32)
+
+
+def conditional_strided(known: np.ndarray, streams: int) -> np.ndarray:
+  """Dense block ids [B, N] int32: known positions first, then strided over the others.
+
+  The known positions of a row (known[b, n] true) get singleton blocks 1..K in text
+  order; its U other positions, in text order, follow as `strided_ids(U, streams)`
+  (offset by K). Any U; host-side numpy.
+  """
+  known = np.asarray(known, bool)
+  _check_streams(streams)
+  ids = np.zeros(known.shape, np.int32)
+  for b, row in enumerate(known):
+    known_pos, unknown_pos = np.flatnonzero(row), np.flatnonzero(~row)
+    ids[b, known_pos] = np.arange(1, len(known_pos) + 1)
+    if len(unknown_pos):
+      ids[b, unknown_pos] = len(known_pos) + strided_ids(len(unknown_pos), int(streams))
+  return ids
 
 
 def masking_times(rng: jax.Array, shape, schedule: str) -> jax.Array:
@@ -291,6 +323,11 @@ def _draw_mixed(main: Order, mix: Order, share: float, settings, rng, step, batc
   from_mix = jax.random.bernoulli(choose_key, share, (batch,))  # [B]
   metrics = dict(metrics, **{"order/mix_rows": jnp.mean(from_mix.astype(jnp.float32))})
   return jnp.where(from_mix[:, None], mix_ids, main_ids), metrics
+
+
+def _check_streams(streams: int) -> None:
+  if not isinstance(streams, (int, np.integer)) or streams < 1:
+    raise ValueError(f"strided: streams must be a positive int, got {streams!r}.")
 
 
 def _check_sizes(batch: int, length: int) -> None:

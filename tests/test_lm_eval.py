@@ -200,14 +200,6 @@ def test_left_to_right_loglikelihood_follows_the_chain_rule(armd):
   assert_chain_rule(armd)
 
 
-def test_strided_ids_are_the_order_tables_strided_blocks_when_streams_divide():
-  np.testing.assert_array_equal(backend.strided_ids(12, 4),
-                                np.asarray(orders.strided(1, 12, 4))[0])
-  ids = backend.strided_ids(5, 4)  # streams of 2: heads 0, 2, 4, then 1 and 3 together
-  np.testing.assert_array_equal(ids, [1, 4, 2, 4, 3])
-  np.testing.assert_array_equal(backend.strided_ids(3, 1), [1, 2, 3])
-
-
 def test_strided_loglikelihood_is_the_exact_cached_score_of_that_order(tiny_workdir):
   lm = backend.ArmdLM(tiny_workdir, order="strided", streams=4)
   assert lm.describe()["likelihood"] == "exact"

@@ -70,6 +70,28 @@ def test_strided_rejects_a_length_not_divisible_by_streams():
     orders.strided(1, 10, 4)
 
 
+def test_strided_ids_take_any_length_and_are_the_strided_order_when_streams_divide():
+  np.testing.assert_array_equal(orders.strided_ids(12, 4),
+                                np.asarray(orders.strided(1, 12, 4))[0])
+  # Streams of ceil(5 / 4) = 2: heads 0, 2, 4 one per block, then 1 and 3 together.
+  np.testing.assert_array_equal(orders.strided_ids(5, 4), [1, 4, 2, 4, 3])
+  np.testing.assert_array_equal(orders.strided_ids(3, 1), [1, 2, 3])
+  np.testing.assert_array_equal(orders.strided_ids(2, 8), [1, 2])  # more streams than tokens
+  for length in range(1, 20):
+    ids = orders.strided_ids(length, 3)
+    orders.check_block_ids(ids[None])  # dense from 1
+    assert ids.dtype == np.int32 and np.bincount(ids).max() <= 3  # <= S tokens per block
+
+
+def test_conditional_strided_reads_the_known_positions_first_then_strides_the_others():
+  known = np.array([[1, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], bool)
+  ids = orders.conditional_strided(known, 2)
+  # Row 0: known positions 0 and 3 are blocks 1, 2; the 5 others are strided_ids(5, 2) + 2.
+  np.testing.assert_array_equal(ids[0], [1, 3, 5, 2, 6, 4, 5])
+  np.testing.assert_array_equal(ids[1], orders.strided_ids(7, 2))
+  orders.check_block_ids(ids)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_masked_diffusion_gives_dense_multi_token_blocks_at_most_t(schedule):
   ids = orders.masked_diffusion(jax.random.PRNGKey(2), B, N, num_steps=5, schedule=schedule)

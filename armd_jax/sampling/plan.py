@@ -166,29 +166,19 @@ def conditional_strided_order(known: np.ndarray, streams: int) -> np.ndarray:
 
   Known positions (known[b, n] true) get singleton blocks in text order, so the content
   stream reads a prompt exactly as left-to-right training shows it (the decoder reads
-  them all in one prefill call). The U unknown
-  positions of a row, in text order, are split into S = `streams` contiguous streams
-  whose heads come one per block, then the j-th token of every stream together
-  (`orders.strided`): U/S + S - 1 blocks. S must divide U.
+  them all in one prefill call). The U unknown positions of a row, in text order, are
+  split into S = `streams` contiguous streams whose heads come one per block, then the
+  j-th token of every stream together (`orders.conditional_strided`): U/S + S - 1
+  blocks. S must divide U (the decoder draws S tokens per call).
   """
   known = np.asarray(known, bool)
-  batch, length = known.shape
   if not isinstance(streams, (int, np.integer)) or streams < 1:
     raise ValueError(f"streams must be a positive int, got {streams!r}.")
-  ids = np.zeros((batch, length), np.int32)
-  for b in range(batch):
-    known_pos = np.flatnonzero(known[b])
-    unknown_pos = np.flatnonzero(~known[b])
-    ids[b, known_pos] = np.arange(1, len(known_pos) + 1)
-    if len(unknown_pos) == 0:
-      continue
-    if len(unknown_pos) % streams:
+  for b, unknown in enumerate(np.sum(~known, axis=-1)):
+    if unknown % streams:
       raise ValueError(f"streams={streams} must divide the number of generated positions "
-                       f"({len(unknown_pos)} in row {b}); choose a length or prompt so that "
-                       "it does.")
-    stride_ids = np.asarray(orders.strided(1, len(unknown_pos), int(streams)))[0]
-    ids[b, unknown_pos] = len(known_pos) + stride_ids
-  return ids
+                       f"({unknown} in row {b}); choose a length or prompt so that it does.")
+  return orders.conditional_strided(known, int(streams))
 
 
 def broadcast_rows(array: Optional[np.ndarray], batch: int, name: str) -> Optional[np.ndarray]:
