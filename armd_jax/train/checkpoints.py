@@ -14,6 +14,9 @@ count restores the state and restarts the data iterator at its step; only read d
 (`read_damage`) moves a step to `<workdir>/checkpoints_damaged/<step>`, and the same
 damage in the next older step stops (`ResumeError`); any other restore error propagates.
 
+Also importable from here: the run's config.json (`armd_jax.train.run_config`) and the
+damage checks (`armd_jax.train.damage`).
+
 Every path goes through `armd_jax.storage.path`, so a workdir may be a local folder or
 a URL such as `gs://bucket/run` (orbax and tensorstore take the URL as is).
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import time
 from typing import Any, Callable, Optional
@@ -35,10 +37,18 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from armd_jax import storage
+from armd_jax.train import agree
+from armd_jax.train.damage import CheckpointDamage, data_state_files, read_damage
+from armd_jax.train.run_config import (CONFIG_FILE, EXECUTION_FIELDS, config_differences,
+                                       identity_fields, load_config, save_config)
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "CheckpointDamage", "DAMAGED_DIR",
+           "EXECUTION_FIELDS", "ResumeError", "Restored", "checkpoint_dir",
+           "config_differences", "config_mismatch", "data_state_files", "identity_fields",
+           "load_config", "make_manager", "read_damage", "restore", "restore_newest_good",
+           "restore_state_arrays", "save", "save_config"]
 
 
 def checkpoint_dir(workdir: storage.PathLike) -> epath.Path:
@@ -131,68 +141,6 @@ def restore_state_arrays(workdir: str, step: Optional[int] = None) -> tuple[Any,
   return restored["state"], int(step)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
-  """Writes the (filled) experiment config to <workdir>/config.json (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  # Atomic: a reader never sees half a file (a renamed temporary file, or one object).
-  storage.write_atomic(storage.path(workdir) / CONFIG_FILE,
-                       config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
-  """The experiment config saved in a workdir."""
-  path = storage.path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"'{path}' does not exist: {workdir!r} is not a training workdir.")
-  values = json.loads(path.read_text(encoding="utf-8"))
-  return ml_collections.ConfigDict(_tuples(values))
-
-
-def _tuples(value: Any) -> Any:
-  """JSON lists back to tuples (configs use tuples for shapes, rules and sets)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-# config.model fields that say how the network computes, not what it is: a run may
-# resume with other values. Every other model field (shapes, vocab_size, kind) must match.
-EXECUTION_FIELDS = ("dropout_rate", "dtype", "attention", "pallas_block_q", "pallas_block_kv",
-                    "pallas_interpret", "remat", "prefix_aggregation", "prefix_chunk")
-
-
-def identity_fields(config: dict) -> dict:
-  """{'model.d_model': 32, ..., 'data.vocab': ...}: what a checkpoint must agree with.
-
-  Every `config.model` field but `EXECUTION_FIELDS`, and the tokenizer (`data.vocab`
-  and the fields of that tokenizer: `sentencepiece_*` or `hf_tokenizer`). `config` is
-  the plain dict of an experiment config (as in config.json).
-  """
-  fields = {f"model.{k}": v for k, v in (config.get("model") or {}).items()
-            if k not in EXECUTION_FIELDS}
-  data = config.get("data") or {}
-  if "vocab" in data:
-    fields["data.vocab"] = data["vocab"]
-  if data.get("vocab") == "sentencepiece":
-    for k in ("sentencepiece_model", "sentencepiece_vocab_size", "sentencepiece_model_type"):
-      fields[f"data.{k}"] = data.get(k)
-  if data.get("vocab") == "hf" or (data.get("vocab") is None and data.get("hf_tokenizer")):
-    fields["data.hf_tokenizer"] = data.get("hf_tokenizer")
-  return fields
-
-
-def config_differences(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
-  """[(field, saved value, value now)] of the `identity_fields` that differ.
-
-  A field the saved config does not have (written by an older version) is not compared.
-  """
-  old, new = identity_fields(saved), identity_fields(now)
-  return [(k, old[k], new.get(k)) for k in sorted(old) if k in new and old[k] != new[k]]
-
-
 def config_mismatch(workdir: storage.PathLike, config: ml_collections.ConfigDict
                     ) -> Optional[str]:
   """The error message when <workdir>/config.json describes another model than `config`
@@ -220,151 +168,6 @@ def config_mismatch(workdir: storage.PathLike, config: ml_collections.ConfigDict
 class ResumeError(RuntimeError):
   """The resume stopped: the same damage in two checkpoints in a row, or a restore that
   failed on another process (the message says which; nothing more was moved)."""
-
-
-_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
-
-
-def data_state_files(step_dir: epath.Path, process_count: int) -> tuple[bool, str]:
-  """(True, '') when `step_dir/data` holds a readable iterator state for each of
-  `process_count` processes; (False, note) when it holds complete states written by
-  another process count only (the data iterator must be restarted).
-
-  Raises:
-    CheckpointDamage: a state file of this process count is missing while others of it
-      exist, none is there at all, or one is not JSON.
-  """
-  data_dir = step_dir / "data"
-  names = [p.name for p in data_dir.iterdir()] if data_dir.is_dir() else []
-  counts: dict[int, set] = {}
-  for name in names:
-    match = _DATA_FILE.match(name)
-    if match:
-      counts.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
-  mine = counts.get(process_count, set())
-  if mine == set(range(process_count)):
-    for i in sorted(mine):
-      name = f"process_{i}-of-{process_count}.json"
-      try:
-        json.loads((data_dir / name).read_text())
-      except (OSError, ValueError) as e:
-        raise CheckpointDamage("unreadable data-iterator state", f"{data_dir / name}: {e}")
-    return True, ""
-  complete = sorted(n for n, ids in counts.items() if ids == set(range(n)))
-  if not mine and complete:
-    return False, (f"its data-iterator state was saved by {complete[-1]} process(es), this "
-                   f"run has {process_count}")
-  raise CheckpointDamage("missing data-iterator state",
-                         f"{data_dir} holds {sorted(names)}, needs process_i-of-"
-                         f"{process_count}.json for i < {process_count}")
-
-
-class CheckpointDamage(Exception):
-  """What `read_damage` found: `reason` (a short category, the same for the same kind of
-  damage in any step) and `detail` (the file and the error)."""
-
-  def __init__(self, reason: str, detail: str):
-    super().__init__(f"{reason}: {detail}")
-    self.reason, self.detail = reason, detail
-
-
-_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
-
-
-def read_damage(step_dir: epath.Path) -> Optional[CheckpointDamage]:
-  """The read damage of a saved state, or None when every file of it reads back whole.
-
-  How damage is told from other failures: by reading the files, not by the exception a
-  restore raised (orbax and tensorstore raise ValueError, JSONDecodeError or a bare
-  Exception for damage, and the same types for a wrong target or out of memory). It is
-  damage when `state/_METADATA` is missing or not JSON ('unreadable metadata'), the
-  OCDBT index `state/manifest.ocdbt` is missing or its b-tree fails to list ('unreadable
-  array index (CODE)'), a value of the index fails to read ('unreadable array data
-  (CODE)'; CODE is the tensorstore status, e.g. OUT_OF_RANGE for a truncated file),
-  reads back empty (a missing array file: 'missing array data'), or an array's zarr
-  metadata is not JSON.
-  This reads the whole saved state once (on one process, only after a failed restore).
-  """
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-
-  state_dir = step_dir / "state"
-  try:
-    json.loads((state_dir / "_METADATA").read_text())
-  except (OSError, ValueError) as e:
-    return CheckpointDamage("unreadable metadata", f"{state_dir / '_METADATA'}: {e}")
-  if not (state_dir / "manifest.ocdbt").exists():
-    return CheckpointDamage("unreadable array index",
-                            f"{state_dir / 'manifest.ocdbt'} is missing")
-  url = os.fspath(state_dir)
-  url = (url if "://" in url else "file://" + url).rstrip("/") + "/"
-  try:
-    store = ts.KvStore.open({"driver": "ocdbt", "base": url}).result()
-    keys = store.list().result()
-  except Exception as e:  # pylint: disable=broad-except  (tensorstore raises ValueError)
-    return CheckpointDamage(f"unreadable array index ({_status(e)})", f"{url}: {_first_line(e)}")
-  for key in keys:
-    name = key.decode(errors="replace")
-    try:
-      value = store.read(key).result().value
-    except Exception as e:  # pylint: disable=broad-except
-      return CheckpointDamage(f"unreadable array data ({_status(e)})", f"{name}: {_first_line(e)}")
-    if name.endswith(_ZARR_METADATA):
-      try:
-        json.loads(bytes(value))
-      except ValueError as e:
-        return CheckpointDamage("unreadable metadata", f"{name}: {e}")
-    elif not value:
-      return CheckpointDamage("missing array data", f"{name} reads back empty")
-  return None
-
-
-def _status(e: BaseException) -> str:
-  """'OUT_OF_RANGE' for a tensorstore error 'OUT_OF_RANGE: ...', else the type's name."""
-  head = str(e).split(":", 1)[0]
-  return head if re.fullmatch(r"[A-Z_]+", head) else type(e).__name__
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def _agree(decide: Callable[[], dict], what: str) -> dict:
-  """Process 0's `decide()`, the same dict on every process (JSON over a broadcast).
-
-  When `decide` raises on process 0, process 0 re-raises it and every other process
-  raises `ResumeError` with its message, so no process waits for the others.
-  """
-  error, decision = None, None
-  if jax.process_index() == 0:
-    try:
-      decision = {"ok": decide()}
-    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
-      error, decision = e, {"error": f"{type(e).__name__}: {_first_line(e)}"}
-  if jax.process_count() > 1:
-    decision = _broadcast_json(decision)
-  if "error" in decision:
-    if error is not None:
-      raise error
-    raise ResumeError(f"process 0 failed while {what}: {decision['error']}")
-  return decision["ok"]
-
-
-_BROADCAST_BYTES = 1 << 14
-
-
-def _broadcast_json(value: Optional[dict]) -> dict:
-  """Process 0's JSON-able `value` on every process (a fixed-size uint8 broadcast)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  buffer = np.zeros(_BROADCAST_BYTES, np.uint8)
-  if jax.process_index() == 0:
-    data = json.dumps(value).encode()
-    if len(data) > _BROADCAST_BYTES:
-      data = json.dumps({"error": f"decision too long to broadcast: {data[:200]!r}"}).encode()
-    buffer[:len(data)] = np.frombuffer(data, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  return json.loads(bytes(out).rstrip(b"\0").decode())
 
 
 def _all_failed(failed: bool) -> list[int]:
@@ -424,7 +227,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: storage.PathLik
     saved = sorted(manager.all_steps(), reverse=True)
     return {"steps": saved, "mismatch": config_mismatch(workdir, config) if saved else None}
 
-  steps = _agree(survey, "reading the checkpoints")
+  steps = agree.agree(survey, "reading the checkpoints", failure=ResumeError)
   if steps["mismatch"]:
     raise ValueError(steps["mismatch"])
   start = train_iter.get_state()
@@ -439,7 +242,8 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: storage.PathLik
         return {"damage": [e.reason, e.detail]}
       return {"damage": None, "with_data": with_data, "note": note}
 
-    decision = _agree(plan, f"inspecting the checkpoint at step {step}")
+    decision = agree.agree(plan, f"inspecting the checkpoint at step {step}",
+                           failure=ResumeError)
     damage = decision["damage"]
     if damage is None:
       error = None
@@ -461,7 +265,8 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: storage.PathLik
         found = read_damage(step_dir)
         return {"damage": None if found is None else [found.reason, found.detail]}
 
-      damage = _agree(verdict, f"checking the checkpoint at step {step} for damage")["damage"]
+      damage = agree.agree(verdict, f"checking the checkpoint at step {step} for damage",
+                           failure=ResumeError)["damage"]
       if damage is None:
         if error is not None:
           raise error

@@ -25,7 +25,8 @@ generation read); of two contenders that judged one lock stale, the loser sees t
 winner's fresh lock and stops busy.
 
 Several processes: only process 0 touches the lock (`hold_workdir`); the outcome is
-broadcast and every process raises the same `WorkdirBusyError`, naming the holder.
+broadcast (`armd_jax.train.agree`) and every process raises the same `WorkdirBusyError`,
+naming the holder.
 `force_unlock` (`python -m armd_jax.main ... --force_unlock`) removes a lock by hand.
 How each kind of storage creates and replaces the lock: `armd_jax.train.lock_stores`.
 """
@@ -42,13 +43,13 @@ import uuid
 from typing import Any, Callable, Iterator, Optional
 
 from armd_jax import storage
+from armd_jax.train import agree
 from armd_jax.train.lock_stores import Snapshot, encode, store_of
 
 LOCK_FILE = "train.lock"
 DEFAULT_TIMEOUT_S = 600.0
 GRACE_S = 60.0  # an unreadable lock younger than this is busy (its writer may be starting)
 ATTEMPTS = 20  # create / judge / take over rounds before giving up as contended
-MESSAGE_BYTES = 4096  # the broadcast busy message, utf-8, cut to this
 
 
 class WorkdirBusyError(RuntimeError):
@@ -257,52 +258,29 @@ def hold_workdir(workdir: storage.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S
                  log: Callable[[str], None] = print) -> Iterator[Optional[WorkdirLock]]:
   """Holds the workdir's lock for a run of one or several processes.
 
-  Process 0 takes the lock (yielding it; the others yield None) and broadcasts the
-  outcome, so every process goes on, or every process raises the same error.
+  Process 0 takes the lock (yielding it; the others yield None) and the outcome is
+  broadcast (`agree.agree`), so every process goes on, or every process raises.
 
   Raises:
     WorkdirBusyError: on every process, naming the holder.
     RuntimeError: on processes > 0 when process 0 failed otherwise (process 0 raises its
       own error).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  lock: Optional[WorkdirLock] = None
 
-  if jax.process_count() == 1:
-    with WorkdirLock(workdir, timeout_s, log=log) as lock:
-      yield lock
-    return
-  lock, code, message, error = None, 0, "", None
-  if jax.process_index() == 0:
+  def take() -> dict:
+    nonlocal lock
     try:
       lock = WorkdirLock(workdir, timeout_s, log=log).acquire()
     except WorkdirBusyError as e:
-      code, message = 1, str(e)
-    except Exception as e:  # pylint: disable=broad-except
-      code, message, error = 2, f"{type(e).__name__}: {e}", e
-  code, message = broadcast_outcome(code, message)
-  if code == 1:
-    raise WorkdirBusyError(message)
-  if code == 2:
-    if error is not None:
-      raise error
-    raise RuntimeError(f"process 0 could not take the workdir lock: {message}")
+      return {"busy": str(e)}
+    return {"busy": None}
+
+  outcome = agree.agree(take, "taking the workdir lock")
+  if outcome["busy"] is not None:
+    raise WorkdirBusyError(outcome["busy"])
   try:
     yield lock
   finally:
     if lock is not None:
       lock.release()
-
-
-def broadcast_outcome(code: int, message: str) -> tuple[int, str]:
-  """Process 0's (code, message) on every process (`multihost_utils.broadcast_one_to_all`)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  data = message.encode("utf-8")[:MESSAGE_BYTES]
-  buffer = np.zeros((MESSAGE_BYTES + 2,), np.int32)  # [code, length, bytes...]
-  buffer[0], buffer[1] = code, len(data)
-  buffer[2:2 + len(data)] = np.frombuffer(data, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  length = int(out[1])
-  text = bytes(out[2:2 + length].astype(np.uint8)).decode("utf-8", errors="replace")
-  return int(out[0]), text
