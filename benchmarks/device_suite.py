@@ -22,21 +22,32 @@ budget (`--budget_s`):
                   card's peak).
   sampling        sequential vs S=4 strided generation at N = 1,024, batch 8 and batch 1;
                   best of two runs, compile excluded.
+  race            (not in the default --sections: its own run, `RACE=1` in the .sh) the
+                  GPT-2-small-size ARMD and AR (Pallas attention on a GPU, byte vocabulary)
+                  trained with the same step for --race_s seconds each on the same batches
+                  of `benchmarks/race_corpus.npz` (the stdlib's sources, see race_corpus.py);
+                  exact held-out perplexity at equal wall clock and at equal steps; ARMD's
+                  S=4 strided generation time at batch 1 and 8 with the trained weights.
 
   python benchmarks/device_suite.py --out_dir=$OUT            # on the device
   python benchmarks/device_suite.py --smoke --poison --out_dir=/tmp/x   # CPU, interpret
+  python benchmarks/device_suite.py --sections=env,race --budget_s=540 --out_dir=$OUT
+  python benchmarks/device_suite.py --smoke --sections=env,race --out_dir=/tmp/x  # seconds
 Writes `device_suite.json` and prints a summary table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -72,6 +83,18 @@ def parse_args() -> argparse.Namespace:
                       help="the same for D=128")
   parser.add_argument("--train_batch", type=int, default=16)
   parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--race_s", type=float, default=None,
+                      help="race: training seconds of each model, compile excluded "
+                      "(default 150; smoke 3)")
+  parser.add_argument("--race_lr", type=float, default=3e-4, help="race: peak learning rate")
+  parser.add_argument("--race_eval_batches", type=int, default=32,
+                      help="race: held-out batches (of --train_batch windows) scored")
+  parser.add_argument("--race_attention", default="",
+                      help="race: ModelConfig.attention of both models ('' = pallas on a "
+                      "GPU or TPU, xla elsewhere)")
+  parser.add_argument("--race_sync_every", type=int, default=10,
+                      help="race: steps between clock readings (each waits for the step)")
+  parser.add_argument("--race_corpus", default=os.path.join(HERE, "race_corpus.npz"))
   return parser.parse_args()
 
 
@@ -92,6 +115,7 @@ from armd_jax.train.settings import MeshConfig, OptimConfig, OrderConfig  # noqa
 
 sys.path.insert(0, HERE)  # after armd_jax: attention_kernel then finds the whole package
 import attention_kernel  # noqa: E402  pylint: disable=g-bad-import-order
+import race_corpus  # noqa: E402  pylint: disable=g-bad-import-order
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM datasheets)
 START = time.time()
@@ -354,34 +378,61 @@ def gpt2_small(kind: str, attention_impl: str) -> ModelConfig:
                      pallas_block_q=sizes_for(64).block_q, pallas_block_kv=sizes_for(64).block_kv)
 
 
-def train_step_fn(config: ModelConfig, batch: int, length: int):
-  """(jitted step, initial TrainState, batch) of the trainer's own train step.
+def train_order(kind: str) -> OrderConfig:
+  """The order drawn in the step: ARMD a progressive permutation with 16 shuffled tokens
+  from the first step, AR left to right."""
+  if kind == "armd":
+    return OrderConfig(kind="progressive_permutation", i_ar=0, i_perm=1, rho=16)
+  return OrderConfig(kind="left_to_right")
 
-  `armd_jax.train.state.make_train_step` as `python -m armd_jax.main` runs it (forward,
-  backward, clipping, AdamW, the parameter EMA, the order drawn inside the step: ARMD a
-  progressive permutation with 16 shuffled tokens, AR left to right), on a one-device
-  mesh; the state is donated.
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The trainer's step for one model on a one-device mesh, and what feeds it."""
+
+  model: Any
+  step: Any  # jitted train_step(state, batch) -> (state, metrics); the state is donated
+  state: Any  # the initial TrainState
+  shardings: Any  # TrainState of NamedShardings
+  batch_shard: Any  # NamedSharding of a [B, N] batch
+
+
+def train_setup(config: ModelConfig, length: int, optim: OptimConfig,
+                num_steps: int) -> TrainSetup:
+  """`armd_jax.train.state.make_train_step` as `python -m armd_jax.main` runs it (forward,
+  backward, clipping, AdamW, the parameter EMA when optim keeps one, the order of
+  `train_order` drawn inside the step), on a one-device mesh, with a fresh state (seed 0).
   """
   model = build_model(config)
-  if config.kind == "armd":
-    order = OrderConfig(kind="progressive_permutation", i_ar=0, i_perm=1, rho=16)
-  else:
-    order = OrderConfig(kind="left_to_right")
-  optim = OptimConfig(learning_rate=3e-4, weight_decay=0.1, ema_decay=0.999)
-  num_steps = 10_000
   mesh = partitioning.make_mesh(MeshConfig(shape=(1,) * len(partitioning.MESH_AXES)),
                                 jax.devices()[:1])
   rules = partitioning.DEFAULT_RULES
   state, shardings = state_lib.create_train_state(model, optim, num_steps, length, 0, mesh,
                                                   rules)
   batch_shard = partitioning.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(model, order, optim, num_steps, shardings, batch_shard,
-                                   rules)
+  step = state_lib.make_train_step(model, train_order(config.kind), optim, num_steps,
+                                   shardings, batch_shard, rules)
+  return TrainSetup(model, step, state, shardings, batch_shard)
+
+
+def device_batch(tokens: np.ndarray, batch_shard) -> dict:
+  """{'tokens', 'mask'} int32 [B, N] on the mesh from host tokens [B, N] (no padding)."""
+  tokens = np.asarray(tokens, np.int32)
+  return partitioning.global_batch({"tokens": tokens, "mask": np.ones_like(tokens)},
+                                   batch_shard)
+
+
+def train_step_fn(config: ModelConfig, batch: int, length: int):
+  """(jitted step, initial TrainState, batch) of the trainer's own train step.
+
+  `train_setup` with AdamW at 3e-4, weight decay 0.1, EMA 0.999, cosine over 10,000
+  steps, and a batch of uniform random tokens [batch, length].
+  """
+  optim = OptimConfig(learning_rate=3e-4, weight_decay=0.1, ema_decay=0.999)
+  setup = train_setup(config, length, optim, num_steps=10_000)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0,
                                          config.vocab_size), np.int32)
-  data = partitioning.global_batch({"tokens": tokens, "mask": np.ones_like(tokens)},
-                                   batch_shard)
-  return step, state, data
+  return setup.step, setup.state, device_batch(tokens, setup.batch_shard)
 
 
 def lowered_flops(lowered) -> float:
@@ -491,6 +542,28 @@ def train_step_ar_pallas(out: dict) -> None:
 # -- sampling -----------------------------------------------------------------------
 
 
+def time_generation(model, params, batch: int, length: int, streams: int) -> dict:
+  """Wall seconds of `sampling.generate` (best of two timed runs after one that compiles),
+  its network calls and tokens per second."""
+
+  def run(seed):
+    result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
+                               length=length, streams=streams)
+    return result.tokens, result.num_calls
+
+  begin = time.time()
+  jax.block_until_ready(run(0)[0])
+  first_s = time.time() - begin
+  seconds = float("inf")
+  for seed in (1, 2):
+    begin = time.perf_counter()
+    tokens, calls = run(seed)
+    jax.block_until_ready(tokens)
+    seconds = min(seconds, time.perf_counter() - begin)
+  return dict(seconds=seconds, calls=int(calls), first_run_s=round(first_s, 1),
+              tokens_per_second=batch * length / seconds)
+
+
 def sampling_speed(out: dict) -> None:
   """Sequential vs S = 4 strided generation at batch 8 and batch 1."""
   length = 16 if ARGS.smoke else 1024
@@ -501,27 +574,200 @@ def sampling_speed(out: dict) -> None:
   rows = {}
   for batch in (8, 1):
     for streams in (1, 4):
-      def run(seed, streams=streams, batch=batch):
-        result = sampling.generate(model, params, jax.random.PRNGKey(seed), batch_size=batch,
-                                   length=length, streams=streams)
-        return result.tokens, result.num_calls
-      begin = time.time()
-      jax.block_until_ready(run(0)[0])
-      first_s = time.time() - begin
-      seconds = float("inf")
-      for seed in (1, 2):  # best of two timed runs
-        begin = time.perf_counter()
-        tokens, calls = run(seed)
-        jax.block_until_ready(tokens)
-        seconds = min(seconds, time.perf_counter() - begin)
       key = f"B={batch},S={streams}"
-      rows[key] = dict(seconds=seconds, calls=int(calls), first_run_s=round(first_s, 1),
-                       tokens_per_second=batch * length / seconds)
+      rows[key] = time_generation(model, params, batch, length, streams)
       log("sampling", key, rows[key])
   out.update(rows=rows, length=length, model="GPT-2-small size ARMD (bf16, random "
              "weights), KV cache",
              speedup_s4={f"B={b}": rows[f"B={b},S=1"]["seconds"] / rows[f"B={b},S=4"]["seconds"]
                          for b in (8, 1)})
+
+
+# -- training race ------------------------------------------------------------------
+
+
+def race_config(kind: str, vocab_size: int, length: int) -> ModelConfig:
+  """GPT-2-small size (smoke: tiny) over the byte vocabulary; `--race_attention`, by
+  default the Pallas kernel on a GPU or TPU (its default tiles) and XLA elsewhere."""
+  attention = ARGS.race_attention or ("xla" if jax.default_backend() == "cpu" else "pallas")
+  if ARGS.smoke:
+    return ModelConfig(vocab_size=vocab_size, kind=kind, d_model=32, num_layers=2,
+                       num_heads=2, mlp_dim=64, max_len=length, dtype="bfloat16",
+                       attention=attention, pallas_block_q=8, pallas_block_kv=8,
+                       pallas_interpret=True)
+  return ModelConfig(vocab_size=vocab_size, kind=kind, d_model=768, num_layers=12,
+                     num_heads=12, mlp_dim=3072, max_len=length, dtype="bfloat16",
+                     attention=attention)
+
+
+def race_batch() -> int:
+  """Sequences per race step (smoke: 2)."""
+  return 2 if ARGS.smoke else ARGS.train_batch
+
+
+def race_seconds() -> float:
+  """Training seconds of each racer: --race_s, else 150 (smoke: 3)."""
+  if ARGS.race_s is not None:
+    return ARGS.race_s
+  return 3.0 if ARGS.smoke else 150.0
+
+
+def race_needs_s() -> float:
+  """Budget the race section needs: both runs, compiles, scoring and decoding."""
+  return 2 * race_seconds() + (20.0 if ARGS.smoke else 150.0)
+
+
+def copy_tree(tree):
+  """A device copy of every array (what a later donating step cannot overwrite)."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def race_data(setup: TrainSetup, train_windows: np.ndarray, step: int):
+  """(row indices [B], device batch [B, N]) that race step `step` trains on."""
+  rows = race_corpus.batch_rows(step, train_windows.shape[0], race_batch())
+  return rows, device_batch(train_windows[rows], setup.batch_shard)
+
+
+def race_compile(setup: TrainSetup, train_windows: np.ndarray):
+  """(compiled step, seconds) of setup's train step for the race's batches."""
+  begin = time.time()
+  compiled = setup.step.lower(setup.state, race_data(setup, train_windows, 0)[1]).compile()
+  return compiled, time.time() - begin
+
+
+def race_run(setup: TrainSetup, compiled, train_windows: np.ndarray, budget_s: float,
+             equal_step: int = 0) -> dict:
+  """Trains from setup.state (donated) on the race's batches for `budget_s` seconds.
+
+  The clock is read every --race_sync_every steps, after waiting for the step; the
+  first reading at or past `budget_s` ends the timed run ('wall': its step, seconds,
+  parameters, last loss). With `equal_step` > 0 the parameters after that many steps
+  are kept too ('equal'), training on past the budget if needed. Step i reads
+  `race_corpus.batch_rows(i, ...)`; 'digest' is a sha256 of every row index read so far.
+
+  Returns:
+    {'wall': {...}, 'equal': {...} or None, 'curve': [[step, seconds, loss]],
+     'total_steps'}.
+  """
+  state, digest, curve = setup.state, hashlib.sha256(), []
+  wall, equal, step = None, None, 0
+  begin = time.perf_counter()
+  while wall is None or (equal_step and equal is None):
+    rows, tokens = race_data(setup, train_windows, step)
+    digest.update(rows.tobytes())
+    state, metrics = compiled(state, tokens)
+    step += 1
+    if step == equal_step:
+      equal = dict(step=step, params=copy_tree(state.params), digest=digest.hexdigest())
+    if wall is None and step % ARGS.race_sync_every == 0:
+      loss = float(metrics["loss"])  # waits for the step
+      seconds = time.perf_counter() - begin
+      curve.append([step, round(seconds, 3), loss])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"loss {loss} at step {step}")
+      if seconds >= budget_s:
+        wall = dict(step=step, seconds=seconds, params=copy_tree(state.params),
+                    digest=digest.hexdigest(), loss=loss)
+  jax.block_until_ready(state.params)
+  return dict(wall=wall, equal=equal, curve=curve, total_steps=step)
+
+
+def held_out_nll(eval_step, setup: TrainSetup, params, eval_windows: np.ndarray) -> dict:
+  """Exact held-out NLL (left to right; nats per byte token) of params over eval_windows
+  [E, N] through the trainer's eval step (`state_lib.make_eval_step`), B at a time."""
+  batch = race_batch()
+  nll, tokens = 0.0, 0.0
+  for start in range(0, eval_windows.shape[0] - batch + 1, batch):
+    sums = eval_step(params, device_batch(eval_windows[start:start + batch],
+                                          setup.batch_shard), jax.random.PRNGKey(0))
+    nll, tokens = nll + float(sums["nll_sum"]), tokens + float(sums["num_tokens"])
+  return dict(nll=nll / tokens, ppl=float(np.exp(nll / tokens)),
+              bits_per_byte=float(nll / tokens / np.log(2.0)), tokens=int(tokens))
+
+
+def race_racer(kind: str, vocab_size: int, length: int, optim: OptimConfig,
+               train_windows: np.ndarray):
+  """(setup, compiled step, compile seconds, error) of one racer; a Pallas model that
+  fails to compile is built again with XLA attention (its error returned)."""
+  config = race_config(kind, vocab_size, length)
+  setup = train_setup(config, length, optim, num_steps=1_000_000)
+  try:
+    return (setup,) + race_compile(setup, train_windows) + (None,)
+  except Exception as error:  # pylint: disable=broad-except
+    if config.attention_implementation != "pallas":
+      raise
+    message = f"{type(error).__name__}: {str(error)[:500]}"
+    log("race", kind, "Pallas step failed to compile; XLA attention instead:", message)
+    setup = train_setup(config.replace(attention="xla"), length, optim, num_steps=1_000_000)
+    return (setup,) + race_compile(setup, train_windows) + (message,)
+
+
+def race(out: dict) -> None:
+  """AR and ARMD trained for the same seconds on the same batches, then scored.
+
+  ARMD trains first for `race_seconds()`; AR then trains as long, keeping its parameters
+  at the step ARMD reached (training on past its budget if it is the slower). Both are
+  scored by the exact left-to-right held-out NLL at equal wall clock (each one's last
+  timed step) and at equal steps (ARMD's last step), and ARMD's S = 4 strided generation
+  of N tokens is timed at batch 1 and batch 8 with its trained weights.
+  """
+  corpus = race_corpus.load(ARGS.race_corpus)
+  length, batch, budget_s = (32 if ARGS.smoke else 1024), race_batch(), race_seconds()
+  train_windows = race_corpus.windows(corpus.train, length)
+  eval_windows = race_corpus.windows(corpus.held_out, length)
+  eval_windows = eval_windows[race_corpus.eval_rows(
+      eval_windows.shape[0], (2 if ARGS.smoke else ARGS.race_eval_batches) * batch)]
+  optim = OptimConfig(learning_rate=ARGS.race_lr * (10 if ARGS.smoke else 1),
+                      warmup_steps=5 if ARGS.smoke else 100, schedule="constant",
+                      weight_decay=0.1, ema_decay=0.0)
+  out.update(length=length, batch=batch, budget_s_each=budget_s,
+             sync_every=ARGS.race_sync_every, optim=dataclasses.asdict(optim), models={},
+             corpus=dict(path=os.path.relpath(ARGS.race_corpus, os.path.dirname(HERE)),
+                         train_tokens=int(corpus.split), train_windows=train_windows.shape[0],
+                         eval_windows=eval_windows.shape[0], **corpus.meta))
+  runs, setups = {}, {}
+  for kind in ("armd", "ar"):
+    setup, compiled, compile_s, error = race_racer(
+        kind, int(corpus.meta["vocab_size"]), length, optim, train_windows)
+    setups[kind] = setup
+    equal_step = runs["armd"]["wall"]["step"] if kind == "ar" else 0
+    runs[kind] = run = race_run(setup, compiled, train_windows, budget_s, equal_step)
+    wall = run["wall"]
+    out["models"][kind] = dict(
+        attention=setup.model.config.attention_implementation, pallas_error=error,
+        order=dataclasses.asdict(train_order(kind)), compile_s=round(compile_s, 1),
+        steps=wall["step"], train_s=wall["seconds"],
+        ms_per_step=1e3 * wall["seconds"] / wall["step"], last_loss=wall["loss"],
+        tokens_seen=wall["step"] * batch * length,
+        epochs=wall["step"] * batch * length / corpus.split, data_digest=wall["digest"],
+        total_steps=run["total_steps"], curve=run["curve"])
+    log("race", kind, {k: v for k, v in out["models"][kind].items() if k != "curve"})
+    RESULTS["sections"]["race"] = out
+    save()
+  begin = time.time()
+  evals = {kind: state_lib.make_eval_step(setups[kind].model, setups[kind].shardings.params,
+                                          setups[kind].batch_shard) for kind in setups}
+  score = lambda kind, params: held_out_nll(evals[kind], setups[kind], params,  # noqa: E731
+                                            eval_windows)
+  armd = score("armd", runs["armd"]["wall"]["params"])
+  out["equal_wall_clock"] = dict(armd=armd, ar=score("ar", runs["ar"]["wall"]["params"]))
+  equal = runs["ar"]["equal"]
+  out["equal_steps"] = dict(step=equal["step"], armd=armd, ar=score("ar", equal["params"]),
+                            ar_data_digest=equal["digest"],
+                            same_batches=equal["digest"] == runs["armd"]["wall"]["digest"])
+  out["eval_s"] = round(time.time() - begin, 1)
+  log("race equal wall clock", out["equal_wall_clock"])
+  log("race equal steps", out["equal_steps"])
+  out["armd_decode"] = {}
+  for decode_batch in (1, 8):
+    key = f"B={decode_batch},S=4"
+    out["armd_decode"][key] = time_generation(setups["armd"].model,
+                                              runs["armd"]["wall"]["params"], decode_batch,
+                                              length, 4)
+    log("race decode", key, out["armd_decode"][key])
+  out["note"] = ("held-out NLL: exact, left to right, nats per byte token over eval_windows "
+                 "windows of the held-out files; decode: strided S = 4, N tokens, the trained "
+                 "ARMD weights, best of two runs after a compiling one")
 
 
 def env(out: dict) -> None:
@@ -544,6 +790,7 @@ def main() -> int:
   section("sampling", sampling_speed, 75)
   section("train_step_ar_pallas", train_step_ar_pallas, 45)
   section("train_flops", train_flops, 30)
+  section("race", race, race_needs_s())
   RESULTS["total_seconds"] = round(time.time() - START, 1)
   save()
   summary()
@@ -568,6 +815,13 @@ def summary() -> None:
     print("  ", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
   print("  ", {k: v for k, v in train.items() if "ratio" in k})
   print("  ", {k: v for k, v in sections.get("sampling", {}).items() if k != "rows"})
+  race_results = sections.get("race", {})
+  for kind, row in race_results.get("models", {}).items():
+    print("   race", kind, {k: v for k, v in row.items() if k in (
+        "attention", "steps", "train_s", "ms_per_step", "last_loss", "epochs")})
+  for name in ("equal_wall_clock", "equal_steps", "armd_decode"):
+    if name in race_results:
+      print("   race", name, race_results[name])
 
 
 if __name__ == "__main__":

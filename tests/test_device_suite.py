@@ -2,15 +2,29 @@
 trainer's step) without grain, seqio, ml-collections or TensorFlow, and the kernel
 benchmark imports with jax alone (both run on machines that lack the data stack)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _race_corpus():
+  spec = importlib.util.spec_from_file_location(
+      "race_corpus", os.path.join(ROOT, "benchmarks", "race_corpus.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault("race_corpus", module)  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+race_corpus = _race_corpus()
 
 ONLY_JAX = textwrap.dedent("""
     import runpy, sys
@@ -92,3 +106,80 @@ def test_device_suite_smoke_mode_runs_every_section_on_cpu(tmp_path):
   for batch in (8, 1):
     rows = sections["sampling"]["rows"]
     assert rows[f"B={batch},S=4"]["calls"] < rows[f"B={batch},S=1"]["calls"]
+
+
+def test_race_corpus_holds_byte_ids_of_every_tenth_file_out_and_skips_test_folders(tmp_path):
+  for i in range(19):  # m00 .. m18, then pkg/u.py is file 19
+    (tmp_path / f"m{i:02d}.py").write_text(f"x = {i}\n", encoding="utf-8")
+  (tmp_path / "test").mkdir()
+  (tmp_path / "test" / "t.py").write_text("never read\n", encoding="utf-8")
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "pkg" / "u.py").write_text("é\n", encoding="utf-8")  # two UTF-8 bytes
+  corpus = race_corpus.build(str(tmp_path))
+  names = race_corpus.source_files(str(tmp_path))
+  assert names[:10] == [f"m{i:02d}.py" for i in range(10)] and "test/t.py" not in names
+  ids = lambda text: list(np.frombuffer(text.encode(), np.uint8) + 3) + [1]  # noqa: E731
+  held = [names[i] for i in range(len(names)) if i % 10 == 9]  # m09.py, pkg/u.py
+  assert held == ["m09.py", "pkg/u.py"]
+  assert list(corpus.held_out) == ids("x = 9\n") + ids("é\n")
+  assert corpus.train.shape[0] == sum(len(ids(f"x = {i}\n")) for i in range(19) if i != 9)
+  assert corpus.tokens.dtype == np.uint8 and corpus.meta["held_out_files"] == 2
+  path = str(tmp_path / "c.npz")
+  race_corpus.save(corpus, path)
+  loaded = race_corpus.load(path)
+  assert loaded.split == corpus.split and np.array_equal(loaded.tokens, corpus.tokens)
+
+
+def test_race_batches_read_every_window_once_per_epoch_in_a_seeded_order():
+  num_windows, batch = 10, 4
+  rows = np.concatenate([race_corpus.batch_rows(i, num_windows, batch) for i in range(5)])
+  assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:20]) == list(range(10))
+  assert list(rows[:10]) != list(rows[10:20])  # each epoch has its own order
+  again = np.concatenate([race_corpus.batch_rows(i, num_windows, batch) for i in range(5)])
+  assert np.array_equal(rows, again)
+  assert not np.array_equal(race_corpus.batch_rows(0, num_windows, batch, seed=1), rows[:4])
+
+
+def test_the_committed_race_corpus_loads_and_fits_the_byte_vocabulary():
+  path = os.path.join(ROOT, "benchmarks", "race_corpus.npz")
+  corpus = race_corpus.load(path)  # checks the recorded sha256
+  assert os.path.getsize(path) <= 3 * 2**20
+  assert corpus.meta["vocab_size"] == 259 and corpus.meta["eos_id"] == 1
+  assert 3 <= corpus.tokens[corpus.tokens != 1].min() and corpus.tokens.max() < 259
+  assert 0.8 < corpus.split / corpus.tokens.shape[0] < 0.95
+  assert corpus.tokens[corpus.split - 1] == 1  # the training part ends a document
+
+
+@pytest.mark.slow
+def test_device_suite_race_smoke_scores_both_models_trained_on_the_same_batches(tmp_path):
+  """RACE=1 SMOKE=1: the tiny race on CPU through the .sh, data stack refused."""
+  env = dict(os.environ, SMOKE="1", RACE="1", OUT=str(tmp_path), PYTHON=sys.executable,
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"),
+                           "--race_s=2"], capture_output=True, text=True, timeout=600,
+                          check=False, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
+    results = json.load(f)
+  assert set(results["sections"]) == {"env", "race"}
+  assert results["sections"]["env"]["forbidden_modules_loaded"] == []
+  race = results["sections"]["race"]
+  assert race["ok"], race
+  armd, ar = race["models"]["armd"], race["models"]["ar"]
+  for row in (armd, ar):
+    assert row["train_s"] >= 2.0 and row["steps"] > 0
+    assert row["tokens_seen"] == row["steps"] * race["batch"] * race["length"]
+  # AR kept its parameters at the step ARMD reached, having read the same batches.
+  assert race["equal_steps"]["step"] == armd["steps"]
+  assert race["equal_steps"]["same_batches"]
+  assert race["equal_steps"]["ar_data_digest"] == armd["data_digest"]
+  assert ar["total_steps"] >= armd["steps"]
+  for point in ("equal_wall_clock", "equal_steps"):
+    for kind in ("armd", "ar"):
+      score = race[point][kind]
+      assert 1.0 < score["ppl"] < float("inf") and score["tokens"] > 0
+      assert np.isclose(np.log(score["ppl"]), score["nll"])
+  assert race["equal_steps"]["armd"] == race["equal_wall_clock"]["armd"]
+  for batch in (1, 8):
+    decode = race["armd_decode"][f"B={batch},S=4"]
+    assert decode["seconds"] > 0 and decode["calls"] == race["length"] // 4 + 4 - 1
