@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # annotations only: the settings import without ml_collection
 
 from armd_jax import orders
 from armd_jax.models import ModelConfig
+from armd_jax.sampling.sampler import NOISES
 
 LR_SCHEDULES = ("cosine", "constant")
 SECTIONS = ("model", "data", "order", "optim", "train", "mesh", "checkpoint", "eval", "sample")
@@ -271,10 +272,6 @@ class EvalConfig:
       raise ValueError(f"config.eval.num_batches={self.num_batches} must be >= 0.")
 
 
-# = armd_jax.sampling.sampler.NOISES (not imported: this module stays free of the sampler).
-SAMPLE_NOISES = ("precise", "fast")
-
-
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """Samples printed at the end of training (through `armd_jax.sampling.generate`).
@@ -299,7 +296,7 @@ class SampleConfig:
   noise: str = "precise"
 
   def __post_init__(self):
-    _choice("sample", "noise", self.noise, SAMPLE_NOISES)
+    _choice("sample", "noise", self.noise, NOISES)
     if self.num_samples < 0 or self.length < 1 or self.streams < 1:
       raise ValueError("config.sample needs num_samples >= 0, length >= 1 and streams >= 1; "
                        f"got {self.num_samples}, {self.length}, {self.streams}.")
