@@ -35,6 +35,18 @@ def test_identity_fields_skip_how_the_network_computes_and_name_what_differs():
   assert checkpoints.config_differences(saved, saved) == []
 
 
+def test_one_process_agrees_with_itself_and_raises_its_own_error_not_the_failure_type():
+  """`agree` on one process: the decision comes back as decided, and a decider's error
+  propagates as itself (only the other processes of a run raise `failure`)."""
+  from armd_jax.train import agree  # pylint: disable=import-outside-toplevel
+
+  assert agree.agree(lambda: {"steps": [20, 10]}, "reading") == {"steps": [20, 10]}
+  with pytest.raises(KeyError, match="gone"):
+    agree.agree(lambda: {}["gone"], "reading", failure=checkpoints.ResumeError)
+  assert agree.first_line(ValueError("first\nsecond")) == "first"
+  assert agree.first_line(ValueError()) == "ValueError"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A tiny run of 20 steps with checkpoints at steps 10 and 20 (copied by each test)."""
