@@ -20,7 +20,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from armd_jax import lm_eval as backend
-from armd_jax import orders, sampling, train
+from armd_jax import sampling, train
 from armd_jax.eval import perplexity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
