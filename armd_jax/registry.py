@@ -4,17 +4,17 @@
 its training loss, validation sums and per-sequence evaluation NLL (all in
 `armd_jax.objectives`), the orders it is evaluated under (the first is the default;
 names of `armd_jax.orders.ORDERS`), whether it can score samples exactly (be a
-generative-PPL evaluator), its generator, and the labels progress lines print. The
-train step, the trainer's validation and samples, `python -m armd_jax.sample`,
-`python -m armd_jax.evaluate`, `armd_jax.eval` and the benchmarks ask this table, so
-each rule is written once.
+generative-PPL evaluator), its generator (and the jitted program it runs), and the
+labels progress lines print. The train step, the trainer's validation and samples,
+`python -m armd_jax.sample`, `python -m armd_jax.evaluate`, `armd_jax.eval` and the
+benchmarks ask this table, so each rule is written once.
 
 How to add a model kind: write its Flax module in `armd_jax/models/`, its loss (a
 function `(model, params, batch, rng, step, order, deterministic) -> (loss, metrics)`
 with the metric keys of `armd_jax.losses.cross_entropy`), its validation and its
-`sequence_nll` in `armd_jax/objectives.py`, its generator here, add a `ModelKind(...)`
-to `KINDS`, and add it to the tests of `tests/test_baselines.py`. Nothing else branches
-on the kind.
+`sequence_nll` in `armd_jax/objectives.py`, its generator and generation program
+(`generate`, `program`) here, add a `ModelKind(...)` to `KINDS`, and add it to the tests
+of `tests/test_baselines.py`. Nothing else branches on the kind.
 
 The MDLM step-count rule (one rule, used by training samples, `sample`, `evaluate` and
 `benchmarks/compare.py`): with `streams` = S and no explicit `num_steps`, MDLM runs
@@ -56,10 +56,29 @@ def _armd_generate(model, params, rng, *, batch_size, length, streams=1, prompt=
                            criterion=criterion)
 
 
+def _armd_program(model, params, rng, *, batch_size, length, streams=1, sampler=None,
+                  num_steps=None, order=None, k=1, criterion="max_prob"):
+  """The jitted decoder of `_armd_generate` without a prompt, and its arguments."""
+  from armd_jax import sampling  # pylint: disable=import-outside-toplevel
+  from armd_jax.sampling import generation  # pylint: disable=import-outside-toplevel
+  del num_steps
+  return generation.generation_program(
+      model, params, rng, batch_size=batch_size, length=length, streams=streams,
+      sampler=sampler or sampling.SamplerConfig(), order=order, k=k, criterion=criterion)
+
+
 def _no_order(kind: str, order) -> None:
   if order is not None:
     raise ValueError(f"order={order!r} needs an 'armd' model; a {kind!r} model has one "
                      "generation order.")
+
+
+def _one_token_per_call(order, streams: int) -> None:
+  """An 'ar' model has one order and one stream (parallel_streams=False)."""
+  _no_order("ar", order)
+  if streams != 1:
+    raise ValueError(f"an 'ar' model generates one token per call: streams must be 1, got "
+                     f"{streams}.")
 
 
 def _ar_generate(model, params, rng, *, batch_size, length, streams=1, prompt=None,
@@ -68,12 +87,20 @@ def _ar_generate(model, params, rng, *, batch_size, length, streams=1, prompt=No
   from armd_jax import sampling  # pylint: disable=import-outside-toplevel
   from armd_jax.sampling import ar  # pylint: disable=import-outside-toplevel
   del num_steps, unused
-  _no_order("ar", order)
-  if streams != 1:  # parallel_streams=False
-    raise ValueError(f"an 'ar' model generates one token per call: streams must be 1, got "
-                     f"{streams}.")
+  _one_token_per_call(order, streams)
   return ar.generate(model, params, rng, batch_size=batch_size, length=length, prompt=prompt,
                      sampler=sampler or sampling.SamplerConfig())
+
+
+def _ar_program(model, params, rng, *, batch_size, length, streams=1, sampler=None,
+                num_steps=None, order=None, **unused):
+  """The jitted sampler of `_ar_generate` without a prompt, and its arguments."""
+  from armd_jax import sampling  # pylint: disable=import-outside-toplevel
+  from armd_jax.sampling import ar  # pylint: disable=import-outside-toplevel
+  del num_steps, unused
+  _one_token_per_call(order, streams)
+  return ar.generation_program(model, params, rng, batch_size=batch_size, length=length,
+                               sampler=sampler or sampling.SamplerConfig())
 
 
 def _mdlm_generate(model, params, rng, *, batch_size, length, streams=1, prompt=None,
@@ -91,6 +118,19 @@ def _mdlm_generate(model, params, rng, *, batch_size, length, streams=1, prompt=
                        sampler=sampler or sampling.SamplerConfig())
 
 
+def _mdlm_program(model, params, rng, *, batch_size, length, streams=1, sampler=None,
+                  num_steps=None, order=None, **unused):
+  """The jitted sampler of `_mdlm_generate` without a prompt, and its arguments."""
+  from armd_jax import sampling  # pylint: disable=import-outside-toplevel
+  from armd_jax.sampling import mdlm  # pylint: disable=import-outside-toplevel
+  del unused
+  _no_order("mdlm", order)
+  return mdlm.generation_program(
+      model, params, rng, batch_size=batch_size, length=length,
+      num_steps=matched_mdlm_steps(length, streams) if num_steps is None else num_steps,
+      sampler=sampler or sampling.SamplerConfig())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
   """Everything kind-specific about one network of the family.
@@ -104,6 +144,9 @@ class ModelKind:
     sequence_nll: `sequence_nll(model, params, tokens, mask, key, eval_order) -> [B]`.
     generate: `generate(model, params, rng, *, batch_size, length, streams, prompt,
       sampler, num_steps) -> object with .tokens [B, N] and .num_calls`.
+    program: `program(model, params, rng, *, batch_size, length, streams, sampler,
+      num_steps) -> (run, args)`: the jitted program `generate` runs without a prompt and
+      its arguments, not yet called (`run(*args)` generates; FLOP counts lower it).
     eval_orders: orders it can be evaluated under; the first is its default.
     uses_config_order: whether training draws `config.order` (False: fixed objective).
     exact_scorer: can score token sequences exactly (a generative-PPL evaluator).
@@ -116,6 +159,7 @@ class ModelKind:
   validation: Callable[..., Dict[str, jax.Array]]
   sequence_nll: Callable[..., jax.Array]
   generate: Callable[..., Any]
+  program: Callable[..., Any]
   eval_orders: Tuple[str, ...]
   uses_config_order: bool
   exact_scorer: bool
@@ -138,17 +182,18 @@ class ModelKind:
 
 KINDS: Dict[str, ModelKind] = {k.name: k for k in (
     ModelKind("armd", objectives.ordered_loss, objectives.ordered_validation,
-              objectives.ordered_sequence_nll, _armd_generate,
+              objectives.ordered_sequence_nll, _armd_generate, _armd_program,
               eval_orders=("left_to_right", "strided", "random", "masked_diffusion"),
               uses_config_order=True, exact_scorer=True,
               validation_label="left-to-right, exact"),
     ModelKind("ar", objectives.ar_loss, objectives.ordered_validation,
-              objectives.ordered_sequence_nll, _ar_generate,
+              objectives.ordered_sequence_nll, _ar_generate, _ar_program,
               eval_orders=("left_to_right",), uses_config_order=False,
               exact_scorer=True, validation_label="left-to-right, exact",
               parallel_streams=False),
     ModelKind("mdlm", objectives.mdlm_loss, objectives.mdlm_validation,
-              objectives.mdlm_sequence_nll, _mdlm_generate, eval_orders=("elbo",),
+              objectives.mdlm_sequence_nll, _mdlm_generate, _mdlm_program,
+              eval_orders=("elbo",),
               uses_config_order=False, exact_scorer=False,
               validation_label="ELBO, an upper bound"),
 )}

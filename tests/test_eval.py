@@ -333,3 +333,59 @@ def test_a_trained_ar_evaluator_recovers_the_entropy_of_a_markov_chain():
   for nll in (exact.nll, generative.nll):
     assert target - 0.02 < nll < target + 0.04, (nll, target)
   assert exact.label == "exact" and abs(exact.nll - generative.nll) < 1e-5
+
+
+# -- FLOPs per sample of generation ---------------------------------------------------
+
+
+def test_program_flops_counts_every_iteration_of_a_scan_and_of_nested_loops():
+  from armd_jax import flops  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((32, 32))
+  matmul = 2 * 32 ** 3
+
+  def power(x, n):  # n matrix products in a scan
+    return jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=n)[0]
+
+  def nested(x):  # a fori_loop (a scan) of 4 scans of 3
+    return jax.lax.fori_loop(0, 4, lambda i, c: power(c, 3), x)
+
+  assert flops.compiled_flops(jax.jit(lambda x: power(x, 8)), x) < 1.01 * matmul  # XLA: once
+  assert abs(flops.program_flops(jax.jit(lambda x: power(x, 8)), x) / matmul - 8) < 0.01
+  assert abs(flops.program_flops(jax.jit(nested), x) / matmul - 12) < 0.01
+
+
+@pytest.fixture(scope="module")
+def micro_armd():
+  """A 2-layer ARMD (1 two-stream layer) of width 32 for N <= 32."""
+  model = armd_jax.build_model(tiny_config(num_layers=2, num_two_stream_layers=1, num_heads=2))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens,
+                                         orders.left_to_right(1, 8)))
+
+
+def test_sequential_generation_flops_grow_with_the_number_of_decoding_steps(micro_armd):
+  # N calls of one row each: doubling N doubles the calls and lengthens the cache each
+  # call attends over, so the FLOPs more than double. Counting the loop body once, as
+  # XLA's analysis does, would leave them nearly flat.
+  model, params = micro_armd
+  short, long = (ev.generation_flops(model, params, batch_size=2, length=n) for n in (16, 32))
+  assert 2.0 < long / short < 2.6, (short, long)
+
+
+def test_strided_decoding_saves_calls_not_flops_and_confidence_probes_cost_full_passes(
+    micro_armd):
+  # N = 16, k = 4: confidence order makes 2 N/k - 1 = 7 calls, as many as strided S = 4
+  # (N/S + S - 1 = 7). Each of its N/k - 1 = 3 probes runs the query stream (the top
+  # 1 of 2 layers, and the head) over all N positions; the exact calls read every
+  # position once, like the strided ones. So confidence / strided ~ 1 + 3 c, c the cost
+  # of a probe row over an exact row (> 1/2 here): above 2.5, where counting each probe
+  # as one width-k call would give about 1.
+  model, params = micro_armd
+  sequential, strided = (ev.generation_flops(model, params, batch_size=2, length=16,
+                                             streams=s) for s in (1, 4))
+  confidence = ev.generation_flops(model, params, batch_size=2, length=16,
+                                   order="confidence", k=4)
+  # Strided reads the same 16 positions in wider calls: the same work to a few percent
+  # (its caches carry S - 1 more tail rows).
+  assert abs(strided / sequential - 1) < 0.05, (sequential, strided)
+  assert 2.5 < confidence / strided < 4.5, (strided, confidence)

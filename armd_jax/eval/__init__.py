@@ -10,14 +10,15 @@ Public API:
   sample_features, evaluator_features, mauve_score -> MauveResult (MAUVE under our
                                                 evaluator, bootstrap 95% CI); take_rows;
   ModelEvaluator (a checkpoint of this library), HFEvaluator (a HF causal LM);
-  generate_samples(model, params, rng, ...)     any kind, timed, matched call counts.
+  generate_samples(model, params, rng, ...)     any kind, timed, matched call counts;
+  generation_flops(model, params, ...)          FLOPs per sample of that generation.
 Command: `python -m armd_jax.evaluate --workdir ...` (see its --help).
 """
 
 from armd_jax.eval import zero_shot
 from armd_jax.eval.generative import (GenerativeResult, HFEvaluator, MauveResult,
                                       ModelEvaluator, Samples, SampleScores,
-                                      evaluator_features, generate_samples,
+                                      evaluator_features, generate_samples, generation_flops,
                                       generative_perplexity, mauve_score, sample_features,
                                       score_samples, take_rows, unigram_entropy)
 from armd_jax.eval.perplexity import (BOUND, EXACT, EvalOrder, PerplexityResult, default_order,
@@ -25,6 +26,6 @@ from armd_jax.eval.perplexity import (BOUND, EXACT, EvalOrder, PerplexityResult,
 
 __all__ = ["BOUND", "EXACT", "EvalOrder", "GenerativeResult", "HFEvaluator", "MauveResult",
            "ModelEvaluator", "PerplexityResult", "SampleScores", "Samples", "default_order",
-           "evaluate_perplexity", "evaluator_features", "generate_samples",
+           "evaluate_perplexity", "evaluator_features", "generate_samples", "generation_flops",
            "generative_perplexity", "likelihood_label", "mauve_score", "sample_features",
            "score_samples", "sequence_nll", "take_rows", "unigram_entropy", "zero_shot"]

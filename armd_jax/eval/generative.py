@@ -498,3 +498,19 @@ def generate_samples(model, params, rng: jax.Array, *, batch_size: int, length: 
   out = run(rng)
   tokens = np.asarray(jax.block_until_ready(out.tokens))
   return Samples(tokens, int(out.num_calls), time.perf_counter() - start)
+
+
+def generation_flops(model, params, *, batch_size: int, length: int, streams: int = 1,
+                     num_steps: Optional[int] = None, sampler=None, order=None,
+                     k: int = 1) -> float:
+  """FLOPs per sample of generating a batch as `generate_samples` (or, with
+  order='confidence' and `k`, the ARMD confidence-ordered decoder) does: XLA's cost
+  analysis of the kind's whole jitted generation program for `batch_size` rows
+  (`registry.ModelKind.program`), every loop iteration counted (`armd_jax.flops`),
+  divided by `batch_size`. MDLM's steps all count a network call (the upper bound its
+  call count reaches when any row of the batch changes at every step)."""
+  from armd_jax import flops  # pylint: disable=import-outside-toplevel
+  run, args = registry.kind_of(model).program(
+      model, params, jax.random.PRNGKey(0), batch_size=batch_size, length=length,
+      streams=streams, sampler=sampler, num_steps=num_steps, order=order, k=k)
+  return flops.program_flops(run, *args) / batch_size

@@ -30,6 +30,17 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
   Returns:
     BaselineOutput (tokens [B, N], num_calls = N, num_calls_per_row [B]).
   """
+  run, args = generation_program(model, params, rng, batch_size=batch_size, length=length,
+                                 prompt=prompt, sampler=sampler)
+  tokens = run(*args)
+  calls = jnp.asarray(length, jnp.int32)
+  return BaselineOutput(tokens, calls, jnp.full((batch_size,), length, jnp.int32))
+
+
+def generation_program(model: nn.Module, params, rng: jax.Array, *, batch_size: int,
+                       length: int, prompt=None, sampler: SamplerConfig = SamplerConfig()):
+  """The jitted sampler and its arguments, not yet called: (run, args), `run(*args)` ->
+  tokens [B, N] as `generate` draws them (for FLOP counts: `armd_jax.flops`)."""
   if length > model.config.max_len:
     raise ValueError(f"length {length} exceeds ModelConfig.max_len={model.config.max_len}.")
   forced = jnp.zeros((batch_size, length), jnp.int32)
@@ -41,9 +52,8 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
       raise ValueError(f"prompt length {prompt.shape[1]} exceeds length {length}.")
     forced = forced.at[:, :prompt.shape[1]].set(prompt)
     is_forced = is_forced.at[:, :prompt.shape[1]].set(True)
-  tokens = _generate(model, params, rng, forced, is_forced, sampler)
-  calls = jnp.asarray(length, jnp.int32)
-  return BaselineOutput(tokens, calls, jnp.full((batch_size,), length, jnp.int32))
+  return ((lambda p, r, f, i: _generate(model, p, r, f, i, sampler)),
+          (params, rng, forced, is_forced))
 
 
 def _decode_row(module, row, position, k_cache, v_cache):

@@ -60,6 +60,23 @@ def decode_confidence(model, params, rng: jax.Array, tokens: np.ndarray, prompt_
   Returns (tokens int32 [B, N], log_probs float32 [B, N], realized block ids int32
   [B, N], number of model calls).
   """
+  run, args = confidence_program(model, params, rng, tokens, prompt_len, per_call, sampler,
+                                 criterion)
+  out_tokens, log_probs, block_ids, calls = run(*args)
+  calls = int(calls)
+  length = np.shape(tokens)[1]
+  want = confidence_calls(length, prompt_len, per_call)
+  if calls != want:
+    raise RuntimeError(f"confidence decoder made {calls} calls, expected {want}.")
+  return out_tokens, log_probs, block_ids, calls
+
+
+def confidence_program(model, params, rng: jax.Array, tokens: np.ndarray, prompt_len: int,
+                       per_call: int, sampler: SamplerConfig = SamplerConfig(),
+                       criterion: str = "max_prob"):
+  """The jitted confidence decoder and its arguments, not yet called: (run, args), where
+  `run(*args)` returns what `decode_confidence` unpacks (tokens, log-probs, block ids,
+  calls). Arguments as for `decode_confidence`, checked here."""
   batch, length = np.shape(tokens)
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
@@ -68,12 +85,7 @@ def decode_confidence(model, params, rng: jax.Array, tokens: np.ndarray, prompt_
                      f"of generated positions), got {per_call!r}.")
   run = _compiled_confidence(model, sampler, batch, length, int(prompt_len), int(per_call),
                              criterion)
-  out_tokens, log_probs, block_ids, calls = run(params, rng, jnp.asarray(tokens, jnp.int32))
-  calls = int(calls)
-  want = confidence_calls(length, prompt_len, per_call)
-  if calls != want:
-    raise RuntimeError(f"confidence decoder made {calls} calls, expected {want}.")
-  return out_tokens, log_probs, block_ids, calls
+  return run, (params, rng, jnp.asarray(tokens, jnp.int32))
 
 
 @functools.lru_cache(maxsize=32)

@@ -20,8 +20,8 @@ import numpy as np
 
 from armd_jax.losses import token_log_probs
 from armd_jax.sampling import plan as plan_lib
-from armd_jax.sampling.confidence_order import decode_confidence
-from armd_jax.sampling.decoding import decode
+from armd_jax.sampling.confidence_order import confidence_program, decode_confidence
+from armd_jax.sampling.decoding import decode, decode_program
 from armd_jax.sampling.sampler import SamplerConfig
 
 
@@ -177,6 +177,24 @@ def generate(model, params, rng: jax.Array, *, batch_size: int, length: int, str
     log_probs = kept_text_log_probs(model, params, out, block_ids, valid)
     calls += 1
   return GenerateOutput(out, calls, log_probs, block_ids, valid, drawn)
+
+
+def generation_program(model, params, rng: jax.Array, *, batch_size: int, length: int,
+                       streams: int = 1, sampler: SamplerConfig = SamplerConfig(), order=None,
+                       k: int = 1, criterion: str = "max_prob"):
+  """The jitted decoder `generate` runs for unconditional samples, and its arguments, not
+  yet called: (run, args); `run(*args)` is the whole decode (for FLOP counts:
+  `armd_jax.flops`). order: None (strided, S = `streams`) or 'confidence' (k per call)."""
+  tokens = np.zeros((batch_size, length), np.int32)
+  if order == "confidence":
+    return confidence_program(model, params, rng, tokens, 0, k, sampler, criterion)
+  if order is not None:
+    raise ValueError(f"generation_program: order must be None or 'confidence', got {order!r}.")
+  known = np.zeros((batch_size, length), bool)
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
+  block_ids = plan_lib.conditional_strided_order(known, streams)
+  run, inputs, _ = decode_program(model, tokens, known, block_ids, positions, sampler)
+  return run, (params, rng, *inputs)
 
 
 def truncate_at_eos(tokens: jax.Array, log_probs: Optional[jax.Array], eos_id: int,

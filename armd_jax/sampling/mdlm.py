@@ -62,14 +62,25 @@ def generate(model: nn.Module, params, rng: jax.Array, *, batch_size: int, lengt
   Returns:
     BaselineOutput with tokens, num_calls and num_calls_per_row.
   """
+  run, args = generation_program(model, params, rng, batch_size=batch_size, length=length,
+                                 num_steps=num_steps, prompt=prompt, infill=infill,
+                                 sampler=sampler, use_cache=use_cache)
+  return BaselineOutput(*run(*args))
+
+
+def generation_program(model: nn.Module, params, rng: jax.Array, *, batch_size: int,
+                       length: int, num_steps: int, prompt=None, infill=None,
+                       sampler: SamplerConfig = SamplerConfig(), use_cache: bool = True):
+  """The jitted sampler and its arguments, not yet called: (run, args), `run(*args)` ->
+  (tokens [B, N], calls, calls per row [B]) as `generate` returns them (for FLOP counts:
+  `armd_jax.flops`; a step's network call is a `cond`, counted as if always made)."""
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
   if length > model.config.max_len:
     raise ValueError(f"length {length} exceeds ModelConfig.max_len={model.config.max_len}.")
   z = initial_state(model.config, batch_size, length, prompt, infill)
-  tokens, calls, row_calls = _generate(model, params, rng, z, num_steps, sampler,
-                                       bool(use_cache))
-  return BaselineOutput(tokens, calls, row_calls)
+  return ((lambda p, r, z_: _generate(model, p, r, z_, num_steps, sampler, bool(use_cache))),
+          (params, rng, z))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
