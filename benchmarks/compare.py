@@ -13,7 +13,10 @@ Trains every run with `armd_jax.train.train_and_evaluate` (character level, the
   call (2 ceil(N/k) - 1 calls: 63 and 31 at N = 128, beside S = 2's 65 and S = 4's 35),
   and MDLM with the same number of reverse steps as ARMD's strided calls (N/S + S - 1),
   scored by the AR run (the evaluator),
-- wall time per sample (a batch generated at once, compiled beforehand).
+- wall time per sample (a batch generated at once, compiled beforehand) and FLOPs per
+  sample (XLA's count of the batch's whole generation program, every decoding step
+  counted, `armd_jax.eval.generation_flops`): confidence order's probes each run the
+  query stream over all N positions, a cost its call count hides.
 
 Runs (all the same width, depth and steps unless stated):
   ar                   plain causal GPT from the same Blocks (also the evaluator).
@@ -50,7 +53,7 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -192,12 +195,27 @@ def _armd_samples(trained, key, batch: int, length: int, k: int):
   return ev.Samples(tokens, int(out.num_calls), time.perf_counter() - start)
 
 
+_FLOPS: Dict[tuple, float] = {}  # FLOPs depend on the shapes only: armd_sbp reuses armd's
+
+
+def flops_per_sample(trained, batch: int, length: int, how: str, s: int) -> float:
+  """`ev.generation_flops` of one sampler ('streams' S = s, or 'confidence' k = s)."""
+  key = (trained.model.config, batch, length, how, s)
+  if key not in _FLOPS:
+    setting = (dict(order="confidence", k=s) if how == "confidence"
+               else dict(streams=s, sampler=sampling.SamplerConfig()))
+    _FLOPS[key] = ev.generation_flops(trained.model, trained.params, batch_size=batch,
+                                      length=length, **setting)
+  return _FLOPS[key]
+
+
 def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: Dict,
                     streams=STREAMS, confidence_k=CONFIDENCE_K) -> List[Dict]:
   """Generative PPL / entropy / MAUVE against `reference` features [M, D] (each with a
-  bootstrap 95% interval) / calls / seconds per sample for the run's samplers (S in
-  `streams`; confidence order with k in `confidence_k` for ARMD); every sample set is
-  scored once."""
+  bootstrap 95% interval) / calls / seconds and FLOPs per sample for the run's samplers
+  (S in `streams`; confidence order with k in `confidence_k` for ARMD); every sample set
+  is scored once. FLOPs: `ev.generation_flops`, XLA's count of the whole generation
+  program of the batch, every loop iteration counted, divided by the batch size."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
@@ -212,6 +230,7 @@ def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: 
     else:  # 'mdlm' runs the registry's matched step count for S.
       samples = ev.generate_samples(trained.model, trained.params, key, batch_size=batch,
                                     length=length, streams=s, sampler=sampling.SamplerConfig())
+    flops = flops_per_sample(trained, batch, length, how, s)
     scores = ev.score_samples(samples.tokens, evaluator)
     result = scores.result()
     mauve = ev.mauve_score(ev.evaluator_features(samples.tokens, evaluator), reference,
@@ -221,11 +240,12 @@ def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: 
     row = {"run": name, "sampler": name_, "streams": s if how == "streams" else None,
            "per_call": s if how == "confidence" else None,
            "num_calls": samples.num_calls, "seconds_per_sample": samples.seconds / batch,
+           "flops_per_sample": flops,
            **result.as_dict(), **bootstrap_interval(scores.nll, scores.counts, scores.entropy),
            **mauve.as_dict(), "example": trained.vocab.decode(samples.tokens[0].tolist())}
     print(f"  {name} {row['sampler']}: {result}; 95% CI {row['gen_ppl_ci95']}; {mauve}; "
-          f"{samples.num_calls} calls, {row['seconds_per_sample'] * 1e3:.1f} ms/sample",
-          flush=True)
+          f"{samples.num_calls} calls, {row['seconds_per_sample'] * 1e3:.1f} ms/sample, "
+          f"{flops / 1e6:,.2f} MFLOP/sample", flush=True)
     rows.append(row)
   return rows
 
@@ -259,9 +279,17 @@ def plot(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
+def flop_unit(rows: List[Dict]) -> Tuple[str, float, int]:
+  """(unit, scale, decimals) for the rows' FLOPs per sample: GFLOP when the largest
+  reaches 1e9, else MFLOP."""
+  largest = max([r.get("flops_per_sample", 0.0) for r in rows] + [0.0])
+  return ("GFLOP", 1e9, 2) if largest >= 1e9 else ("MFLOP", 1e6, 1)
+
+
 def markdown(results: Dict) -> str:
   """The results tables (markdown)."""
   size = results["size"]
+  unit, scale, digits = flop_unit(results["generation"])
   lines = [f"Mode `{results['mode']}`: d_model {size['d_model']}, {size['num_layers']} layers, "
            f"N = {size['seq_len']}, batch {size['batch']}, {size['steps']} steps; "
            f"{results['device']}; total wall time {results['wall_seconds'] / 60:.1f} min.", "",
@@ -279,9 +307,11 @@ def markdown(results: Dict) -> str:
   lines += ["", f"Generative perplexity and MAUVE under the evaluator: {results['evaluator']}; "
             f"{size['gen_samples']} samples of {size['seq_len']} characters, temperature 1; "
             "MAUVE on the evaluator's mean last hidden states against as many held-out rows "
-            "(not comparable to GPT-2-large MAUVE).", "",
+            "(not comparable to GPT-2-large MAUVE). FLOPs: XLA's count of the whole "
+            "generation program of the batch (every decoding step counted), per sample.", "",
             "| run | sampler | network calls | gen. PPL [95% CI] | entropy (nats) [95% CI] | "
-            "MAUVE [95% CI] | ms / sample |", "|---|---|---|---|---|---|---|"]
+            f"MAUVE [95% CI] | ms / sample | {unit} / sample |",
+            "|---|---|---|---|---|---|---|---|"]
   for row in results["generation"]:
     ci = row.get("gen_ppl_ci95", [float("nan")] * 2)
     eci = row.get("entropy_nats_ci95", [float("nan")] * 2)
@@ -290,7 +320,8 @@ def markdown(results: Dict) -> str:
                  f"{row['gen_ppl']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
                  f"{row['entropy_nats']:.3f} [{eci[0]:.3f}, {eci[1]:.3f}] | "
                  f"{row.get('mauve', float('nan')):.3f} [{mci[0]:.3f}, {mci[1]:.3f}] | "
-                 f"{row['seconds_per_sample'] * 1e3:.1f} |")
+                 f"{row['seconds_per_sample'] * 1e3:.1f} | "
+                 f"{row.get('flops_per_sample', float('nan')) / scale:,.{digits}f} |")
   return "\n".join(lines) + "\n"
 
 

@@ -211,3 +211,26 @@ def test_recipes_combines_seeds_into_means_and_deviations(tmp_path):
   # l2r 6 and 8: mean 7, sd sqrt(2); S=4 ratio 1.1 and 1.3; S=4 gen vs sequential +10%, +30%
   assert row.startswith("| base | 7.000 ± 1.414 | 1.000 ± 0.000 | 1.200 ± 0.141 |"), row
   assert "0.200 ± 0.141" in row and "seeds [0, 1]" in table
+
+
+def test_compare_tables_flops_per_sample_beside_calls_and_milliseconds():
+  spec = importlib.util.spec_from_file_location(
+      "compare", os.path.join(ROOT, "benchmarks", "compare.py"))
+  compare = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare)
+  row = {"run": "armd", "num_calls": 31, "gen_ppl": 5.0, "entropy_nats": 3.0, "mauve": 0.5,
+         "seconds_per_sample": 0.25}
+  results = {"mode": "smoke", "size": compare.SIZES["smoke"], "device": "cpu",
+             "wall_seconds": 60.0, "runs": {}, "evaluator": "ar",
+             "generation": [dict(row, sampler="strided S=4", flops_per_sample=2.5e8),
+                            dict(row, sampler="confidence k=8 (max prob)",
+                                 flops_per_sample=4.0e9)]}
+  lines = compare.markdown(results).splitlines()
+  header = next(line for line in lines if line.startswith("| run | sampler"))
+  cells = [c.strip() for c in header.strip("|").split("|")]
+  assert cells[2] == "network calls" and cells[-2:] == ["ms / sample", "GFLOP / sample"]
+  table = [line for line in lines if line.startswith("| armd |")]
+  assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in table] == ["0.25", "4.00"]
+  results["generation"] = results["generation"][:1]  # below 1 GFLOP: MFLOP
+  table = compare.markdown(results)
+  assert "| ms / sample | MFLOP / sample |" in table and "| 250.0 |" in table
