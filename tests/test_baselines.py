@@ -16,6 +16,7 @@ from armd_jax.models import mdlm as mdlm_lib
 from armd_jax.sampling import SamplerConfig
 from armd_jax.sampling import ar as ar_sampling
 from armd_jax.sampling import mdlm as mdlm_sampling
+from armd_jax.sampling import plan as plan_lib
 from conftest import init_model, tiny_config
 
 
@@ -134,6 +135,41 @@ def test_ar_greedy_kv_cached_decoding_matches_the_one_pass_argmax():
   np.testing.assert_array_equal(out.tokens[:, 2:], argmax[:, 2:])
   np.testing.assert_array_equal(out.tokens[:, :2], [[1, 2], [3, 4], [5, 6]])
   assert int(out.num_calls) == 10
+
+
+@pytest.mark.parametrize("prompt_len,segments", [(0, False), (5, False), (5, True)])
+def test_cached_ar_decoding_equals_the_one_pass_logits(prompt_len, segments, monkeypatch):
+  # Call j of the cached decoder sees only rows 0..j of the shared ARMD caches, so its
+  # logits must be the one-pass causal logits of the sequence it produced, forced prompt
+  # positions included; with segments the calls attend over a prefix of the caches only.
+  if segments:
+    monkeypatch.setattr(plan_lib, "SEGMENT_MIN_ROWS", 8)
+    monkeypatch.setattr(plan_lib, "SEGMENT_MIN_CALLS", 4)
+  model, params = init_kind(tiny_config(kind="ar"))
+  batch, length = 3, 32
+  ids = np.broadcast_to(np.arange(1, length + 1), (batch, length))
+  assert any(rows for phase in plan_lib.make_plan(ids).segments for _, rows in phase) == segments
+  forced = jax.random.randint(jax.random.PRNGKey(2), (batch, length), 0, 13)
+  is_forced = jnp.arange(length)[None, :].repeat(batch, 0) < prompt_len
+  tokens, logits = ar_sampling.decode(model, params, jax.random.PRNGKey(3), forced, is_forced,
+                                      SamplerConfig(), keep_logits=True)
+  np.testing.assert_array_equal(tokens[:, :prompt_len], forced[:, :prompt_len])
+  assert len(np.unique(np.asarray(tokens))) > 5, "drawn tokens, not a constant chain"
+  np.testing.assert_allclose(logits, model.apply(params, tokens), atol=1e-5, rtol=0)
+
+
+def test_ar_greedy_samples_are_the_ones_the_per_step_restacking_sampler_drew():
+  # Tokens of the sampler that restacked a separate K/V layout every step (before the AR
+  # decoder ran on ARMD's cache code), for this checkpoint, prompt and seed.
+  model, params = init_kind(tiny_config(kind="ar"))
+  out = ar_sampling.generate(model, params, jax.random.PRNGKey(4), batch_size=3, length=32,
+                             prompt=jnp.array([[1, 2], [3, 4], [5, 6]]),
+                             sampler=SamplerConfig(greedy=True))
+  np.testing.assert_array_equal(out.tokens, [
+      [1, 2, 7, 4, 11, 4, 11, 11, 3, 4, 1, 4, 4, 4, 3, 4, 1, 4, 4, 4, 4, 11, 11, 11, 11, 3, 3,
+       3, 3, 4, 3, 3],
+      [3, 4, 11] + [3] * 29,
+      [5, 6] + [5] * 30])
 
 
 def test_build_model_names_each_kind_and_rejects_unknown_ones():

@@ -35,7 +35,7 @@ their own by `benchmarks/decode_speed.py --parts`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,13 @@ from armd_jax.models import layers as layer_lib
 from armd_jax.sampling.sampler import sample_logits
 
 NEVER = 2**30  # block id of cache rows beyond the sequence: no query ever sees them
+
+
+def empty_caches(config, batch: int, rows: int, count: int) -> List[jax.Array]:
+  """`count` zero caches [B, H, rows, Dh] in the compute dtype: the decoders' layout (heads
+  before rows, see `init_state`)."""
+  shape = (batch, config.num_heads, rows, config.head_dim)
+  return [jnp.zeros(shape, config.compute_dtype) for _ in range(count)]
 
 
 def init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
@@ -60,29 +67,21 @@ def init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
   batch, length = tokens.shape
   num_lower = cfg.num_two_stream_layers
   num_upper = cfg.num_layers - num_lower
-  dtype = cfg.compute_dtype
   content_rows, upper_rows = 1 + length + max_width, length + max_width
-  shape = lambda rows: (batch, cfg.num_heads, rows, cfg.head_dim)  # noqa: E731
-  content_k = [jnp.zeros(shape(content_rows), dtype) for _ in range(num_lower)]
-  content_v = [jnp.zeros(shape(content_rows), dtype) for _ in range(num_lower)]
   bos_x0, bos_pe = m.bos(batch)  # [B, 1, D], [B, 1, P]
-  x = bos_x0
   zeros = jnp.zeros((batch, 1), jnp.int32)
-  for l in range(num_lower):
-    layer = m.layers[l]
-    k, v = layer.keys_values(x, zeros)  # BOS sees only itself
-    content_k[l] = write_cache_rows(content_k[l], k, zeros[:, 0], None, True)
-    content_v[l] = write_cache_rows(content_v[l], v, zeros[:, 0], None, True)
-    if l + 1 < num_lower:
-      x = attend_on_cache(layer, x, zeros, zeros, content_k[l], content_v[l],
-                          zeros[:, :1].repeat(content_rows, axis=1).at[:, 1:].set(NEVER))
+  bos_ids = jnp.full((batch, content_rows), NEVER, jnp.int32).at[:, 0].set(0)  # BOS sees itself
+  _, content_k, content_v = content_layers(
+      m.layers[:num_lower], bos_x0, zeros, zeros, zeros[:, 0], None, True,
+      empty_caches(cfg, batch, content_rows, num_lower),
+      empty_caches(cfg, batch, content_rows, num_lower), bos_ids)
   aggregate = jnp.einsum("bip,bid->bpd", bos_pe, bos_x0, preferred_element_type=jnp.float32)
   return dict(
       tokens=tokens, log_probs=jnp.zeros(tokens.shape, jnp.float32),
       calls=jnp.zeros((), jnp.int32),
       content_k=content_k, content_v=content_v,
-      upper_k=[jnp.zeros(shape(upper_rows), dtype) for _ in range(num_upper)],
-      upper_v=[jnp.zeros(shape(upper_rows), dtype) for _ in range(num_upper)],
+      upper_k=empty_caches(cfg, batch, upper_rows, num_upper),
+      upper_v=empty_caches(cfg, batch, upper_rows, num_upper),
       aggregate=aggregate,  # [B, P, D] float32: sum of PE_i^T X0_i over revealed + BOS
       count=jnp.ones((batch,), jnp.int32))  # revealed tokens + BOS
 
@@ -219,27 +218,43 @@ def query_stream(m, state, ids, pos, q_pe, aggregate, count, start, valid, unifo
   return m.logits(g), upper_k, upper_v  # [B, W, V] float32
 
 
+def content_layers(layers, x: jax.Array, rope: jax.Array, ids: jax.Array, row: jax.Array,
+                   valid, uniform: bool, cache_k: List[jax.Array], cache_v: List[jax.Array],
+                   kv_ids: jax.Array, last_output: bool = False):
+  """Rows x [B, W, D] of a causal stream through `layers`, each on its own K/V cache.
+
+  At each layer the rows' K/V are written at cache rows row[b] + [0, W) first, then the
+  rows attend to the cache with the inclusive mask (a row sees the cache rows whose
+  kv_ids [B, R] are <= its id: earlier blocks and its own). ARMD's content stream ends on
+  a layer whose output is never read, so that layer only writes its K/V; `last_output`
+  runs its attention too (the AR model's stream, whose last output makes the logits).
+
+  Returns:
+    (x [B, W, D]: the last layer's output if last_output, else its input; the updated
+    caches as new lists).
+  """
+  cache_k, cache_v = list(cache_k), list(cache_v)
+  for l, layer in enumerate(layers):
+    k, v = layer.keys_values(x, rope)  # [B, W, H, Dh]
+    cache_k[l] = write_cache_rows(cache_k[l], k, row, valid, uniform)
+    cache_v[l] = write_cache_rows(cache_v[l], v, row, valid, uniform)
+    if last_output or l + 1 < len(layers):
+      x = attend_on_cache(layer, x, rope, ids, cache_k[l], cache_v[l], kv_ids)
+  return x, cache_k, cache_v
+
+
 def _content_stream(m, state, tokens, pos, ids, start, valid, uniform: bool, content_ids):
   """Appends the content-stream K/V of tokens [B, W] (inclusive mask) and their prefix
   terms; returns the new state."""
-  num_lower = m.config.num_two_stream_layers
-  rope = pos + 1
   x0, pe = m.embed(tokens, pos)  # [B, W, D], [B, W, P]
   weight = valid.astype(jnp.float32)[..., None]
   state = dict(state)
   state["aggregate"] = state["aggregate"] + jnp.einsum(
       "bwp,bwd->bpd", pe.astype(jnp.float32) * weight, x0, preferred_element_type=jnp.float32)
   state["count"] = state["count"] + valid.sum(axis=1).astype(jnp.int32)
-  content_k, content_v = list(state["content_k"]), list(state["content_v"])
-  x = x0
-  for l in range(num_lower):  # inclusive: the block sees itself
-    layer = m.layers[l]
-    k, v = layer.keys_values(x, rope)
-    content_k[l] = write_cache_rows(content_k[l], k, start + 1, valid, uniform)  # row 0 = BOS
-    content_v[l] = write_cache_rows(content_v[l], v, start + 1, valid, uniform)
-    if l + 1 < num_lower:  # the last lower layer's content output is never used
-      x = attend_on_cache(layer, x, rope, ids, content_k[l], content_v[l], content_ids)
-  state["content_k"], state["content_v"] = content_k, content_v
+  _, state["content_k"], state["content_v"] = content_layers(  # row 0 = BOS
+      m.layers[:m.config.num_two_stream_layers], x0, pos + 1, ids, start + 1, valid, uniform,
+      state["content_k"], state["content_v"], content_ids)
   return state
 
 
@@ -267,7 +282,10 @@ def cached_call(m, sampler, inputs, state, slots: jax.Array, start: jax.Array, *
                     inputs["content_ids"], inputs["upper_ids"])
 
 
-_CACHE_ROWS = {"upper_k": 0, "upper_v": 0, "content_k": 1, "content_v": 1}  # extra rows
+# Rows beyond a segment's visible rows: 0 for the upper half, 1 for the content stream
+# (its row 0 is BOS); the caches' lists in the state and their ids in the inputs.
+_CACHE_ROWS = {"upper_k": 0, "upper_v": 0, "content_k": 1, "content_v": 1}
+_ID_ROWS = {"upper_ids": 0, "content_ids": 1}
 
 
 def on_cache_prefix(scan, state, inputs, rows: Optional[int]):
@@ -276,20 +294,21 @@ def on_cache_prefix(scan, state, inputs, rows: Optional[int]):
 
   The calls of a segment (`plan.Plan.segments`) can neither see nor write a later
   row, so their attention reads only this prefix; the rest of each cache is set aside
-  and joined back after the scan (two copies per segment, not per call).
+  and joined back after the scan (two copies per segment, not per call). Caches a
+  decoder does not have (the AR stream has no upper half) are left out.
   """
   if rows is None:
     return scan(state, inputs)
-  rest = {name: [c[:, :, rows + extra:] for c in state[name]]
-          for name, extra in _CACHE_ROWS.items()}
-  state = dict(state, **{name: [c[:, :, :rows + extra] for c in state[name]]
-                         for name, extra in _CACHE_ROWS.items()})
-  inputs = dict(inputs, upper_ids=inputs["upper_ids"][:, :rows],
-                content_ids=inputs["content_ids"][:, :rows + 1])
+  caches = {name: rows + extra for name, extra in _CACHE_ROWS.items() if name in state}
+  rest = {name: [c[:, :, keep:] for c in state[name]] for name, keep in caches.items()}
+  state = dict(state, **{name: [c[:, :, :keep] for c in state[name]]
+                         for name, keep in caches.items()})
+  inputs = dict(inputs, **{name: inputs[name][:, :rows + extra]
+                           for name, extra in _ID_ROWS.items() if name in inputs})
   state = scan(state, inputs)
   return dict(state, **{name: [jnp.concatenate([c, r], axis=2)
                                for c, r in zip(state[name], rest[name])]
-                        for name in _CACHE_ROWS})
+                        for name in caches})
 
 
 def prefill_call(m, inputs, state, slots: jax.Array):

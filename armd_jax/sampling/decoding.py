@@ -132,33 +132,44 @@ def _compiled(model, sampler: SamplerConfig, structure: Tuple[Any, ...], batch: 
       if prefill_width:
         state = _recompute_prefill(bound, inputs, state, prefill)
       call = functools.partial(_recompute_call, bound, sampler)
-    def calls(state, segmented: bool):
-      for table, (_, num_calls, segments) in zip(slot_tables, phases):
-        if not segmented:
-          segments = ((num_calls, None),)
-        begin = 0
-        for end, rows in segments:  # one scan per segment (plan_lib.Plan.segments)
-          part = jax.tree.map(lambda a, b=begin, e=end: a[b:e], table)
-
-          def scan(state, inputs, part=part):
-            body = lambda s, xs: (call(inputs, s, *xs), None)  # noqa: E731
-            return jax.lax.scan(body, state, part)[0]
-
-          state = on_cache_prefix(scan, state, inputs, rows)
-          begin = end
-      return state
-
-    if mode == "cached" and any(rows for _, _, segments in phases for _, rows in segments):
-      # Segments on XLA:CPU only, where they were measured (docs/sampling.md); elsewhere
-      # one scan per phase (cutting the caches costs a copy of them per segment, unmeasured
-      # there). Decided when lowered, so an AOT compile for TPU gets the TPU program.
-      state = jax.lax.platform_dependent(state, cpu=lambda s: calls(s, True),
-                                         default=lambda s: calls(s, False))
-    else:
-      state = calls(state, False)
+    state = run_phases(call, state, inputs, phases, slot_tables, mode == "cached")
     return state["tokens"], state["log_probs"], state["calls"]
 
   return jax.jit(run)
+
+
+def run_phases(call, state, inputs, phases, slot_tables, segmented: bool = True):
+  """Runs the model calls of a plan: one `lax.scan` per phase, or per segment on XLA:CPU.
+
+  call: `call(inputs, state, slots [B, W], starts [B]) -> state`, one model call.
+  phases: the static (width, num_calls, segments) of each phase (`plan.Plan.structure`);
+  slot_tables: per phase its (slots [T, B, W], starts [T, B]) arrays.
+  segmented: on XLA:CPU, run each segment of a phase on the prefix of the caches its calls
+  can see (`plan.Plan.segments`, `cache.on_cache_prefix`; where they were measured,
+  docs/sampling.md); elsewhere (and when False) one scan per phase, since cutting the
+  caches costs a copy of them per segment, unmeasured there. The choice is made when the
+  decoder is lowered, so an ahead-of-time TPU compile gets the TPU program.
+  """
+  def calls(state, cut: bool):
+    for table, (_, num_calls, segments) in zip(slot_tables, phases):
+      if not cut:
+        segments = ((num_calls, None),)
+      begin = 0
+      for end, rows in segments:  # one scan per segment
+        part = jax.tree.map(lambda a, b=begin, e=end: a[b:e], table)
+
+        def scan(state, inputs, part=part):
+          body = lambda s, xs: (call(inputs, s, *xs), None)  # noqa: E731
+          return jax.lax.scan(body, state, part)[0]
+
+        state = on_cache_prefix(scan, state, inputs, rows)
+        begin = end
+    return state
+
+  if segmented and any(rows for _, _, segments in phases for _, rows in segments):
+    return jax.lax.platform_dependent(state, cpu=lambda s: calls(s, True),
+                                      default=lambda s: calls(s, False))
+  return calls(state, False)
 
 
 # Traces per static signature. `chex.assert_max_traces` identifies a function by its
