@@ -508,7 +508,9 @@ def generation_flops(model, params, *, batch_size: int, length: int, streams: in
   analysis of the kind's whole jitted generation program for `batch_size` rows
   (`registry.ModelKind.program`), every loop iteration counted (`armd_jax.flops`),
   divided by `batch_size`. MDLM's steps all count a network call (the upper bound its
-  call count reaches when any row of the batch changes at every step)."""
+  call count reaches when any row of the batch changes at every step). Where the decoder
+  chooses its program by platform (ARMD's segmented scans on XLA:CPU for caches of 256
+  rows or more), the costliest choice counts: the unsegmented decoder's FLOPs."""
   from armd_jax import flops  # pylint: disable=import-outside-toplevel
   run, args = registry.kind_of(model).program(
       model, params, jax.random.PRNGKey(0), batch_size=batch_size, length=length,
