@@ -136,9 +136,9 @@ def step_seconds(workdir: str, tokens_per_step: int) -> float:
 def train_flops(config) -> float:
   """XLA's FLOP count of one train step of `config` (the trainer's own step)."""
   import train_throughput  # pylint: disable=import-outside-toplevel
+  from armd_jax import flops  # pylint: disable=import-outside-toplevel
   step, state, batch = train_throughput.build_step(config)
-  cost = step.lower(state, batch).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  return flops.compiled_flops(step, state, batch)
 
 
 def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:

@@ -43,6 +43,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from armd_jax.flops import cost_flops  # noqa: E402
 from armd_jax.models import build_model  # noqa: E402
 from armd_jax.train import partitioning  # noqa: E402
 from armd_jax.train import state as state_lib  # noqa: E402
@@ -118,8 +119,7 @@ def main(argv=None):
       t0 = time.perf_counter()
       step, state, batch = build_step(make_config(size, variant))
       step = step.lower(state, batch).compile()
-      cost = step.cost_analysis()
-      flops[size, variant] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+      flops[size, variant] = cost_flops(step.cost_analysis())
       if args.flops_only:
         print(f"[{size}] {variant}: {flops[size, variant] / 1e9:.2f} GFLOP "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
