@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -95,7 +96,7 @@ def run_config(name: str, size: Dict, data_path: str, root: str, seed: int = 0):
   c = compare.run_config(spec["base"], size, data_path, workdirs)
   c.train.seed = seed
   c.train.eval_every = 0  # the points are scored after training
-  c.train.checkpoint_every = max(size["sbp_steps"][0], 1)
+  c.train.checkpoint_every = math.gcd(*size["sbp_steps"])  # every SBP length is kept
   c.checkpoint.max_to_keep = 100
   for section in ("model", "order"):
     c[section].update(spec.get(section, {}))
@@ -311,6 +312,9 @@ def main(argv=None) -> None:
                       "(default: this study's 'ar' run; pass seed 0's for other seeds)")
   parser.add_argument("--out", default=None, help="results stem (default "
                       "benchmarks/results/recipes[_seed<N>][_smoke])")
+  parser.add_argument("--sbp_steps", default=None, help="comma-separated SBP lengths "
+                      f"(default {','.join(map(str, SBP_STEPS))}; the run trains to the "
+                      "largest)")
   parser.add_argument("--combine", action="store_true", help="no runs: summarise "
                       "benchmarks/results/recipes.json and recipes_seed*.json over seeds")
   args = parser.parse_args(argv)
@@ -318,6 +322,8 @@ def main(argv=None) -> None:
     return combine_seeds(os.path.join(HERE, "results"))
   mode = "smoke" if args.smoke else "full"
   size = dict(SIZES[mode])
+  if args.sbp_steps:
+    size["sbp_steps"] = tuple(sorted(int(x) for x in args.sbp_steps.split(",")))
   names = [n for n in RUNS if n in args.runs.split(",")]
   unknown = sorted(set(args.runs.split(",")) - set(RUNS))
   if unknown or ("ar" not in names and not args.evaluator) or (
