@@ -210,15 +210,18 @@ def flops_per_sample(trained, batch: int, length: int, how: str, s: int) -> floa
 
 
 def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: Dict,
-                    streams=STREAMS, confidence_k=CONFIDENCE_K) -> List[Dict]:
+                    streams=None, confidence_k=None) -> List[Dict]:
   """Generative PPL / entropy / MAUVE against `reference` features [M, D] (each with a
   bootstrap 95% interval) / calls / seconds and FLOPs per sample for the run's samplers
-  (S in `streams`; confidence order with k in `confidence_k` for ARMD); every sample set
+  (S in `streams`, default STREAMS; confidence order with k in `confidence_k`, default
+  CONFIDENCE_K, for ARMD); every sample set
   is scored once. FLOPs: `ev.generation_flops`, XLA's count of the whole generation
   program of the batch, every loop iteration counted, divided by the batch size."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
+  streams = STREAMS if streams is None else streams  # read at call time
+  confidence_k = CONFIDENCE_K if confidence_k is None else confidence_k
   settings = [("streams", s) for s in (streams if spec.parallel_streams else (1,))]
   if kind == "armd":
     settings += [("confidence", k) for k in confidence_k if k <= length]
