@@ -10,6 +10,9 @@ N = 128; batch --batch) on the same data, seed and step budget, changing one thi
                    steps at a constant rate (a third of the peak, short warmup); its
                    checkpoints at SBP_STEPS are the SBP-length points (with a constant
                    rate, the first k steps of the long run are a k-step run).
+  cont             the control: base continued as it ended (progressive permutation at
+                   rho) for the same steps at the same rate, so that what SBP gains
+                   beyond more training shows.
   mix_strided10/25 the base recipe with 10% / 25% of every batch's rows in strided
                    order (S uniform in {2, 4}) from step 0: strided order mixed into
                    the main run instead of after it, at equal total steps.
@@ -25,7 +28,9 @@ For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 
 first --eval_batches held-out batches) with the strided / left-to-right ratios;
 unconditional samples (--gen_samples each) from the sequential, strided S = 2, 4, 8 and
 confidence (k = 4) samplers with generative perplexity, unigram entropy and MAUVE under
-the evaluator (bootstrap 95% intervals; compare.generation_rows); train step time.
+the evaluator (bootstrap 95% intervals; compare.generation_rows, which adds calls, ms
+and FLOPs per sample); the train step's FLOPs (XLA) and its time, timed apart from the
+training runs (median of 7 steps) so that a busy machine during a run does not colour it.
 
 Resumable: each trained run resumes from its workdir under --root, each finished point
 is kept in --root/points/<point>.json and reused. One command:
@@ -73,11 +78,13 @@ SIZES = {
     "smoke": dict(compare.SIZES["smoke"], num_layers=4, steps=12, eval_batches=2, gen_samples=8,
                   sbp_steps=(4, 8)),
 }
+CONTINUED = ("sbp", "cont")  # runs that continue the base run, read at SBP_STEPS
 # point -> (run it is read from, the step it is read at (None: the last), overrides).
 RUNS = {
     "ar": dict(base="ar"),
     "base": dict(base="armd"),
     "sbp": dict(base="armd_sbp"),
+    "cont": dict(base="armd_sbp", order=dict(kind="progressive_permutation", i_ar=0, i_perm=1)),
     "mix_strided10": dict(base="armd", order=dict(mix_kind="strided", mix_share=0.1,
                                                    streams=MIX_STREAMS)),
     "mix_strided25": dict(base="armd", order=dict(mix_kind="strided", mix_share=0.25,
@@ -100,7 +107,7 @@ def run_config(name: str, size: Dict, data_path: str, root: str, seed: int = 0):
   c.checkpoint.max_to_keep = 100
   for section in ("model", "order"):
     c[section].update(spec.get(section, {}))
-  if name == "sbp":  # constant rate so that every prefix is a shorter SBP run
+  if name in CONTINUED:  # constant rate so that every prefix is a shorter run
     c.train.num_steps = max(size["sbp_steps"])
     c.train.eval_every = 0
     c.optim.schedule = "constant"
@@ -113,8 +120,8 @@ def points(size: Dict, names: List[str]) -> List[tuple]:
   """[(point name, run name, step or None)] in training order."""
   out = []
   for name in names:
-    if name == "sbp":
-      out += [(f"sbp{s}", "sbp", s) for s in size["sbp_steps"]]
+    if name in CONTINUED:
+      out += [(f"{name}{s}", name, s) for s in size["sbp_steps"]]
     else:
       out.append((name, name, None))
   return out
@@ -134,12 +141,21 @@ def step_seconds(workdir: str, tokens_per_step: int) -> float:
   return tokens_per_step / statistics.median(rates) if rates else float("nan")
 
 
-def train_flops(config) -> float:
-  """XLA's FLOP count of one train step of `config` (the trainer's own step)."""
+def train_step_cost(config, repeats: int = 7) -> Dict[str, float]:
+  """XLA's FLOP count of one train step of `config` (the trainer's own step) and its
+  median wall time over `repeats` steps after a warm-up, on random tokens."""
   import train_throughput  # pylint: disable=import-outside-toplevel
   from armd_jax import flops  # pylint: disable=import-outside-toplevel
   step, state, batch = train_throughput.build_step(config)
-  return flops.compiled_flops(step, state, batch)
+  compiled = step.lower(state, batch).compile()
+  times = []
+  for _ in range(repeats + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {"flops": flops.cost_flops(compiled.cost_analysis()),
+          "seconds": statistics.median(times[1:])}
 
 
 def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:
@@ -157,32 +173,53 @@ def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:
   return out
 
 
+def _step_cost(workdir: str, step_costs: Dict) -> Dict[str, float]:
+  """The train step cost of a run's config, computed once per distinct model and order."""
+  config = checkpoints.load_config(workdir)
+  key = json.dumps({"model": config.model.to_dict(), "order": config.order.to_dict()},
+                   sort_keys=True, default=str)
+  if key not in step_costs:
+    step_costs[key] = train_step_cost(config)
+  return step_costs[key]
+
+
+def add_step_cost(point: Dict, root: str, path: str, step_costs: Dict) -> Dict:
+  """A point scored before the step was timed apart: its in-run time kept under
+  'train_step_seconds_in_run', the separately timed step and FLOPs added (file updated)."""
+  if "train_step_seconds_in_run" in point:
+    return point
+  cost = _step_cost(os.path.join(root, point["run"]), step_costs)
+  point["train_step_seconds_in_run"] = point["train_step_seconds"]
+  point["train_step_seconds"], point["train_gflop_per_step"] = cost["seconds"], cost["flops"] / 1e9
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(point, f, indent=1)
+  return point
+
+
 def score_point(point: str, run: str, step: Optional[int], root: str, size: Dict,
-                evaluator, reference, flops_cache: Dict) -> Dict:
+                evaluator, reference, step_costs: Dict) -> Dict:
   """Everything measured for one point (see the module doc)."""
   workdir = os.path.join(root, run)
   trained = train.load_trained(workdir, step=step)
   config = checkpoints.load_config(workdir)
   depth = int(trained.model_config.num_two_stream_layers)
-  if depth not in flops_cache:
-    flops_cache[depth] = train_flops(config)
+  cost = _step_cost(workdir, step_costs)
   tokens_per_step = size["batch"] * size["seq_len"]
   out = {"point": point, "run": run, "step": int(trained.step),
          "kind": trained.model_config.kind, "two_stream_layers": depth,
          "order": {k: config.order[k] for k in ("kind", "mix_kind", "mix_share")},
-         "train_step_seconds": step_seconds(workdir, tokens_per_step),
-         "train_gflop_per_step": flops_cache[depth] / 1e9}
+         "train_step_seconds_in_run": step_seconds(workdir, tokens_per_step),
+         "train_step_seconds": cost["seconds"], "train_gflop_per_step": cost["flops"] / 1e9}
   if trained.model_config.kind == "armd":
     out["perplexity"] = perplexities(trained, workdir, size)
-    out["generation"] = compare.generation_rows(point, trained, evaluator, reference, size,
-                                                streams=GEN_STREAMS,
-                                                confidence_k=CONFIDENCE_K)
-    for row in out["generation"]:
-      row.pop("example", None)
-  else:
+  else:  # the evaluator: left to right, and its own (self-scored) samples for speed
     out["perplexity"] = {"left_to_right": ev.evaluate_perplexity(
         trained.model, trained.params, compare.heldout_batches(trained, workdir),
         max_batches=size["eval_batches"]).as_dict()}
+  out["generation"] = compare.generation_rows(point, trained, evaluator, reference, size,
+                                              streams=GEN_STREAMS, confidence_k=CONFIDENCE_K)
+  for row in out["generation"]:
+    row.pop("example", None)
   return out
 
 
@@ -217,25 +254,29 @@ def markdown(results: Dict) -> str:
 
 
 def plot(results: Dict, path: str) -> None:
-  """Left: strided/l2r perplexity ratio against SBP steps; right: generative perplexity
+  """Left: exact strided/l2r perplexity ratio against steps after the base run (SBP and
+  its control); right: generative perplexity
   of every point's samplers with their 95% intervals."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   pts = results["points"]
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  sbp = [p for p in pts.values() if p["run"] in ("base", "sbp")]
-  steps = [0 if p["run"] == "base" else p["step"] for p in sbp]  # SBP counts from 0
-  for s in STRIDES:
-    key = f"strided S={s}"
-    left.plot(steps, [p["perplexity"].get(key, {}).get("over_left_to_right", np.nan)
-                      for p in sbp], marker="o", label=f"exact PPL, S={s} / left to right")
+  for run, style in (("sbp", "-"), ("cont", "--")):  # SBP, and its control
+    line = [pts["base"]] + [p for p in pts.values() if p["run"] == run]
+    if len(line) < 2:
+      continue
+    steps = [0] + [p["step"] for p in line[1:]]  # steps after the base run
+    for s, color in zip(STRIDES, ("C0", "C1", "C2")):
+      left.plot(steps, [p["perplexity"].get(f"strided S={s}", {}).get("over_left_to_right",
+                                                                       np.nan) for p in line],
+                style, color=color, marker="o", ms=3, label=f"S={s} / l2r, {run}")
   left.set_xscale("symlog", linthresh=100)
-  left.set_xlabel("strided fine-tuning steps after the base run")
+  left.set_xlabel("steps after the base run (sbp: strided; cont: the base order)")
   left.set_ylabel("held-out perplexity ratio")
   left.grid(True, alpha=0.3)
   left.legend(fontsize=8)
-  armd = [p for p in pts.values() if p.get("generation")]
+  armd = [p for p in pts.values() if p["kind"] == "armd"]
   samplers = [r["sampler"] for r in armd[0]["generation"]]
   width = 0.8 / len(samplers)
   for j, name in enumerate(samplers):
@@ -327,9 +368,9 @@ def main(argv=None) -> None:
   names = [n for n in RUNS if n in args.runs.split(",")]
   unknown = sorted(set(args.runs.split(",")) - set(RUNS))
   if unknown or ("ar" not in names and not args.evaluator) or (
-      "sbp" in names and "base" not in names):
+      set(CONTINUED) & set(names) and "base" not in names):
     parser.error(f"--runs: known runs are {list(RUNS)}; 'ar' is required without "
-                 f"--evaluator and 'sbp' needs 'base' (unknown: {unknown}).")
+                 f"--evaluator and {CONTINUED} need 'base' (unknown: {unknown}).")
   if not os.path.isfile(args.data):
     parser.error(f"--data: no file at {args.data}")
   data_path = os.path.abspath(args.data)
@@ -356,15 +397,15 @@ def main(argv=None) -> None:
   reference = ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
   results = {"mode": mode, "size": size, "seed": args.seed, "data": data_path,
              "device": str(jax.devices()[0]), "evaluator": evaluator.name, "points": {}}
-  flops_cache: Dict[int, float] = {}
+  step_costs: Dict[str, Dict[str, float]] = {}
   for point, run, step in points(size, names):
     path = os.path.join(args.root, "points", f"{point}.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        results["points"][point] = json.load(f)
+        results["points"][point] = add_step_cost(json.load(f), args.root, path, step_costs)
       continue
     log(f"scoring {point}")
-    result = score_point(point, run, step, args.root, size, evaluator, reference, flops_cache)
+    result = score_point(point, run, step, args.root, size, evaluator, reference, step_costs)
     with open(path, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     results["points"][point] = result

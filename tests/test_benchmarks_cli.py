@@ -182,6 +182,11 @@ def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path
     samplers = [row["sampler"] for row in points[name]["generation"]]
     assert len(samplers) == 5 and samplers[0] == "sequential", samplers
   assert points["sbp4"]["perplexity"] != points["sbp8"]["perplexity"]  # two checkpoints
+  (ar_row,) = points["ar"]["generation"]  # the evaluator's own sampler, for its speed
+  assert ar_row["num_calls"] == 32 and ar_row["flops_per_sample"] > 0
+  # the two-stream lower half costs ARMD FLOPs per train step over AR of the same size
+  assert points["base"]["train_gflop_per_step"] > points["ar"]["train_gflop_per_step"] > 0
+  assert points["base"]["train_step_seconds"] > 0
   second = run_script(*args)  # everything is reused: no training, no scoring
   assert "training" not in second.stdout and "scoring" not in second.stdout
   assert json.loads((tmp_path / "recipes.json").read_text())["points"] == points
