@@ -129,11 +129,15 @@ def tiny_workdir(tiny_run) -> str:
 # quick tier's heaviest single cases (each still runs in the full suite): end-to-end
 # paths (harness, commands, conversion, the train step) whose pieces quicker tests cover.
 QUICK_TIER_EXCLUDES = (
+    "test_baselines.py::test_mdlm_elbo_is_at_least_the_exact_nll_of_its_ancestral_sampler",
+    "test_baselines.py::test_one_pass_log_likelihood_equals_the_chain_rule_of_prefix_calls",
     "test_cli_output.py::test_stop_at_eos_in_the_sample_command_is_the_librarys_truncation",
     "test_convert.py::test_adapted_armd_copies_the_ar_weights_and_its_content_stream_is_the_ar_stream",
     "test_convert.py::test_imported_hf_model_gives_the_live_pytorch_logits",
     "test_device_suite.py::test_device_suite_imports_and_traces_the_train_step_without_the_data_stack",
     "test_ema.py::test_the_train_step_keeps_the_debiased_ema_so_after_one_step_it_equals_the_params",
+    "test_eval.py::test_strided_decoding_saves_calls_not_flops_and_confidence_probes_cost_full_passes",
+    "test_kernels.py::test_two_stream_kernel_never_touches_skipped_tiles",
     "test_kernels_sharded.py::test_kernel_inside_shard_map_over_batch_and_heads_matches_the_reference",
     "test_learns_ar.py::test_forty_left_to_right_steps_take_a_deterministic_corpus_well_below_uniform",
     "test_lm_eval.py::test_generate_until_stops_at_an_until_string_and_max_gen_toks",
@@ -149,10 +153,14 @@ QUICK_TIER_EXCLUDES = (
     "test_registry.py::test_the_train_step_recompile_guard_rejects_a_batch_of_another_shape",
     "test_sampling.py::test_score_comparison_catches_an_upper_cache_that_hides_the_own_block",
     "test_sampling.py::test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass",
+    "test_sampling_features.py::test_config_sample_noise_reaches_the_samples_the_trainer_prints",
     "test_sampling_features.py::test_infill_rows_with_different_known_counts_prefill_in_one_call_like_recompute",
     "test_sampling_features.py::test_prefill_of_the_leading_known_blocks_of_an_explicit_order",
     "test_sampling_features.py::test_stop_at_eos_ends_each_row_at_its_first_eos_in_text_order",
+    "test_sampling_features.py::test_stop_at_eos_keeps_given_infill_tokens_after_the_eos",
     "test_sampling_features.py::test_stop_at_eos_log_probs_are_the_kept_texts_not_conditioned_on_dropped_tokens",
+    "test_train.py::test_a_nonfinite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint",
+    "test_train.py::test_restarting_a_finished_run_resumes_at_its_last_step_and_trains_further",
 )
 
 
