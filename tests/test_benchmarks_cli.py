@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,3 +240,43 @@ def test_compare_tables_flops_per_sample_beside_calls_and_milliseconds():
   results["generation"] = results["generation"][:1]  # below 1 GFLOP: MFLOP
   table = compare.markdown(results)
   assert "| ms / sample | MFLOP / sample |" in table and "| 250.0 |" in table
+
+
+def _load_benchmark(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_strided_gap_puts_an_excess_at_stream_starts_where_it_is():
+  gap_lib = _load_benchmark("strided_gap")
+  l2r = np.zeros((3, 16))
+  strided = l2r.copy()
+  strided[:, [4, 8, 12]] = 1.0  # one nat at the start of streams 2..4 (S = 4, N = 16)
+  gap = gap_lib.gap_by_offset(l2r, strided, streams=4, head=1)
+  assert gap["excess_nats_per_sequence"] == pytest.approx(3.0)
+  assert gap["share_in_first_1_offsets"] == pytest.approx(1.0)
+  assert gap["excess_by_offset_later_streams"] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+  assert gap["ppl_ratio"] == pytest.approx(np.exp(3.0 / 16))
+  assert gap_lib.extrapolate(gap, [64])["64"] == pytest.approx(np.exp(3.0 / 64))
+
+
+def test_strided_gap_of_a_trained_run_is_the_exact_strided_perplexity_ratio(tiny_workdir,
+                                                                           tmp_path):
+  from armd_jax import eval as ev  # pylint: disable=import-outside-toplevel
+  from armd_jax import train  # pylint: disable=import-outside-toplevel
+  gap_lib = _load_benchmark("strided_gap")
+  out = tmp_path / "gap.json"
+  gap_lib.main([f"--workdir={tiny_workdir}", "--streams=4", "--batches=2", f"--out={out}"])
+  gap = json.loads(out.read_text())["gaps"]["S=4"]
+  trained = train.load_trained(tiny_workdir)
+  compare = _load_benchmark("compare")
+
+  def ppl(order):
+    return ev.evaluate_perplexity(trained.model, trained.params,
+                                  compare.heldout_batches(trained, tiny_workdir), order=order,
+                                  max_batches=2).ppl
+  ratio = ppl(ev.EvalOrder("strided", streams=4)) / ppl(ev.EvalOrder("left_to_right"))
+  assert gap["ppl_ratio"] == pytest.approx(ratio, rel=1e-4)
