@@ -79,18 +79,23 @@ def test_device_suite_imports_and_traces_the_train_step_without_the_data_stack()
   assert result.returncode == 0 and "IMPORT_OK" in result.stdout, result.stderr[-3000:]
 
 
+def run_suite_sh(tmp_path, *args, timeout: int, **env_vars) -> dict:
+  """Runs benchmarks/device_suite.sh in SMOKE mode on CPU with `args`, writing into
+  `tmp_path`; asserts success and returns its device_suite.json."""
+  env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
+             JAX_PLATFORMS="cpu", **env_vars)
+  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"), *args],
+                          capture_output=True, text=True, timeout=timeout, check=False, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
 @pytest.mark.slow
 def test_device_suite_smoke_mode_runs_every_section_on_cpu(tmp_path):
   """SMOKE=1: tiny shapes, Pallas interpreter; grain/seqio/ml-collections/clu/TF imports
   are refused (--poison), as on the GPU machine."""
-  env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu", SUITE_TIMEOUT_S="2400")
-  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"),
-                           "--budget_s=2400"], capture_output=True, text=True, timeout=2500,
-                          check=False, env=env)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
-    results = json.load(f)
+  results = run_suite_sh(tmp_path, "--budget_s=2400", timeout=2500, SUITE_TIMEOUT_S="2400")
   assert (tmp_path / "log.txt").exists()
   sections = results["sections"]
   for name in ("env", "tile_sweep", "kernel_check", "attention", "train_step", "sampling",
@@ -153,14 +158,7 @@ def test_the_committed_race_corpus_loads_and_fits_the_byte_vocabulary():
 @pytest.mark.slow
 def test_device_suite_race_smoke_scores_both_models_trained_on_the_same_batches(tmp_path):
   """RACE=1 SMOKE=1: the tiny race on CPU through the .sh, data stack refused."""
-  env = dict(os.environ, SMOKE="1", RACE="1", OUT=str(tmp_path), PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_suite.sh"),
-                           "--race_s=2"], capture_output=True, text=True, timeout=600,
-                          check=False, env=env)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  with open(tmp_path / "device_suite.json", encoding="utf-8") as f:
-    results = json.load(f)
+  results = run_suite_sh(tmp_path, "--race_s=2", timeout=600, RACE="1")
   assert set(results["sections"]) == {"env", "race"}
   assert results["sections"]["env"]["forbidden_modules_loaded"] == []
   race = results["sections"]["race"]
