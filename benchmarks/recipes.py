@@ -240,7 +240,8 @@ def markdown(results: Dict) -> str:
                  + " | ".join("-" if r is None else f"{r:.3f}" for r in ratios)
                  + f" | {p['train_step_seconds'] * 1e3:.0f} | {p['train_gflop_per_step']:.1f} |")
   lines += ["", "| point | sampler | calls | gen. PPL [95% CI] | vs sequential | entropy | "
-            "MAUVE [95% CI] | ms / sample |", "|---|---|---|---|---|---|---|---|"]
+            "MAUVE [95% CI] | ms / sample | MFLOP / sample |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for p in results["points"].values():
     rows = p.get("generation", [])
     seq = next((r["gen_ppl"] for r in rows if r["streams"] == 1), float("nan"))
@@ -249,14 +250,16 @@ def markdown(results: Dict) -> str:
       lines.append(f"| {p['point']} | {r['sampler']} | {r['num_calls']} | {r['gen_ppl']:.2f} "
                    f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r['gen_ppl'] / seq - 1:+.1%} | "
                    f"{r['entropy_nats']:.3f} | {r['mauve']:.3f} [{mci[0]:.3f}, {mci[1]:.3f}] | "
-                   f"{r['seconds_per_sample'] * 1e3:.1f} |")
+                   f"{r['seconds_per_sample'] * 1e3:.1f} | "
+                   + (f"{r['flops_per_sample'] / 1e6:,.0f} |" if "flops_per_sample" in r
+                      else "- |"))
   return "\n".join(lines) + "\n"
 
 
 def plot(results: Dict, path: str) -> None:
   """Left: exact strided/l2r perplexity ratio against steps after the base run (SBP and
-  its control); right: generative perplexity
-  of every point's samplers with their 95% intervals."""
+  its control); right: every point's strided generative perplexity over its sequential
+  one (95% interval of the strided figure, scaled)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -277,20 +280,21 @@ def plot(results: Dict, path: str) -> None:
   left.grid(True, alpha=0.3)
   left.legend(fontsize=8)
   armd = [p for p in pts.values() if p["kind"] == "armd"]
-  samplers = [r["sampler"] for r in armd[0]["generation"]]
+  samplers = [f"strided S={s}" for s in STRIDES]  # confidence order: see the tables
   width = 0.8 / len(samplers)
   for j, name in enumerate(samplers):
     ys, lo, hi = [], [], []
     for p in armd:
-      r = next(r for r in p["generation"] if r["sampler"] == name)
-      ys.append(r["gen_ppl"])
-      lo.append(r["gen_ppl"] - r["gen_ppl_ci95"][0])
-      hi.append(r["gen_ppl_ci95"][1] - r["gen_ppl"])
+      rows = {r["sampler"]: r for r in p["generation"]}
+      seq, r = rows["sequential"]["gen_ppl"], rows[name]
+      ys.append(r["gen_ppl"] / seq)
+      lo.append((r["gen_ppl"] - r["gen_ppl_ci95"][0]) / seq)
+      hi.append((r["gen_ppl_ci95"][1] - r["gen_ppl"]) / seq)
     x = np.arange(len(armd)) + (j - len(samplers) / 2 + 0.5) * width
     right.errorbar(x, ys, yerr=[lo, hi], fmt="o", ms=3, label=name)
   right.set_xticks(np.arange(len(armd)))
   right.set_xticklabels([p["point"] for p in armd], rotation=30, fontsize=8)
-  right.set_ylabel("generative perplexity (AR evaluator)")
+  right.set_ylabel("generative PPL / sequential's (AR evaluator)")
   right.grid(True, alpha=0.3)
   right.legend(fontsize=7)
   fig.tight_layout()
@@ -298,10 +302,15 @@ def plot(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
-def _mean_sd(values: List[float]) -> str:
+def _mean_sd(values: List[float], percent: bool = False) -> str:
+  """'mean ± sample sd' of `values` (as signed percentages if `percent`)."""
+  if percent:
+    values = [100 * v for v in values]
+  fmt = "{:+.1f}%" if percent else "{:.3f}"
   if len(values) < 2:
-    return f"{values[0]:.3f}" if values else "-"
-  return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return fmt.format(values[0]) if values else "-"
+  spread = ("{:.1f}%" if percent else "{:.3f}").format(statistics.stdev(values))
+  return f"{fmt.format(statistics.mean(values))} ± {spread}"
 
 
 def combine_seeds(folder: str) -> None:
@@ -331,7 +340,7 @@ def combine_seeds(folder: str) -> None:
     gen = [{r["sampler"]: r["gen_ppl"] for r in q["generation"]} for q in pts]
     cells.append(_mean_sd([g["sequential"] for g in gen]))
     for name in ("strided S=4", "strided S=8", "confidence k=4 (max prob)"):
-      cells.append(_mean_sd([g[name] / g["sequential"] - 1 for g in gen]))
+      cells.append(_mean_sd([g[name] / g["sequential"] - 1 for g in gen], percent=True))
     lines.append(f"| {p} | " + " | ".join(cells) + " |")
   out = os.path.join(folder, "recipes_seeds.md")
   with open(out, "w", encoding="utf-8") as f:

@@ -216,7 +216,7 @@ def test_recipes_combines_seeds_into_means_and_deviations(tmp_path):
   row = next(line for line in table.splitlines() if line.startswith("| base"))
   # l2r 6 and 8: mean 7, sd sqrt(2); S=4 ratio 1.1 and 1.3; S=4 gen vs sequential +10%, +30%
   assert row.startswith("| base | 7.000 ± 1.414 | 1.000 ± 0.000 | 1.200 ± 0.141 |"), row
-  assert "0.200 ± 0.141" in row and "seeds [0, 1]" in table
+  assert "+20.0% ± 14.1%" in row and "seeds [0, 1]" in table
 
 
 def test_compare_tables_flops_per_sample_beside_calls_and_milliseconds():
