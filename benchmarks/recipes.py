@@ -40,7 +40,7 @@ is kept in --root/points/<point>.json and reused. One command:
   python benchmarks/recipes.py --data=... --smoke   # tiny sizes: tests the pipeline
 
 Writes benchmarks/results/recipes.json and recipes.md (recipes_smoke.* for --smoke) and
-the plots docs/img/recipes_*.png (full mode only).
+the plot docs/img/recipes.png (full mode, seed 0).
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 The same data, model, optimiser and mesh as `owt_small`, with 10% of every batch's rows
 in strided order (S uniform in {2, 4} each step) mixed into the progressive-permutation
 main run: `config.order.mix_kind = "strided"`, `mix_share = 0.1`. This is the recipe of
-docs/recipes.md. On tiny Shakespeare (our measurement, not the paper's), a 10-25% mix gave
-the same exact strided/left-to-right ratio as 200 steps of SBP fine-tuning (S = 4: 1.093
-and 1.089 against base's 1.108) at no extra steps or FLOPs. It also gave the best
-strided S = 4 perplexity at equal steps, with left-to-right perplexity within seed noise.
+docs/recipes.md. On tiny Shakespeare (our measurement, one seed, not the paper's), a
+10-25% mix gave the exact strided/left-to-right ratio of 200 steps of SBP fine-tuning
+(S = 4: 1.093 and 1.089, against 1.091 for SBP and 1.108 for base) at no extra steps or
+FLOPs; the 25% mix gave the lowest strided S = 4 perplexity at equal steps, with
+left-to-right perplexity within seed noise. owt_small already trains at rho = 32, a
+combination that study did not measure.
 Follow it with `configs/sbp_finetune.py` when extra steps are available.
 Expected result: left-to-right perplexity as `owt_small` (within noise at our scale) and
 a smaller strided gap; not measured at this size (needs accelerators).

@@ -8,11 +8,12 @@ never a silent start from scratch). The fine-tune's own workdir resumes first.
 Expected result [paper]: generative perplexity 36.5 / 37.8 / 39.4 with S = 1 / 2 / 4
 (entropy ~8.0), i.e. little loss from 2-4x fewer network calls.
 Length and rate (docs/recipes.md): a constant rate at a third of the base's peak, for
-a fifth of the base's steps (80K after 400K; the paper's longest SBP). On tiny
+a fifth of the base's steps (80K after 400K: the paper's longest SBP, close to the
+quarter that sufficed in our study). On tiny
 Shakespeare the gain in the exact strided S = 4 ratio was complete after a quarter of
 the base's steps (1.111 -> 1.094 over three seeds, no further gain by 2.5x the base's
 steps), and at equal extra steps SBP beat continuing in the base order (S = 4 ratio
-1.091 vs 1.111, left-to-right perplexity 5.971 vs 6.000). With a constant rate, every
+1.091 vs 1.111; left-to-right perplexity 5.971 vs 6.000, within seed noise). With a constant rate, every
 checkpoint along the way is itself a shorter SBP run.
 
 Command:
