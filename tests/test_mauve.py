@@ -119,10 +119,10 @@ def test_the_frontier_area_is_mauve_texts_own_except_where_the_curve_ties():
   p, q = rng.normal(size=(60, 8)), rng.normal(0.5, 1.0, size=(60, 8))
   theirs = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=4)
   assert 0.05 < theirs.mauve < 0.95  # a curve without ties
-  assert ev.generative.frontier_area(theirs.divergence_curve) == pytest.approx(theirs.mauve)
+  assert ev.mauve.frontier_area(theirs.divergence_curve) == pytest.approx(theirs.mauve)
   # Identical histograms: every inner point of the curve is (1, 1); the area is 1.
   curve = mauve.compute_mauve(p_features=p, q_features=p, num_buckets=4).divergence_curve
-  assert ev.generative.frontier_area(curve) == pytest.approx(1.0)
+  assert ev.mauve.frontier_area(curve) == pytest.approx(1.0)
 
 
 def test_evaluate_prints_mauve_beside_generative_perplexity(tiny_workdir):

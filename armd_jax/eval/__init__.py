@@ -15,12 +15,13 @@ Public API:
 Command: `python -m armd_jax.evaluate --workdir ...` (see its --help).
 """
 
-from armd_jax.eval import zero_shot
-from armd_jax.eval.generative import (GenerativeResult, HFEvaluator, MauveResult,
-                                      ModelEvaluator, Samples, SampleScores,
-                                      evaluator_features, generate_samples, generation_flops,
-                                      generative_perplexity, mauve_score, sample_features,
-                                      score_samples, take_rows, unigram_entropy)
+from armd_jax.eval import mauve, zero_shot
+from armd_jax.eval.generative import (GenerativeResult, HFEvaluator, ModelEvaluator, Samples,
+                                      SampleScores, evaluator_features, generate_samples,
+                                      generation_flops, generative_perplexity,
+                                      sample_features, score_samples, take_rows,
+                                      unigram_entropy)
+from armd_jax.eval.mauve import MauveResult, mauve_score
 from armd_jax.eval.perplexity import (BOUND, EXACT, EvalOrder, PerplexityResult, default_order,
                                       evaluate_perplexity, likelihood_label, sequence_nll)
 
@@ -28,4 +29,4 @@ __all__ = ["BOUND", "EXACT", "EvalOrder", "GenerativeResult", "HFEvaluator", "Ma
            "ModelEvaluator", "PerplexityResult", "SampleScores", "Samples", "default_order",
            "evaluate_perplexity", "evaluator_features", "generate_samples", "generation_flops",
            "generative_perplexity", "likelihood_label", "mauve_score", "sample_features",
-           "score_samples", "sequence_nll", "take_rows", "unigram_entropy", "zero_shot"]
+           "mauve", "score_samples", "sequence_nll", "take_rows", "unigram_entropy", "zero_shot"]
