@@ -64,7 +64,7 @@ import numpy as np  # noqa: E402
 
 from armd_jax import eval as ev  # noqa: E402
 from armd_jax import train  # noqa: E402
-from armd_jax.train import checkpoints, observe  # noqa: E402
+from armd_jax.train import checkpoints  # noqa: E402
 
 REPO = compare.REPO
 SBP_STEPS = (200, 800, 2000)
@@ -135,10 +135,8 @@ def last_step(workdir: str) -> int:
 
 
 def step_seconds(workdir: str, tokens_per_step: int) -> float:
-  """Median train step time from the progress records (compilation excluded)."""
-  rates = [r["perf/tokens_per_s"] for r in observe.read_metrics(workdir)
-           if "perf/tokens_per_s" in r]
-  return tokens_per_step / statistics.median(rates) if rates else float("nan")
+  """Median train step time from the progress records (compilation excluded; NaN if none)."""
+  return tokens_per_step / compare.tokens_per_second(workdir)
 
 
 def train_step_cost(config, repeats: int = 7) -> Dict[str, float]:
