@@ -1,28 +1,36 @@
-"""A real multi-process run: 2 processes x 4 CPU devices on localhost train `tiny` on an
+"""Real multi-process runs: 2 processes x 4 CPU devices on localhost train `tiny` on an
 FSDP mesh over all 8 devices through `python -m armd_jax.main --jax_distributed` (the
-route `launch/train_multihost.sh` takes), are killed with SIGKILL, restart from their
-checkpoint and finish; the losses equal a 1-process x 8-device run of the same config.
+route `launch/train_multihost.sh` takes), checked against one process with all 8
+devices trained once for the module (`reference`):
+
+- with `--workdir=gs://BUCKET/run` (a local fake-gcs-server), SIGKILLed together mid-run
+  and restarted, they resume from the bucket and end with the reference's losses and
+  parameters; `sample` and `evaluate` read the same URL; nothing is written locally;
+- on a copy of the reference with a damaged newest step, they agree that a changed model
+  stops both and that the damaged step is skipped by both.
 
 Every process is a fresh interpreter: the device count and `jax.distributed` must be
 set before JAX starts.
 """
 
-import glob
-import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
 import pytest
 
-from armd_jax import train
+from armd_jax import storage, train
 from armd_jax.train import checkpoints
 
 from conftest import host_devices_env
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
+from test_resume import listing, truncate_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -35,7 +43,8 @@ LOSS_RTOL = 1e-6
 
 
 def command(workdir, distributed):
-  return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
+  return [sys.executable, "-m", "armd_jax.main",
+          f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
           f"--workdir={workdir}", f"--config.train.num_steps={NUM_STEPS}",
           "--config.mesh.shape=(1, -1, 1)", "--config.mesh.rule_table=fsdp",
           "--config.train.log_every=1", "--config.train.checkpoint_every=4",
@@ -57,85 +66,182 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start_pair(workdir, log_dir, attempt):
-  """Starts processes 0 and 1; process 0's stdout is piped, process 1's goes to a file."""
+def start_pair(workdir, log_dir, attempt, extra=(), cwd=REPO):
+  """Starts processes 0 and 1 (4 CPU devices each) with `command(workdir, True) + extra`
+  in `cwd`; process 0's stdout is piped, everything else goes to p{i}_{attempt}.log."""
   port = free_port()
   logs = [open(os.path.join(log_dir, f"p{i}_{attempt}.log"), "w") for i in range(2)]
   procs = []
   for i in range(2):
     procs.append(subprocess.Popen(
-        command(workdir, True), cwd=REPO, env=environment(4, i, port), text=True,
-        stdout=subprocess.PIPE if i == 0 else logs[i], stderr=logs[i]))
+        command(workdir, True) + list(extra), cwd=cwd, env=environment(4, i, port),
+        text=True, stdout=subprocess.PIPE if i == 0 else logs[i], stderr=logs[i]))
   return procs, logs
 
 
+def _kill_all(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  for p in procs:
+    p.wait()
+
+
 def kill_pair_after(procs, logs, step):
-  """SIGKILLs both processes once process 0 prints the progress line of `step` (or ends);
-  closes their log files and returns process 0's stdout lines up to then."""
+  """SIGKILLs both processes once process 0 prints the progress line of `step` (or ends,
+  or TIMEOUT_S passes); closes their log files and returns process 0's stdout lines."""
   output = []
+  watchdog = threading.Timer(TIMEOUT_S, _kill_all, [procs])  # a hang cannot block the read
+  watchdog.start()
   try:
     for line in procs[0].stdout:
       output.append(line)
       if line.startswith(f"step {step}/"):
         break
   finally:
+    watchdog.cancel()
     for p in procs:
       p.send_signal(signal.SIGKILL)
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
+    _kill_all(procs)
     for f in logs:
       f.close()
   return output
+
+
+def finish_pair(procs, logs, log_dir, attempt):
+  """Waits at most TIMEOUT_S for a pair from `start_pair` (then kills what is left);
+  returns (return codes, [process 0's stdout + log, process 1's log])."""
+  try:
+    out0, _ = procs[0].communicate(timeout=TIMEOUT_S)
+    procs[1].wait(timeout=TIMEOUT_S)
+  finally:  # never leave a process behind, even on a timeout
+    _kill_all(procs)
+    for f in logs:
+      f.close()
+  texts = [out0 + open(os.path.join(log_dir, f"p0_{attempt}.log")).read(),
+           open(os.path.join(log_dir, f"p1_{attempt}.log")).read()]
+  return [p.returncode for p in procs], texts
 
 
 def last_loss_per_step(workdir):
   return {r["step"]: r["train/loss"] for r in train.read_metrics(workdir) if "train/loss" in r}
 
 
-@pytest.mark.slow
-def test_two_processes_killed_and_restarted_match_one_process_on_eight_devices(tmp_path):
-  multi, single, logs_dir = (str(tmp_path / n) for n in ("multi", "single", "logs"))
-  os.makedirs(logs_dir)
-
-  # 1. Two processes, SIGKILLed together right after step KILL_AFTER.
-  procs, logs = start_pair(multi, logs_dir, 0)
-  first_output = kill_pair_after(procs, logs, KILL_AFTER)
-  assert "process 0 of 2" in "".join(first_output), (
-      "".join(first_output) + open(os.path.join(logs_dir, "p0_0.log")).read()[-3000:])
-  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in "".join(first_output)
-  assert all(p.returncode == -signal.SIGKILL for p in procs)
-  saved = sorted(int(s) for s in os.listdir(checkpoints.checkpoint_dir(multi)) if s.isdigit())
-  assert saved and NUM_STEPS not in saved  # it really stopped mid-run
-  # Both processes wrote their part: one data-iterator state file per process.
-  for step in saved:
-    data_files = glob.glob(os.path.join(checkpoints.checkpoint_dir(multi), str(step), "data",
-                                        "*"))
-    assert len([f for f in data_files if "process" in os.path.basename(f)]) == 2, data_files
-
-  # 2. Restart both; they resume from the last checkpoint and finish.
-  procs, logs = start_pair(multi, logs_dir, 1)
-  out0, _ = procs[0].communicate(timeout=TIMEOUT_S)
-  procs[1].wait(timeout=TIMEOUT_S)
-  for f in logs:
-    f.close()
-  errors = open(os.path.join(logs_dir, "p0_1.log")).read()[-3000:]
-  assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-2000:] + errors
-  resumed_from = int(out0.split("resuming from step ")[1].split()[0])
-  assert resumed_from in saved and resumed_from >= 4
-
-  # 3. One process with all 8 devices, uninterrupted.
-  result = subprocess.run(command(single, False), cwd=REPO, env=environment(8), text=True,
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One process with all 8 devices, uninterrupted: checkpoints at steps 4, 8 and 12
+  (read only; a test that changes it copies it first)."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "single")
+  result = subprocess.run(command(workdir, False), cwd=REPO, env=environment(8), text=True,
                           capture_output=True, timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "process 0 of 1" in result.stdout
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
+  assert sorted(last_loss_per_step(workdir)) == list(range(1, NUM_STEPS + 1))
+  return workdir
 
-  expected, got = last_loss_per_step(single), last_loss_per_step(multi)
+
+@pytest.mark.slow
+def test_two_processes_in_a_bucket_killed_and_restarted_match_one_local_process(
+    reference, gcs_bucket, tmp_path, monkeypatch):
+  """`--workdir=gs://BUCKET/run` on 2 processes x 4 CPU devices: both write their
+  checkpoint parts to the bucket, are SIGKILLed together after step 9, restart and resume
+  from the bucket; every step's loss equals the 1-process x 8-device local run within
+  LOSS_RTOL and so do the final parameters. `sample` and `evaluate` read the same URL, and
+  nothing is written to the processes' cwd (no local `gs:` folder)."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.setenv(storage.LOCAL_CACHE_VARIABLE, str(tmp_path / "local_cache"))
+  run, logs_dir = f"{gcs_bucket}/run", str(tmp_path / "logs")
+  os.makedirs(logs_dir)
+
+  def log(name):
+    with open(os.path.join(logs_dir, name)) as f:
+      return f.read()[-3000:]
+
+  # 1. Two processes, SIGKILLed together right after step KILL_AFTER.
+  procs, logs = start_pair(run, logs_dir, 0, cwd=cwd)
+  first_output = "".join(kill_pair_after(procs, logs, KILL_AFTER))
+  assert f"step {KILL_AFTER}/" in first_output, first_output[-2000:] + log("p0_0.log")
+  assert "process 0 of 2" in first_output
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in first_output
+  assert all(p.returncode == -signal.SIGKILL for p in procs)
+  directory = checkpoints.checkpoint_dir(run)
+  saved = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  assert saved and NUM_STEPS not in saved, saved  # stopped mid-run, checkpoints in the bucket
+  # Both processes wrote their part: one data-iterator state file per process.
+  for step in saved:
+    names = [p.name for p in (directory / str(step) / "data").iterdir()]
+    assert len([n for n in names if "process" in n]) == 2, (step, names)
+
+  # 2. Restart both; they resume from the last checkpoint in the bucket and finish.
+  procs, logs = start_pair(run, logs_dir, 1, cwd=cwd)
+  codes, texts = finish_pair(procs, logs, logs_dir, 1)
+  assert codes == [0, 0], [t[-3000:] for t in texts]
+  resumed_from = int(texts[0].split("resuming from step ")[1].split()[0])
+  assert resumed_from in saved and resumed_from >= 4
+
+  # 3. The same losses and parameters as one uninterrupted local process on 8 devices.
+  expected, got = last_loss_per_step(reference), last_loss_per_step(run)
   assert sorted(got) == sorted(expected) == list(range(1, NUM_STEPS + 1))
   diffs = {s: abs(got[s] - expected[s]) / abs(expected[s]) for s in expected}
-  print("multi-process vs single-process relative loss differences:", json.dumps(diffs))
+  print("bucket (2 processes, resumed) vs local (1 process) relative loss differences:",
+        diffs)
   assert max(diffs.values()) <= LOSS_RTOL, diffs
-  a = train.load_trained(multi, with_vocab=False)
-  b = train.load_trained(single, with_vocab=False)
+  a = train.load_trained(run, with_vocab=False)
+  b = train.load_trained(reference, with_vocab=False)
   assert a.step == b.step == NUM_STEPS
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+  # 4. The other commands read the run from its URL.
+  for tool, flags in (("sample", ["--num_samples=1", "--length=8"]),
+                      ("evaluate", ["--max_batches=1", f"--output={run}/eval.json"])):
+    result = subprocess.run([sys.executable, "-m", f"armd_jax.{tool}", f"--workdir={run}",
+                             *flags], cwd=cwd, env=environment(1), text=True,
+                            capture_output=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, tool + result.stdout[-1000:] + result.stderr[-2000:]
+  assert f'"step": {NUM_STEPS}' in storage.path(f"{run}/eval.json").read_text()
+  local_files = [os.path.join(d, n) for d, dirs, files in os.walk(cwd) for n in dirs + files]
+  assert local_files == []  # no `gs:` folder (nor anything else) in the processes' cwd
+
+
+@pytest.mark.slow
+def test_two_processes_agree_a_changed_model_stops_both_a_damaged_step_is_skipped_by_both(
+    reference, tmp_path):
+  """A copy of the 1-process run (8 devices; steps 4, 8 and 12), step 12 removed as if
+  killed after step 8 and step 8's arrays truncated.
+  Two processes (4 devices each) started with another d_model both exit non-zero naming
+  the field, moving nothing; started with the run's config both report step 8 damaged,
+  resume from step 4 (with a data-iterator restart: the process count changed), finish,
+  and redo steps 5..12 with the 1-process run's losses (same state, same global batches).
+  Old code: each process judged alone (both steps 'damaged', moved, training from 0)."""
+  workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
+  os.makedirs(log_dir)
+  shutil.copytree(reference, workdir)
+  first = last_loss_per_step(workdir)
+  shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(workdir), "12"))  # as if killed at 8
+  truncate_arrays(workdir, 8)
+  before = listing(workdir)
+
+  # 1. Another model: a stop on both processes, nothing moved.
+  procs, logs = start_pair(workdir, log_dir, 1, ["--config.model.d_model=64"])
+  codes, texts = finish_pair(procs, logs, log_dir, 1)
+  assert all(code not in (0, None) for code in codes), texts
+  for text in texts:
+    assert "config.model.d_model: saved 32, now 64" in text, text[-3000:]
+  assert listing(workdir) == before
+
+  # 2. The run's config: both skip step 8 and resume from step 4.
+  procs, logs = start_pair(workdir, log_dir, 2)
+  codes, texts = finish_pair(procs, logs, log_dir, 2)
+  assert codes == [0, 0], [t[-3000:] for t in texts]
+  for text in texts:
+    assert "checkpoint at step 8 is damaged (unreadable array" in text, text[-3000:]
+    assert "resuming from step 4" in text
+    assert "saved by 1 process(es), this run has 2" in text
+  assert os.listdir(os.path.join(workdir, checkpoints.DAMAGED_DIR)) == ["8"]
+  again = last_loss_per_step(workdir)
+  assert sorted(again) == list(range(1, NUM_STEPS + 1))
+  for step in range(5, NUM_STEPS + 1):
+    assert abs(again[step] - first[step]) <= LOSS_RTOL * abs(first[step]), (step, again, first)

@@ -1,6 +1,7 @@
 """Workdirs anywhere: local folders, gs:// buckets (on a local fake-gcs-server), and a
-clear error for URLs no client handles. The slow test trains `tiny` on 2 processes with
-`--workdir=gs://...`, kills both, resumes from the bucket and matches a local run.
+clear error for URLs no client handles. A whole run in a bucket (2 processes with
+`--workdir=gs://...`, killed, resumed from the bucket, matching a local run) is
+tests/test_multiprocess.py's.
 """
 
 import os
@@ -217,83 +218,6 @@ def test_compile_check_reads_a_runs_config_from_a_bucket_and_needs_exactly_one_s
       compile_check.config_of(*both_or_neither)
     assert stop.value.code == 2
   assert os.listdir(in_tmp_cwd) == []
-
-
-# ---------------------------------------------------------------------------------------
-# A whole run in a bucket: 2 processes, killed, resumed.
-
-
-def _in_bucket_pair(workdir, cwd, log_dir, attempt):
-  """Processes 0 and 1 (2 CPU devices each) training `tiny` in `workdir`, started in `cwd`;
-  process 0's stdout is piped."""
-  from test_multiprocess import command, environment, free_port  # noqa: PLC0415
-  port = free_port()
-  argv = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}" if a.startswith("--config=")
-          else a for a in command(workdir, True)]
-  logs = [open(os.path.join(log_dir, f"p{i}_{attempt}.log"), "w") for i in range(2)]
-  procs = [subprocess.Popen(argv, cwd=cwd, env=environment(2, i, port), text=True,
-                            stdout=subprocess.PIPE if i == 0 else logs[i], stderr=logs[i])
-           for i in range(2)]
-  return procs, logs
-
-
-
-@pytest.mark.slow
-def test_two_processes_train_in_a_bucket_survive_sigkill_and_match_a_local_run(
-    gcs_bucket, in_tmp_cwd, tmp_path):
-  """`--workdir=gs://BUCKET/run` on 2 processes x 2 CPU devices: killed together mid-run,
-  restarted, they resume from the bucket; the losses equal one uninterrupted local process
-  on 4 devices within test_multiprocess's tolerance. Nothing is written to a local `gs:`
-  folder, and `sample` and `evaluate` read the same URL."""
-  from test_multiprocess import (  # pylint: disable=import-outside-toplevel
-      KILL_AFTER, LOSS_RTOL, NUM_STEPS, TIMEOUT_S, command, environment, kill_pair_after,
-      last_loss_per_step)
-  from armd_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
-  run = f"{gcs_bucket}/run"
-  logs_dir = tmp_path / "logs"
-  logs_dir.mkdir()
-
-  def log(name):
-    return (logs_dir / name).read_text()[-3000:]
-
-  procs, logs = _in_bucket_pair(run, in_tmp_cwd, logs_dir, 0)
-  output = kill_pair_after(procs, logs, KILL_AFTER)
-  assert f"step {KILL_AFTER}/" in "".join(output), "".join(output)[-2000:] + log("p0_0.log")
-  saved = sorted(int(p.name) for p in checkpoints.checkpoint_dir(run).iterdir()
-                 if p.name.isdigit())
-  assert saved and NUM_STEPS not in saved, saved  # stopped mid-run, checkpoints in the bucket
-
-  procs, logs = _in_bucket_pair(run, in_tmp_cwd, logs_dir, 1)
-  out0, _ = procs[0].communicate(timeout=TIMEOUT_S)
-  procs[1].wait(timeout=TIMEOUT_S)
-  for f in logs:
-    f.close()
-  assert procs[0].returncode == 0 and procs[1].returncode == 0, (
-      out0[-2000:] + log("p0_1.log") + log("p1_1.log"))
-  resumed_from = int(out0.split("resuming from step ")[1].split()[0])
-  assert resumed_from in saved
-
-  single = subprocess.run(command(str(tmp_path / "single"), False), cwd=REPO,
-                          env=environment(4), text=True, capture_output=True,
-                          timeout=TIMEOUT_S)
-  assert single.returncode == 0, single.stderr[-3000:]
-  expected, got = last_loss_per_step(str(tmp_path / "single")), last_loss_per_step(run)
-  assert sorted(got) == sorted(expected) == list(range(1, NUM_STEPS + 1))
-  diffs = {s: abs(got[s] - expected[s]) / abs(expected[s]) for s in expected}
-  print("bucket (2 processes, resumed) vs local (1 process) relative loss differences:",
-        diffs)
-  assert max(diffs.values()) <= LOSS_RTOL, diffs
-
-  for tool, flags in (("sample", ["--num_samples=1", "--length=8"]),
-                      ("evaluate", ["--max_batches=1", f"--output={run}/eval.json"])):
-    result = subprocess.run([sys.executable, "-m", f"armd_jax.{tool}", f"--workdir={run}",
-                             *flags], cwd=in_tmp_cwd, env=environment(1), text=True,
-                            capture_output=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, tool + result.stdout[-1000:] + result.stderr[-2000:]
-  assert '"step": 12' in storage.path(f"{run}/eval.json").read_text()
-  local_files = [os.path.join(d, n) for d, dirs, files in os.walk(in_tmp_cwd)
-                 for n in dirs + files]
-  assert local_files == []  # no `gs:` folder (nor anything else) in the processes' cwd
 
 
 def test_urls_use_fsspec_even_when_epath_chose_a_backend_before_storage_was_configured(
