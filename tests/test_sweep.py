@@ -27,9 +27,8 @@ def get_config():
   c.checkpoint.async_save = False
   return c
 
-def sweep():
-  return [{{"order.rho": rho, "model.query_init": init}}
-          for rho in (2, 4) for init in ("prefix", "prefix_plus_position")]
+def sweep():  # two points that differ in rho only; each names two fields
+  return [{{"order.rho": rho, "model.query_init": "prefix_plus_position"}} for rho in (2, 4)]
 '''
 
 
@@ -64,6 +63,8 @@ def _sweep_cmd(config_file, root):
 
 @pytest.mark.slow
 def test_local_sweep_killed_and_resumed(tmp_path):
+  """A local sweep SIGKILLed after its first point finished, rerun: the first point is
+  skipped, the second trained, and the summary has one complete row per point."""
   config_file = tmp_path / "tiny_sweep.py"
   config_file.write_text(SWEEP_CONFIG.format(repo=REPO))
   root = tmp_path / "sweep"
@@ -75,9 +76,9 @@ def test_local_sweep_killed_and_resumed(tmp_path):
                           stderr=subprocess.STDOUT)
   deadline = time.time() + 600
   while not first_done.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.5)
+    time.sleep(0.1)
   assert first_done.exists(), (tmp_path / "first.log").read_text()[-3000:]
-  proc.send_signal(signal.SIGKILL)  # mid-sweep: the first point finished, later ones not
+  proc.send_signal(signal.SIGKILL)  # mid-sweep: the first point finished, the second not
   proc.wait()
   log.close()
   assert not (root / "summary.md").exists()
@@ -88,11 +89,11 @@ def test_local_sweep_killed_and_resumed(tmp_path):
   assert f"{sweep.point_name(points[0])}: finished, skipped" in out.stdout
   table = (root / "summary.md").read_text().splitlines()
   rows = table[2:]
-  assert len(rows) == 4, table
+  assert len(rows) == len(points) == 2, table
   for point, row in zip(points, rows):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == [str(point["order.rho"]), point["model.query_init"], "4"], row
     assert all(c != "-" for c in cells[3:]), row  # every final metric present
   losses = [row.split("|")[-2].strip() for row in rows]
-  assert losses[0] != losses[2] and losses[1] != losses[3]  # rho=2 vs rho=4 really differ
+  assert losses[0] != losses[1]  # rho=2 vs rho=4 really differ
   assert (root / "val_curves.png").stat().st_size > 0
