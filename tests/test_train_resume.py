@@ -14,7 +14,9 @@ from armd_jax import train
 from armd_jax.train import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 120
+# Left-to-right for 10 steps, k ramping to rho by step 30, uniform orders after it: the
+# steps redone after the restart (from step 20) cross the ramp and the uniform phase.
+NUM_STEPS = 40
 KILL_AFTER = 25  # the progress line of this step triggers the SIGKILL
 
 
@@ -22,7 +24,7 @@ def command(workdir):
   return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
           f"--workdir={workdir}", f"--config.train.num_steps={NUM_STEPS}",
           "--config.train.log_every=1", "--config.train.checkpoint_every=10",
-          "--config.train.eval_every=0", "--config.order.i_perm=60"]
+          "--config.train.eval_every=0", "--config.order.i_perm=30"]
 
 
 def run_to_end(workdir):
