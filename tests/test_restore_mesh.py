@@ -1,6 +1,6 @@
 """A checkpoint written on one mesh (fsdp=8) restores on another (fsdp=2 x tensor=4, and
 one device) with parameters and optimiser state bitwise equal, and training continues
-there as it continues on the original mesh.
+there as it went on on the original mesh.
 
 Subprocesses: the simulated device count must be set before JAX starts.
 """
@@ -45,9 +45,10 @@ SCRIPT = textwrap.dedent("""
       c.mesh.rule_table = table
       return c
 
-    # 1. Train 4 steps on fsdp=8 and checkpoint.
-    train.train_and_evaluate(config(4, (1, 8, 1), "fsdp"), f"{root}/fsdp8")
-    saved, step = checkpoints.restore_state_arrays(f"{root}/fsdp8")  # one device, as saved
+    # 1. Train 6 steps on fsdp=8, checkpointing at steps 4 and 6: its steps 5-6 are what
+    #    continuing from step 4 must give on any mesh.
+    train.train_and_evaluate(config(6, (1, 8, 1), "fsdp"), f"{root}/fsdp8")
+    saved, step = checkpoints.restore_state_arrays(f"{root}/fsdp8", step=4)  # one device
     assert step == 4
 
     # 2. Restore onto fsdp=2 x tensor=4 (8 devices) and onto one device.
@@ -83,11 +84,11 @@ SCRIPT = textwrap.dedent("""
       out[name] = {"mismatches": mismatches, "leaves": len(got), "on_target": all(layouts),
                    "wi_spec": [a for a in wi.sharding.spec], "wi_devices": len(wi.devices())}
 
-    # 3. Training continues on the new mesh as on the old one.
-    for name, shape, table in (("fsdp2_tensor4", (1, 2, 4), "fsdp_tensor"),
-                               ("fsdp8", (1, 8, 1), "fsdp")):
-      shutil.copytree(f"{root}/fsdp8", f"{root}/continued_{name}")
-      train.train_and_evaluate(config(6, shape, table), f"{root}/continued_{name}")
+    # 3. Training continues from step 4 on the new mesh.
+    shutil.copytree(f"{root}/fsdp8", f"{root}/continued_fsdp2_tensor4")
+    shutil.rmtree(checkpoints.checkpoint_dir(f"{root}/continued_fsdp2_tensor4") / "6")
+    train.train_and_evaluate(config(6, (1, 2, 4), "fsdp_tensor"),
+                             f"{root}/continued_fsdp2_tensor4")
     print("RESULT", json.dumps(out))
 """)
 
@@ -104,6 +105,15 @@ def losses(workdir):
   return {r["step"]: r["train/loss"] for r in train.read_metrics(workdir) if "train/loss" in r}
 
 
+def losses_after_resume(workdir):
+  """{5: loss, 6: loss} as the run resumed at step 4 wrote them, after the records of
+  steps 1..6 copied from the fsdp=8 run (metrics.jsonl is appended to)."""
+  records = [(r["step"], r["train/loss"]) for r in train.read_metrics(workdir)
+             if "train/loss" in r]
+  assert [s for s, _ in records] == [1, 2, 3, 4, 5, 6, 5, 6], records
+  return dict(records[-2:])
+
+
 @pytest.mark.slow
 def test_a_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_training_continues(tmp_path):
   stdout = run([sys.executable, "-c", SCRIPT, str(tmp_path)], devices=8)
@@ -118,6 +128,7 @@ def test_a_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_training_contin
   # One device: the same workdir continues through the CLI in a 1-device process.
   one = str(tmp_path / "continued_one_device")
   shutil.copytree(str(tmp_path / "fsdp8"), one)
+  shutil.rmtree(os.path.join(one, "checkpoints", "6"))  # as if stopped after step 4
   stdout = run([sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
                 f"--workdir={one}", "--config.model.num_heads=4", "--config.train.num_steps=6",
                 "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
@@ -125,10 +136,9 @@ def test_a_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_training_contin
                 "--config.mesh.shape=(1, 1, 1)"], devices=1)
   assert "resuming from step 4" in stdout
 
-  reference = losses(str(tmp_path / "continued_fsdp8"))
+  reference = losses(str(tmp_path / "fsdp8"))  # uninterrupted on fsdp=8
   for workdir in ("continued_fsdp2_tensor4", "continued_one_device"):
-    got = losses(str(tmp_path / workdir))
-    assert sorted(got) == list(range(1, 7))
+    got = losses_after_resume(str(tmp_path / workdir))
     for step in (5, 6):  # after the restore: same data, same state, same step rng
       assert abs(got[step] - reference[step]) <= 1e-5 * abs(reference[step]), (
           workdir, got, reference)
