@@ -1,13 +1,12 @@
-"""Checkpoint recovery (a damaged newest checkpoint); the workdir lock is tested in
+"""The damage check that checkpoint recovery relies on, and `short_tiny`, the short run the
+resume tests train. Recovery itself (a damaged newest checkpoint moved aside, training
+resumed from the older one) is tested in test_resume.py, the workdir lock in
 test_lock.py."""
 
 import glob
 import os
 import shutil
 
-import pytest
-
-from armd_jax import train
 from armd_jax.train import checkpoints
 from armd_jax.train.defaults import config_from_file
 
@@ -46,30 +45,3 @@ def test_the_damage_check_names_a_truncated_array_file_and_passes_whole_steps(ti
   assert damage.reason.startswith("unreadable array ") and "(OUT_OF_RANGE)" in damage.reason
   assert os.path.basename(data_files[0]) in damage.detail
   assert checkpoints.read_damage(directory / "40") is None
-
-
-@pytest.mark.slow
-def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_training_resumes(tmp_path,
-                                                                                  capsys):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(short_tiny(20), workdir)
-  directory = checkpoints.checkpoint_dir(workdir)
-  assert sorted(os.listdir(directory)) == ["10", "20"]
-  truncated = 0
-  for root, _, files in os.walk(os.path.join(directory, "20", "state")):
-    if os.path.basename(root) == "d":  # the array data files of the ocdbt store
-      for name in files:
-        with open(os.path.join(root, name), "r+b") as f:
-          f.truncate(8)
-        truncated += 1
-  assert truncated
-  capsys.readouterr()
-  out = train.train_and_evaluate(short_tiny(30), workdir)
-  printed = capsys.readouterr().out
-  assert "checkpoint at step 20 is damaged" in printed
-  assert "resuming from step 10" in printed
-  assert os.path.isdir(os.path.join(workdir, checkpoints.DAMAGED_DIR, "20"))
-  assert sorted(os.listdir(directory)) == ["10", "20", "30"]  # 20 rewritten by the rerun
-  assert out["eval/num_tokens"] > 0
-  from armd_jax.train import lock  # pylint: disable=g-import-not-at-top
-  assert not lock.lock_path(workdir).exists()  # released
