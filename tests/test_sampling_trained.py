@@ -42,7 +42,7 @@ def memorised():
   data = jnp.asarray(np.tile(synthetic_sequences(), (4, 1)))  # [16, 17]
   # The first token (which sequence) is the prompt: never a target, it is uncertain.
   mask = jnp.ones(data.shape).at[:, 0].set(0)
-  optimizer = optax.adam(3e-3)
+  optimizer = optax.adam(1e-2)  # memorised in 100 steps (seen: loss 0.002)
   opt_state = optimizer.init(params)
 
   @jax.jit
@@ -54,7 +54,7 @@ def memorised():
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(1)
-  for _ in range(400):
+  for _ in range(100):
     params, opt_state, loss = step(params, opt_state, jnp.asarray(training_orders(rng, 16)))
   assert float(loss) < 0.02, f"the tiny model did not memorise the sequences (loss {loss})"
   return model, params
