@@ -1,5 +1,7 @@
 """With left-to-right singleton blocks ARMD is an autoregressive LM and learns like one."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -39,6 +41,27 @@ def expected_nll_per_token(transition, stationary):
   return (entropy(stationary) + (LENGTH - 1) * rate) / LENGTH
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_trainer(kind, steps):
+  """(model, jitted Adam step) for `train_left_to_right`, built once per kind and length
+  of run, so the tests of this file (and test_eval's) share one compiled step."""
+  model = armd_jax.build_model(tiny_config(kind=kind, vocab_size=VOCAB, num_layers=2))
+  ids = orders.left_to_right(64, LENGTH)
+  args = (ids,) if kind == "armd" else ()  # an AR model reads no order
+  opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, steps))
+
+  def loss_fn(params, tokens):
+    return losses.cross_entropy(model.apply(params, tokens, *args), tokens, ids)[0]
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    grads = jax.grad(loss_fn)(params, tokens)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return model, args, opt, step
+
+
 def train_left_to_right(train, steps, kind="armd", seed=0):
   """Trains a 2-layer model of width 32 with Adam on batches of 64 rows of `train`.
 
@@ -50,22 +73,9 @@ def train_left_to_right(train, steps, kind="armd", seed=0):
   Yields:
     (step, model, params) after each step, 1 to `steps`.
   """
-  model = armd_jax.build_model(tiny_config(kind=kind, vocab_size=VOCAB, num_layers=2))
-  ids = orders.left_to_right(64, LENGTH)
-  args = (ids,) if kind == "armd" else ()  # an AR model reads no order
+  model, args, opt, step = compiled_trainer(kind, steps)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), train[:64], *args))
-  opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, steps))
   opt_state = opt.init(params)
-
-  def loss_fn(params, tokens):
-    return losses.cross_entropy(model.apply(params, tokens, *args), tokens, ids)[0]
-
-  @jax.jit
-  def step(params, opt_state, tokens):
-    grads = jax.grad(loss_fn)(params, tokens)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
   rng = np.random.default_rng(seed)
   for n in range(1, steps + 1):
     params, opt_state = step(params, opt_state, train[rng.integers(0, len(train), 64)])
@@ -79,10 +89,15 @@ def trained(train, steps, kind="armd"):
   return model, params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _token_log_probs(model, params, tokens):
+  return losses.token_log_probs(model.apply(params, tokens, orders.left_to_right(*tokens.shape)),
+                                tokens)
+
+
 def heldout_nll(model, params, valid):
   """Per-token NLL [num, N] of `valid` under an ARMD in the left-to-right order (exact)."""
-  logits = model.apply(params, valid, orders.left_to_right(*valid.shape))
-  return -np.asarray(losses.token_log_probs(logits, valid))
+  return -np.asarray(_token_log_probs(model, params, valid))
 
 
 @pytest.mark.slow
