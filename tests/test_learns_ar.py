@@ -43,8 +43,9 @@ def expected_nll_per_token(transition, stationary):
 
 @functools.lru_cache(maxsize=None)
 def compiled_trainer(kind, steps):
-  """(model, jitted Adam step) for `train_left_to_right`, built once per kind and length
-  of run, so the tests of this file (and test_eval's) share one compiled step."""
+  """(model, order args of its apply, optimizer, jitted Adam step) for
+  `train_left_to_right`, built once per kind and run length, so the tests of this file
+  (and test_eval's, in the same process) share one compiled step."""
   model = armd_jax.build_model(tiny_config(kind=kind, vocab_size=VOCAB, num_layers=2))
   ids = orders.left_to_right(64, LENGTH)
   args = (ids,) if kind == "armd" else ()  # an AR model reads no order
