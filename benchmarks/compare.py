@@ -216,7 +216,8 @@ def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: 
   (S in `streams`, default STREAMS; confidence order with k in `confidence_k`, default
   CONFIDENCE_K, for ARMD); every sample set
   is scored once. FLOPs: `ev.generation_flops`, XLA's count of the whole generation
-  program of the batch, every loop iteration counted, divided by the batch size."""
+  program of the batch, every loop iteration counted, divided by the batch size. MAUVE's
+  interval: size['mauve_bootstrap'] resamples if given, else MAUVE_BOOTSTRAP."""
   kind = trained.model_config.kind
   length, batch = size["seq_len"], size["gen_samples"]
   spec = registry.get_kind(kind)
@@ -237,7 +238,8 @@ def generation_rows(name: str, trained, evaluator, reference: np.ndarray, size: 
     scores = ev.score_samples(samples.tokens, evaluator)
     result = scores.result()
     mauve = ev.mauve_score(ev.evaluator_features(samples.tokens, evaluator), reference,
-                           evaluator=evaluator.name, num_bootstrap=MAUVE_BOOTSTRAP)
+                           evaluator=evaluator.name,
+                           num_bootstrap=size.get("mauve_bootstrap", MAUVE_BOOTSTRAP))
     name_ = (f"confidence k={s} (max prob)" if how == "confidence"
              else _sampler_name(name, kind, s, length))
     row = {"run": name, "sampler": name_, "streams": s if how == "streams" else None,

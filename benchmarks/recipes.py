@@ -27,9 +27,10 @@ N = 128; batch --batch) on the same data, seed and step budget, changing one thi
 For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 (the
 first --eval_batches held-out batches) with the strided / left-to-right ratios;
 unconditional samples (--gen_samples each) from the sequential, strided S = 2, 4, 8 and
-confidence (k = 4) samplers with generative perplexity, unigram entropy and MAUVE under
-the evaluator (bootstrap 95% intervals; compare.generation_rows, which adds calls, ms
-and FLOPs per sample); the train step's FLOPs (XLA) and its time, timed apart from the
+confidence (k = 4) samplers (--smoke: sequential, S = 4 and confidence; 5 MAUVE
+resamples) with generative perplexity, unigram entropy and MAUVE under the evaluator
+(bootstrap 95% intervals; compare.generation_rows, which adds calls, ms and FLOPs per
+sample); the train step's FLOPs (XLA) and its time, timed apart from the
 training runs (median of 7 steps) so that a busy machine during a run does not colour it.
 
 Resumable: each trained run resumes from its workdir under --root, each finished point
@@ -75,8 +76,10 @@ MIX_STREAMS = (2, 4)
 SIZES = {
     "full": dict(compare.SIZES["full"], batch=16, steps=800, eval_batches=16,
                  sbp_steps=SBP_STEPS),
+    # Smoke: the pipeline, not quality. One strided and one confidence sampler (S = 2 and 8
+    # run the same code as S = 4) and a short MAUVE bootstrap keep the compiles few.
     "smoke": dict(compare.SIZES["smoke"], num_layers=4, steps=12, eval_batches=2, gen_samples=8,
-                  sbp_steps=(4, 8)),
+                  sbp_steps=(4, 8), gen_streams=(1, 4), mauve_bootstrap=5),
 }
 CONTINUED = ("sbp", "cont")  # runs that continue the base run, read at SBP_STEPS
 # point -> (run it is read from, the step it is read at (None: the last), overrides).
@@ -156,6 +159,11 @@ def train_step_cost(config, repeats: int = 7) -> Dict[str, float]:
           "seconds": statistics.median(times[1:])}
 
 
+def evaluator_name(step: int) -> str:
+  """How the results name the evaluator: this study's 'ar' run at `step`."""
+  return f"the 'ar' run of this study, seed 0 (step {step})"
+
+
 def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:
   """Exact held-out perplexities left to right and strided (first eval_batches)."""
   out = {}
@@ -215,7 +223,8 @@ def score_point(point: str, run: str, step: Optional[int], root: str, size: Dict
         trained.model, trained.params, compare.heldout_batches(trained, workdir),
         max_batches=size["eval_batches"]).as_dict()}
   out["generation"] = compare.generation_rows(point, trained, evaluator, reference, size,
-                                              streams=GEN_STREAMS, confidence_k=CONFIDENCE_K)
+                                              streams=size.get("gen_streams", GEN_STREAMS),
+                                              confidence_k=CONFIDENCE_K)
   for row in out["generation"]:
     row.pop("example", None)
   return out
@@ -396,14 +405,20 @@ def main(argv=None) -> None:
     train.train_and_evaluate(config, workdir)
 
   ar_dir = args.evaluator or os.path.join(args.root, "ar")
-  ar = train.load_trained(ar_dir)
-  evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab,
-                                name=f"the 'ar' run of this study, seed 0 (step {ar.step})")
-  ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, ar_dir),
-                                      size["gen_samples"], size["seq_len"])
-  reference = ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
+  scorer = {}  # the evaluator and the reference features, loaded once a point needs them
+
+  def evaluator_and_reference():
+    if not scorer:
+      ar = train.load_trained(ar_dir)
+      evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab, name=evaluator_name(ar.step))
+      ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, ar_dir),
+                                          size["gen_samples"], size["seq_len"])
+      scorer["both"] = evaluator, ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
+    return scorer["both"]
+
   results = {"mode": mode, "size": size, "seed": args.seed, "data": data_path,
-             "device": str(jax.devices()[0]), "evaluator": evaluator.name, "points": {}}
+             "device": str(jax.devices()[0]), "evaluator": evaluator_name(last_step(ar_dir)),
+             "points": {}}
   step_costs: Dict[str, Dict[str, float]] = {}
   for point, run, step in points(size, names):
     path = os.path.join(args.root, "points", f"{point}.json")
@@ -412,7 +427,8 @@ def main(argv=None) -> None:
         results["points"][point] = add_step_cost(json.load(f), args.root, path, step_costs)
       continue
     log(f"scoring {point}")
-    result = score_point(point, run, step, args.root, size, evaluator, reference, step_costs)
+    result = score_point(point, run, step, args.root, size, *evaluator_and_reference(),
+                         step_costs)
     with open(path, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     results["points"][point] = result
