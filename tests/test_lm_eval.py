@@ -122,12 +122,19 @@ def test_the_harness_finds_the_backend_in_its_registry():
   assert get_model("armd_jax") is backend.ArmdLM
 
 
-def test_multiple_choice_and_last_word_scores_are_our_exact_cached_scores(
-    armd, tiny_workdir, tasks):
-  out = evaluator.simple_evaluate(
+@pytest.fixture(scope="module")
+def harness_out(tiny_workdir, tasks):
+  """One harness run of our three tasks on the shared `tiny` workdir, the backend named
+  by its registry name with batch size 4 (each run also logs the harness's environment
+  report, which takes seconds)."""
+  return evaluator.simple_evaluate(
       model="armd_jax", model_args={"workdir": tiny_workdir, "batch_size": 4},
-      tasks=["tiny_choice", "tiny_lastword"], task_manager=tasks,
+      tasks=["tiny_choice", "tiny_lastword", "tiny_rolling"], task_manager=tasks,
       log_samples=True, bootstrap_iters=0)
+
+
+def test_multiple_choice_and_last_word_scores_are_our_exact_cached_scores(armd, harness_out):
+  out = harness_out
   hits = []
   for sample in out["samples"]["tiny_choice"]:
     doc = sample["doc"]
@@ -149,11 +156,8 @@ def test_multiple_choice_and_last_word_scores_are_our_exact_cached_scores(
       math.exp(-total / words), rel=1e-4)
 
 
-def test_rolling_perplexity_scores_every_token_once_with_full_windows(
-    armd, tiny_workdir, tasks):
-  out = evaluator.simple_evaluate(
-      model=armd, tasks=["tiny_rolling"], task_manager=tasks,
-      log_samples=True, bootstrap_iters=0)
+def test_rolling_perplexity_scores_every_token_once_with_full_windows(armd, harness_out):
+  out = harness_out
   n = armd.max_len
   total_ll, total_bytes = 0.0, 0
   for sample, doc in zip(out["samples"]["tiny_rolling"], DOCUMENTS):
