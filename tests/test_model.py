@@ -1,5 +1,6 @@
 """Properties of the ARMD network (docs/method.md, section 2), each stated as a sentence."""
 
+import functools
 import itertools
 
 import jax
@@ -22,6 +23,13 @@ CHUNKED = dict(prefix_aggregation="chunked", prefix_chunk=4)
 ATTENTIONS = [pytest.param({}, id="xla"), pytest.param(CHUNKED, id="xla-chunked-prefix"),
               pytest.param(dict(attention="auto"), id="auto"),
               pytest.param(PALLAS, id="pallas")]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def compiled_apply(model, params, tokens, ids):
+  """`model.apply` as one compiled program per model and shapes, for tests whose shapes or
+  dtype no other test runs op by op (the inputs are traced, so values are not checked)."""
+  return model.apply(params, tokens, ids)
 
 
 def random_ids_with_ties(rng, batch, length):
@@ -110,7 +118,7 @@ def test_probabilities_of_all_sequences_sum_to_one(order, attention):
       "multi_token_blocks": jnp.array([2, 1, 2, 1]),
   }[order]
   ids = jnp.broadcast_to(ids, seqs.shape)
-  log_p = token_log_probs(model.apply(params, seqs, ids), seqs).sum(-1)
+  log_p = token_log_probs(compiled_apply(model, params, seqs, ids), seqs).sum(-1)
   np.testing.assert_allclose(jnp.exp(log_p).sum(), 1.0, atol=1e-5)
 
 
@@ -125,10 +133,16 @@ def test_two_stream_depth_and_attention_settings_keep_strict_causality(attention
     assert leaks == [] and misses == [], n2s
 
 
+def bfloat16_inputs():
+  """Tokens and tied block ids the two bfloat16 tests share (one compiled forward)."""
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 13)
+  return tokens, random_ids_with_ties(jax.random.PRNGKey(1), 2, 12)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model, params = init_model(tiny_config(dtype="bfloat16"))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  logits = model.apply(params, jnp.zeros((1, 8), jnp.int32), orders.left_to_right(1, 8))
+  logits = compiled_apply(model, params, *bfloat16_inputs())
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
@@ -224,8 +238,8 @@ def test_lean_forward_gives_the_logits_of_the_full_two_stream_forward(attention,
 
 def test_the_lean_check_catches_a_forward_that_drops_the_last_content_layer(tiny):
   model, params = tiny
-  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, 13)
-  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, 8)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, LENGTH), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, LENGTH)
   full = np.asarray(model.apply(params, tokens, ids, method=full_two_stream_forward))
   shallower = init_model(tiny_config(num_two_stream_layers=1))[0]  # same parameter tree
   wrong = np.asarray(shallower.apply(params, tokens, ids))
@@ -271,12 +285,11 @@ def test_prefix_mean_is_exact_in_float32_above_256_tokens():
 
 
 def test_bfloat16_model_with_chunked_prefix_matches_dense_prefix():
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 13)
-  ids = random_ids_with_ties(jax.random.PRNGKey(1), 2, 12)
-  out = [init_model(tiny_config(dtype="bfloat16", **extra), length=12)
-         for extra in ({}, CHUNKED)]
-  dense = out[0][0].apply(out[0][1], tokens, ids)
-  chunked = out[1][0].apply(out[0][1], tokens, ids)
+  tokens, ids = bfloat16_inputs()
+  model, params = init_model(tiny_config(dtype="bfloat16"))
+  chunked_model = model.clone(config=model.config.replace(**CHUNKED))  # the same parameters
+  dense = compiled_apply(model, params, tokens, ids)
+  chunked = compiled_apply(chunked_model, params, tokens, ids)
   np.testing.assert_allclose(chunked, dense, atol=0.1)
 
 
