@@ -58,8 +58,12 @@ def random_qkv(rng, batch, nq, nk, heads, dim, dtype):
 
 
 def value_and_grads(attention, q, k, v, do):
-  out, vjp = jax.vjp(attention, q, k, v)
-  return out, vjp(do)
+  """(out, (dq, dk, dv)) of `attention` at cotangent `do`, compiled as one program (the
+  ids `attention` closes over stay concrete, as the kernel's tile plan needs)."""
+  def forward_and_backward(q, k, v, do):
+    out, vjp = jax.vjp(attention, q, k, v)
+    return out, vjp(do)
+  return jax.jit(forward_and_backward)(q, k, v, do)
 
 
 RANGES, PER_TILE = {}, {"schedule": "per_tile"}
