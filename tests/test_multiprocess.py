@@ -7,13 +7,15 @@ devices trained once for the module (`reference`):
   and restarted, they resume from the bucket and end with the reference's losses and
   parameters; `sample` and `evaluate` read the same URL; nothing is written locally;
 - on a copy of the reference with a damaged newest step, they agree that a changed model
-  stops both and that the damaged step is skipped by both.
+  stops both and that the damaged step is skipped by both, and a SIGTERM to one of them
+  makes both save one agreed step and exit 143.
 
 Every process is a fresh interpreter: the device count and `jax.distributed` must be
 set before JAX starts.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from armd_jax import storage, train
-from armd_jax.train import checkpoints
+from armd_jax.train import checkpoints, preemption
 
 from conftest import host_devices_env
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
@@ -87,11 +89,11 @@ def _kill_all(procs):
     p.wait()
 
 
-def kill_pair_after(procs, logs, step):
-  """SIGKILLs both processes once process 0 prints the progress line of `step` (or ends,
-  or TIMEOUT_S passes); closes their log files and returns process 0's stdout lines."""
+def read_until_step(procs, step):
+  """Process 0's stdout lines up to its progress line of `step` (or its end); both
+  processes are killed if that takes more than TIMEOUT_S, so a hang cannot block."""
   output = []
-  watchdog = threading.Timer(TIMEOUT_S, _kill_all, [procs])  # a hang cannot block the read
+  watchdog = threading.Timer(TIMEOUT_S, _kill_all, [procs])
   watchdog.start()
   try:
     for line in procs[0].stdout:
@@ -100,12 +102,20 @@ def kill_pair_after(procs, logs, step):
         break
   finally:
     watchdog.cancel()
+  return output
+
+
+def kill_pair_after(procs, logs, step):
+  """SIGKILLs both processes once process 0 prints the progress line of `step` (or ends,
+  or TIMEOUT_S passes); closes their log files and returns process 0's stdout lines."""
+  try:
+    return read_until_step(procs, step)
+  finally:
     for p in procs:
       p.send_signal(signal.SIGKILL)
     _kill_all(procs)
     for f in logs:
       f.close()
-  return output
 
 
 def finish_pair(procs, logs, log_dir, attempt):
@@ -207,14 +217,16 @@ def test_two_processes_in_a_bucket_killed_and_restarted_match_one_local_process(
 
 
 @pytest.mark.slow
-def test_two_processes_agree_a_changed_model_stops_both_a_damaged_step_is_skipped_by_both(
+def test_two_processes_agree_to_stop_on_another_model_skip_a_damaged_step_and_save_one_step_on_a_sigterm(
     reference, tmp_path):
   """A copy of the 1-process run (8 devices; steps 4, 8 and 12), step 12 removed as if
   killed after step 8 and step 8's arrays truncated.
   Two processes (4 devices each) started with another d_model both exit non-zero naming
-  the field, moving nothing; started with the run's config both report step 8 damaged,
-  resume from step 4 (with a data-iterator restart: the process count changed), finish,
-  and redo steps 5..12 with the 1-process run's losses (same state, same global batches).
+  the field, moving nothing. Started with the run's config both report step 8 damaged,
+  resume from step 4 (with a data-iterator restart: the process count changed) and redo
+  steps from 5 with the 1-process run's losses (same state, same global batches); a
+  SIGTERM to the second process only at step 5 (jax's preemption service turns a notice on
+  one host into one step for all hosts) makes both save one agreed step and exit 143.
   Old code: each process judged alone (both steps 'damaged', moved, training from 0)."""
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
   os.makedirs(log_dir)
@@ -232,16 +244,29 @@ def test_two_processes_agree_a_changed_model_stops_both_a_damaged_step_is_skippe
     assert "config.model.d_model: saved 32, now 64" in text, text[-3000:]
   assert listing(workdir) == before
 
-  # 2. The run's config: both skip step 8 and resume from step 4.
+  # 2. The run's config: both skip step 8 and resume from step 4; process 1 is preempted.
   procs, logs = start_pair(workdir, log_dir, 2)
-  codes, texts = finish_pair(procs, logs, log_dir, 2)
-  assert codes == [0, 0], [t[-3000:] for t in texts]
+  try:
+    until_sigterm = "".join(read_until_step(procs, 5))
+    procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+  finally:
+    codes, texts = finish_pair(procs, logs, log_dir, 2)
+  texts[0] = until_sigterm + texts[0]
+  assert codes == [preemption.EXIT_STATUS] * 2, [t[-3000:] for t in texts]
   for text in texts:
     assert "checkpoint at step 8 is damaged (unreadable array" in text, text[-3000:]
     assert "resuming from step 4" in text
     assert "saved by 1 process(es), this run has 2" in text
   assert os.listdir(os.path.join(workdir, checkpoints.DAMAGED_DIR)) == ["8"]
-  again = last_loss_per_step(workdir)
-  assert sorted(again) == list(range(1, NUM_STEPS + 1))
-  for step in range(5, NUM_STEPS + 1):
-    assert abs(again[step] - first[step]) <= LOSS_RTOL * abs(first[step]), (step, again, first)
+  agreed = {int(m) for text in texts
+            for m in re.findall(r"saved a checkpoint at step (\d+)", text)}
+  assert len(agreed) == 1, agreed  # both processes name one step
+  stopped = agreed.pop()
+  saved = {int(s) for s in os.listdir(checkpoints.checkpoint_dir(workdir)) if s.isdigit()}
+  assert 5 < stopped < NUM_STEPS and stopped in saved, (stopped, saved)
+  # The records after the 12 copied ones are the two processes' own: steps 5..stopped.
+  redone = [(r["step"], r["train/loss"]) for r in train.read_metrics(workdir)
+            if "train/loss" in r][NUM_STEPS:]
+  assert [step for step, _ in redone] == list(range(5, stopped + 1)), redone
+  for step, loss in redone:
+    assert abs(loss - first[step]) <= LOSS_RTOL * abs(first[step]), (step, redone, first)
