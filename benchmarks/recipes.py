@@ -24,8 +24,8 @@ N = 128; batch --batch) on the same data, seed and step budget, changing one thi
                    improve with rho).
   ar               the evaluator: an AR model of the same size and steps.
 
-For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 (the
-first --eval_batches held-out batches) with the strided / left-to-right ratios;
+For each point: exact held-out perplexity left to right and strided S = 2, 4, 8 (--smoke:
+S = 4; the first --eval_batches held-out batches) with the strided / left-to-right ratios;
 unconditional samples (--gen_samples each) from the sequential, strided S = 2, 4, 8 and
 confidence (k = 4) samplers (--smoke: sequential, S = 4 and confidence; 5 MAUVE
 resamples) with generative perplexity, unigram entropy and MAUVE under the evaluator
@@ -76,10 +76,11 @@ MIX_STREAMS = (2, 4)
 SIZES = {
     "full": dict(compare.SIZES["full"], batch=16, steps=800, eval_batches=16,
                  sbp_steps=SBP_STEPS),
-    # Smoke: the pipeline, not quality. One strided and one confidence sampler (S = 2 and 8
-    # run the same code as S = 4) and a short MAUVE bootstrap keep the compiles few.
+    # Smoke: the pipeline, not quality. Strided S = 4 only, in perplexity and among the
+    # samplers (S = 2 and 8 run the same code), and a short MAUVE bootstrap keep the
+    # compiles few.
     "smoke": dict(compare.SIZES["smoke"], num_layers=4, steps=12, eval_batches=2, gen_samples=8,
-                  sbp_steps=(4, 8), gen_streams=(1, 4), mauve_bootstrap=5),
+                  sbp_steps=(4, 8), strides=(4,), gen_streams=(1, 4), mauve_bootstrap=5),
 }
 CONTINUED = ("sbp", "cont")  # runs that continue the base run, read at SBP_STEPS
 # point -> (run it is read from, the step it is read at (None: the last), overrides).
@@ -167,8 +168,9 @@ def evaluator_name(step: int) -> str:
 def perplexities(trained, workdir: str, size: Dict) -> Dict[str, Dict]:
   """Exact held-out perplexities left to right and strided (first eval_batches)."""
   out = {}
+  strides = size.get("strides", STRIDES)
   for order in [ev.EvalOrder("left_to_right")] + [ev.EvalOrder("strided", streams=s)
-                                                  for s in STRIDES if s <= size["seq_len"]]:
+                                                  for s in strides if s <= size["seq_len"]]:
     result = ev.evaluate_perplexity(trained.model, trained.params,
                                     compare.heldout_batches(trained, workdir), order=order,
                                     max_batches=size["eval_batches"])

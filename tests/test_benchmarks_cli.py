@@ -177,7 +177,7 @@ def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path
   assert [points[p]["step"] for p in ("sbp4", "sbp8")] == [4, 8]
   for name in ("base", "sbp4", "sbp8"):
     ppl = points[name]["perplexity"]
-    assert {"left_to_right", "strided S=2", "strided S=4", "strided S=8"} <= set(ppl)
+    assert set(ppl) == {"left_to_right", "strided S=4"}  # the strides of --smoke
     ratio = ppl["strided S=4"]["ppl"] / ppl["left_to_right"]["ppl"]
     assert abs(ppl["strided S=4"]["over_left_to_right"] - ratio) < 1e-9
     samplers = [row["sampler"] for row in points[name]["generation"]]  # those of --smoke
