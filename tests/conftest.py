@@ -139,7 +139,6 @@ QUICK_TIER_EXCLUDES = (
     "test_eval.py::test_strided_decoding_saves_calls_not_flops_and_confidence_probes_cost_full_passes",
     "test_kernels.py::test_two_stream_kernel_never_touches_skipped_tiles",
     "test_kernels_sharded.py::test_kernel_inside_shard_map_over_batch_and_heads_matches_the_reference",
-    "test_learns_ar.py::test_forty_left_to_right_steps_take_a_deterministic_corpus_well_below_uniform",
     "test_lm_eval.py::test_generate_until_stops_at_an_until_string_and_max_gen_toks",
     "test_lm_eval.py::test_is_greedy_is_true_exactly_for_the_greedy_continuation",
     "test_lm_eval.py::test_multiple_choice_and_last_word_scores_are_our_exact_cached_scores",
