@@ -47,6 +47,7 @@ the plot docs/img/recipes.png (full mode, seed 0).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -407,16 +408,13 @@ def main(argv=None) -> None:
     train.train_and_evaluate(config, workdir)
 
   ar_dir = args.evaluator or os.path.join(args.root, "ar")
-  scorer = {}  # the evaluator and the reference features, loaded once a point needs them
-
-  def evaluator_and_reference():
-    if not scorer:
-      ar = train.load_trained(ar_dir)
-      evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab, name=evaluator_name(ar.step))
-      ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, ar_dir),
-                                          size["gen_samples"], size["seq_len"])
-      scorer["both"] = evaluator, ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
-    return scorer["both"]
+  @functools.cache
+  def evaluator_and_reference():  # loaded once, when the first point needs scoring
+    ar = train.load_trained(ar_dir)
+    evaluator = ev.ModelEvaluator(ar.model, ar.params, ar.vocab, name=evaluator_name(ar.step))
+    ref_tokens, ref_mask = ev.take_rows(compare.heldout_batches(ar, ar_dir),
+                                        size["gen_samples"], size["seq_len"])
+    return evaluator, ev.evaluator_features(ref_tokens, evaluator, mask=ref_mask)
 
   results = {"mode": mode, "size": size, "seed": args.seed, "data": data_path,
              "device": str(jax.devices()[0]), "evaluator": evaluator_name(last_step(ar_dir)),
