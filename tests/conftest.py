@@ -173,8 +173,36 @@ QUICK_TIER_EXCLUDES = (
 )
 
 
+# `-n 2 --dist loadfile` hands whole files to the two workers, by default the files with the
+# most tests first, which left the multi-process file for the end and one worker idle for
+# over a minute. Instead the files of the longest total time go first (longest processing
+# time first), in the order of a full run's junit profile (benchmarks/results/
+# test_suite_time.md), so the workers end close together; unlisted files follow in
+# collection order. Which tests run, and in which worker they share fixtures, is unchanged.
+LONGEST_FILES_FIRST = (
+    "test_benchmarks_cli.py", "test_sampling.py", "test_multiprocess.py", "test_model.py",
+    "test_notebooks.py", "test_sampling_features.py", "test_train.py", "test_kernels.py",
+    "test_baselines.py", "test_device_suite.py", "test_compile_check.py", "test_lm_eval.py",
+    "test_restore_mesh.py", "test_train_mesh.py", "test_lock.py", "test_convert.py",
+)
+
+
+def pytest_configure(config):
+  """Keeps the file order of `pytest_collection_modifyitems` for xdist's scheduler."""
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7
+    config.option.loadscopereorder = False
+
+
+def file_rank(item) -> int:
+  name = item.nodeid.split("::", 1)[0].split("/")[-1]
+  return (LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST
+          else len(LONGEST_FILES_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Marks later cases of a parametrized test, and QUICK_TIER_EXCLUDES, as slow."""
+  """Puts the longest files first (stable: tests keep their order within a file); marks
+  later cases of a parametrized test, and QUICK_TIER_EXCLUDES, as slow."""
+  items.sort(key=file_rank)
   seen = set()
   for item in items:
     base = item.nodeid.split("[", 1)[0]

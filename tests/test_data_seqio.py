@@ -1,7 +1,9 @@
 """The hub-backed paths on local data: seqio Tasks, TFDS (lm1b, tiny_shakespeare) through
 `tfds.testing.mock_data` fed with local text, and OpenWebText with `datasets` replaced by
-local documents. These import TensorFlow (once per module), hence `slow`."""
+local documents. They need TensorFlow, imported by the first test that uses it (not at
+collection, which every xdist worker does), hence `slow`."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -10,10 +12,10 @@ import pytest
 from armd_jax import data
 from armd_jax.data import cache, sources
 
-pytestmark = pytest.mark.slow
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
-seqio = pytest.importorskip("seqio")
+HUB_LIBRARIES = ("tensorflow", "tensorflow_datasets", "seqio")  # the [data] extra
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in HUB_LIBRARIES),
+    reason=f"needs {', '.join(HUB_LIBRARIES)} (the [data] extra)")]
 
 SENTENCES = [f"sentence number {i} of the billion word benchmark ." for i in range(40)]
 
@@ -62,6 +64,8 @@ def test_seqio_task_wraps_hugging_face_tokenizers(tmp_path):
 
 def local_tfds(texts_by_split):
   """mock_data hook: serves {'text': ...} examples of a TFDS split from local strings."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   def as_dataset(builder, split, *args, **kwargs):
     del builder, args, kwargs
