@@ -53,7 +53,8 @@ def test_load_trained_returns_the_saved_config_model_ema_params_and_vocab(tiny_r
   assert ema_leaf.shape == raw_leaf.shape and not np.array_equal(ema_leaf, raw_leaf)
   # The final eval used the EMA params: recompute its NLL from the loaded model.
   tokens = jnp.asarray([trained.vocab.encode("the cat sat on the mat.")[:16]])
-  logits = trained.model.apply(trained.params, tokens, orders.left_to_right(*tokens.shape))
+  logits = jax.jit(trained.model.apply)(trained.params, tokens,
+                                        orders.left_to_right(*tokens.shape))
   assert np.isfinite(np.asarray(logits)).all()
 
 
@@ -152,9 +153,15 @@ def test_left_to_right_training_loss_equals_the_exact_eval_nll(tiny_run):
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, 259, (2, 16)), jnp.int32),
            "mask": jnp.asarray([[1] * 16, [1] * 10 + [0] * 6], jnp.int32)}
-  loss, _ = state_lib.compute_loss(trained.model, trained.params, batch, jax.random.PRNGKey(0),
-                                   jnp.int32(0), order_config_from(config), deterministic=True)
-  sums = state_lib.eval_metrics(trained.model, trained.params, batch, jax.random.PRNGKey(0))
+  order = order_config_from(config)
+
+  @jax.jit  # one compile, not one per primitive of the eager forward passes
+  def loss_and_sums(params, batch, rng):
+    loss, _ = state_lib.compute_loss(trained.model, params, batch, rng, jnp.int32(0), order,
+                                     deterministic=True)
+    return loss, state_lib.eval_metrics(trained.model, params, batch, rng)
+
+  loss, sums = loss_and_sums(trained.params, batch, jax.random.PRNGKey(0))
   assert float(sums["num_tokens"]) == 26
   np.testing.assert_allclose(loss, sums["nll_sum"] / sums["num_tokens"], rtol=1e-6)
 
@@ -208,15 +215,17 @@ def test_the_train_step_compiles_once_and_advances_the_step():
 
 @pytest.mark.slow
 def test_the_readme_quickstart_command_runs_end_to_end_and_prints_samples(tmp_path):
-  # The README's command with fewer steps: same corpus (the stdlib), model and sampler.
+  # The README's command with its own overrides for fewer steps, a smaller batch and
+  # shorter samples: same corpus (the stdlib), model and sampler.
   result = subprocess.run(
       [sys.executable, "-m", "armd_jax.main", "--config=configs/quickstart.py",
-       f"--workdir={tmp_path}", "--config.train.num_steps=6", "--config.train.log_every=3",
-       "--config.eval.num_batches=1", "--config.sample.length=32"],
+       f"--workdir={tmp_path}", "--config.train.num_steps=2", "--config.train.log_every=2",
+       "--config.train.global_batch_size=4", "--config.eval.num_batches=1",
+       "--config.sample.length=32"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  assert "step 6/6  loss" in out and "tokens/s" in out and "ETA" in out
-  assert "eval at step 6: nll" in out
+  assert "step 2/2  loss" in out and "tokens/s" in out and "ETA" in out
+  assert "eval at step 2: nll" in out
   assert "2 samples of 32 tokens (armd, 2 stream(s)), 17 network calls:" in out
   assert out.count("--- sample ") == 2
