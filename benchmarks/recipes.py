@@ -77,10 +77,11 @@ MIX_STREAMS = (2, 4)
 SIZES = {
     "full": dict(compare.SIZES["full"], batch=16, steps=800, eval_batches=16,
                  sbp_steps=SBP_STEPS),
-    # Smoke: the pipeline, not quality. Strided S = 4 only, in perplexity and among the
+    # Smoke: the pipeline, not quality. compare.py's 2 layers (one two-stream: depth1 and
+    # depth3 are then the base model), strided S = 4 only, in perplexity and among the
     # samplers (S = 2 and 8 run the same code), and a short MAUVE bootstrap keep the
-    # compiles few.
-    "smoke": dict(compare.SIZES["smoke"], num_layers=4, steps=12, eval_batches=2, gen_samples=8,
+    # compiles few and small.
+    "smoke": dict(compare.SIZES["smoke"], steps=12, eval_batches=2, gen_samples=8,
                   sbp_steps=(4, 8), strides=(4,), gen_streams=(1, 4), mauve_bootstrap=5),
 }
 CONTINUED = ("sbp", "cont")  # runs that continue the base run, read at SBP_STEPS
@@ -96,7 +97,7 @@ RUNS = {
                                                    streams=MIX_STREAMS)),
     "mix_random25": dict(base="armd", order=dict(mix_kind="random", mix_share=0.25)),
     "depth1": dict(base="armd", model=dict(num_two_stream_layers=1)),
-    "depth3": dict(base="armd", model=dict(num_two_stream_layers=3)),
+    "depth3": dict(base="armd"),  # L - 1 two-stream layers (run_config)
     "rho32": dict(base="armd", order=dict(rho=32)),
 }
 
@@ -112,6 +113,8 @@ def run_config(name: str, size: Dict, data_path: str, root: str, seed: int = 0):
   c.checkpoint.max_to_keep = 100
   for section in ("model", "order"):
     c[section].update(spec.get(section, {}))
+  if name == "depth3":
+    c.model.num_two_stream_layers = size["num_layers"] - 1
   if name in CONTINUED:  # constant rate so that every prefix is a shorter run
     c.train.num_steps = max(size["sbp_steps"])
     c.train.eval_every = 0
