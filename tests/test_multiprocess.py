@@ -5,7 +5,8 @@ devices trained once for the module (`reference`):
 
 - with `--workdir=gs://BUCKET/run` (a local fake-gcs-server), SIGKILLed together mid-run
   and restarted, they resume from the bucket and end with the reference's losses and
-  parameters; `sample` and `evaluate` read the same URL; nothing is written locally;
+  parameters; sampling and evaluation (what the `sample` and `evaluate` commands run)
+  read the same URL; nothing is written locally;
 - on a copy of the reference with a damaged newest step, they agree that a changed model
   stops both and that the damaged step is skipped by both, and a SIGTERM to one of them
   makes both save one agreed step and exit 143.
@@ -157,8 +158,9 @@ def test_two_processes_in_a_bucket_killed_and_restarted_match_one_local_process(
   """`--workdir=gs://BUCKET/run` on 2 processes x 4 CPU devices: both write their
   checkpoint parts to the bucket, are SIGKILLed together after step 9, restart and resume
   from the bucket; every step's loss equals the 1-process x 8-device local run within
-  LOSS_RTOL and so do the final parameters. `sample` and `evaluate` read the same URL, and
-  nothing is written to the processes' cwd (no local `gs:` folder)."""
+  LOSS_RTOL and so do the final parameters. Sampling and evaluation (`sample_from_workdir`
+  and `evaluate_workdir`, what the `sample` and `evaluate` commands run) read the same URL,
+  and nothing is written to the cwd of any of them (no local `gs:` folder)."""
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.setenv(storage.LOCAL_CACHE_VARIABLE, str(tmp_path / "local_cache"))
@@ -204,16 +206,17 @@ def test_two_processes_in_a_bucket_killed_and_restarted_match_one_local_process(
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
-  # 4. The other commands read the run from its URL.
-  for tool, flags in (("sample", ["--num_samples=1", "--length=8"]),
-                      ("evaluate", ["--max_batches=1", f"--output={run}/eval.json"])):
-    result = subprocess.run([sys.executable, "-m", f"armd_jax.{tool}", f"--workdir={run}",
-                             *flags], cwd=cwd, env=environment(1), text=True,
-                            capture_output=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, tool + result.stdout[-1000:] + result.stderr[-2000:]
-  assert f'"step": {NUM_STEPS}' in storage.path(f"{run}/eval.json").read_text()
+  # 4. Sampling and evaluation read the run from its URL, in this process (the commands
+  #    themselves run in tests/test_cli_output.py) and the same empty cwd.
+  from armd_jax import evaluate as evaluate_command  # pylint: disable=import-outside-toplevel
+  from armd_jax import sample as sample_command  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(cwd)
+  samples = sample_command.sample_from_workdir(run, num_samples=1, length=8, warmup=False)
+  assert samples.step == NUM_STEPS and len(samples.texts) == 1
+  results = evaluate_command.evaluate_workdir(run, max_batches=1)
+  assert results["step"] == NUM_STEPS and results["workdir"] == run and results["heldout"]
   local_files = [os.path.join(d, n) for d, dirs, files in os.walk(cwd) for n in dirs + files]
-  assert local_files == []  # no `gs:` folder (nor anything else) in the processes' cwd
+  assert local_files == []  # no `gs:` folder (nor anything else) in the cwd
 
 
 @pytest.mark.slow
