@@ -133,7 +133,7 @@ def find_config(name):
 config = config_from_file(find_config("quickstart"))
 config.sample.num_samples = 0
 config.train.num_steps, config.train.eval_every = 200, 0
-if SMALL:  # CI-sized
+if SMALL:  # CI-sized (also the quickstart and generation notebooks' small run)
   config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 2, 2
   config.model.mlp_dim, config.model.d_pe = 64, 16
   config.model.max_len = config.train.seq_len = 64

@@ -86,10 +86,11 @@ def quickstart_config(kind):
   c = config_from_file(find_config("quickstart"))
   c.model.kind = kind
   c.sample.num_samples, c.train.eval_every = 0, 0
-  if SMALL:  # CI-sized: 2 narrow layers, 32-byte sequences, 10 steps
+  if SMALL:  # CI-sized: 2 narrow layers, 64-byte sequences, 10 steps; the other notebooks'
+    # small run, so CI's compilation cache holds the ARMD train step once
     c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 2
     c.model.mlp_dim, c.model.d_pe = 64, 16
-    c.model.max_len = c.train.seq_len = 32
+    c.model.max_len = c.train.seq_len = 64
     c.train.num_steps, c.train.global_batch_size, c.eval.num_batches = 10, 8, 1
     c.train.log_every = 5
   return c

@@ -102,11 +102,12 @@ def find_config(name):
 config = config_from_file(find_config("quickstart"))
 config.sample.num_samples = 0  # we sample below
 config.train.log_every = 10
-if SMALL:  # CI-sized: a narrower model, shorter sequences, 20 steps (same code path)
-  config.model.d_model, config.model.num_layers, config.model.num_heads = 64, 2, 2
-  config.model.mlp_dim, config.model.d_pe = 128, 32
+if SMALL:  # CI-sized: a narrower model, shorter sequences, 10 steps (same code path); the
+  # other notebooks' small run, so CI's compilation cache holds its train step once
+  config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 2, 2
+  config.model.mlp_dim, config.model.d_pe = 64, 16
   config.model.max_len = config.train.seq_len = 64
-  config.train.num_steps, config.train.global_batch_size = 20, 8
+  config.train.num_steps, config.train.global_batch_size = 10, 8
   config.train.log_every, config.train.eval_every, config.eval.num_batches = 5, 0, 2
 workdir = tempfile.mkdtemp(prefix="armd_quickstart_")
 print(f"{config.train.num_steps} steps of {config.train.global_batch_size} x "
