@@ -24,6 +24,15 @@ def run_script(*argv, timeout=900):
   return run
 
 
+def _load_benchmark(name):
+  """benchmarks/<name>.py as a module (its main(argv) runs the command in this process)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_compare_names_a_missing_data_file():
   missing = os.path.join(ROOT, "no_such_dir", "input.txt")
   run = subprocess.run([sys.executable, "benchmarks/compare.py", "--smoke", "--data", missing],
@@ -35,9 +44,9 @@ def test_compare_names_a_missing_data_file():
 @pytest.mark.slow
 def test_decode_speed_counts_the_cache_setup_once_and_each_call_width_apart(tmp_path):
   out = tmp_path / "decode_speed.json"
-  run_script("benchmarks/decode_speed.py", "--settings=micro:16", "--streams=4",
-             "--flops_streams=4", "--repeats=1", "--nocache_calls=2", "--parts",
-             "--part_loops=2", f"--out={out}")
+  _load_benchmark("decode_speed").main([  # its command line's arguments, in this process
+      "--settings=micro:16", "--streams=4", "--flops_streams=4", "--repeats=1",
+      "--nocache_calls=2", "--parts", "--part_loops=2", f"--out={out}"])
   results = json.loads(out.read_text())
   assert {"machine", "command", "records"} <= set(results)
   (record,) = results["records"]
@@ -77,8 +86,8 @@ def test_decode_speed_rejects_an_unknown_model():
 @pytest.mark.slow
 def test_train_throughput_times_the_three_variants(tmp_path):
   out = tmp_path / "throughput"
-  run_script("benchmarks/train_throughput.py", "--sizes=micro", "--trials=1",
-             f"--out={out}")
+  _load_benchmark("train_throughput").main([  # its command line's arguments, in this process
+      "--sizes=micro", "--trials=1", f"--out={out}"])
   results = json.loads((tmp_path / "throughput.json").read_text())
   assert {r["model"] for r in results["results"]} == {"armd", "ar", "armd_l2r_1s"}
   assert all(r["step_ms"] > 0 and r["xla_gflop_per_step"] > 0 for r in results["results"])
@@ -241,14 +250,6 @@ def test_compare_tables_flops_per_sample_beside_calls_and_milliseconds():
   results["generation"] = results["generation"][:1]  # below 1 GFLOP: MFLOP
   table = compare.markdown(results)
   assert "| ms / sample | MFLOP / sample |" in table and "| 250.0 |" in table
-
-
-def _load_benchmark(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_strided_gap_puts_an_excess_at_stream_starts_where_it_is():
