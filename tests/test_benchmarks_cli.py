@@ -1,6 +1,7 @@
-"""Benchmark scripts: every one runs from its command line at tiny sizes and writes its
-results file with the expected keys (so none can rot unseen), clear errors on missing
-inputs, and the decode FLOPs accounting (cache setup counted once, not in a call)."""
+"""Benchmark scripts: every one runs its command at tiny sizes (a new Python, or its
+main(argv) with the same arguments in the test process) and writes its results file with
+the expected keys (so none can rot unseen), clear errors on missing inputs, and the
+decode FLOPs accounting (cache setup counted once, not in a call)."""
 
 import importlib.util
 import json
@@ -172,15 +173,15 @@ def test_the_adaptation_plot_draws_every_run_of_the_committed_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path):
+def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path, capsys):
   corpus = tmp_path / "corpus.txt"  # a made-up corpus: this repository's own sources
   corpus.write_text("".join(open(os.path.join(ROOT, "armd_jax", name), encoding="utf-8").read()
                             for name in ("orders.py", "losses.py", "objectives.py")) * 4)
   out, root = tmp_path / "recipes", tmp_path / "runs"
-  args = ("benchmarks/recipes.py", "--smoke", f"--data={corpus}", f"--root={root}",
-          "--runs=ar,base,sbp", f"--out={out}")
-  first = run_script(*args)
-  assert "training sbp" in first.stdout
+  recipes = _load_benchmark("recipes")  # its main(argv) runs the command in this process
+  argv = ["--smoke", f"--data={corpus}", f"--root={root}", "--runs=ar,base,sbp", f"--out={out}"]
+  recipes.main(argv)
+  assert "training sbp" in capsys.readouterr().out
   results = json.loads((tmp_path / "recipes.json").read_text())
   points = results["points"]
   assert list(points) == ["ar", "base", "sbp4", "sbp8"]  # the SBP lengths of --smoke
@@ -198,8 +199,9 @@ def test_recipes_scores_every_sbp_checkpoint_and_reuses_finished_points(tmp_path
   # the two-stream lower half costs ARMD FLOPs per train step over AR of the same size
   assert points["base"]["train_gflop_per_step"] > points["ar"]["train_gflop_per_step"] > 0
   assert points["base"]["train_step_seconds"] > 0
-  second = run_script(*args)  # everything is reused: no training, no scoring
-  assert "training" not in second.stdout and "scoring" not in second.stdout
+  recipes.main(argv)  # everything is reused: no training, no scoring
+  second = capsys.readouterr().out
+  assert "wrote" in second and "training" not in second and "scoring" not in second
   assert json.loads((tmp_path / "recipes.json").read_text())["points"] == points
 
 
