@@ -49,7 +49,7 @@ flash = sys.modules["armd_jax.kernels.flash"]
 reference = sys.modules["armd_jax.kernels.reference"]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, Pallas interpreter, one rep (runs on CPU)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "attention_kernel.md"))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.smoke:
     args.lengths, args.head_dims, args.batch, args.heads = [64], [16], 1, 2
     args.block_sizes, args.warmup, args.reps = ["16,16"], 1, 1
@@ -120,8 +120,8 @@ def forward_and_backward(attention):
   return forward, both
 
 
-def main() -> None:
-  args = parse_args()
+def main(argv=None) -> None:
+  args = parse_args(argv)
   block_sizes = [tuple(int(x) for x in spec.split(",")) for spec in args.block_sizes]
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",

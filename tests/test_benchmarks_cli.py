@@ -135,7 +135,7 @@ def test_state_memory_reports_bytes_per_chip(tmp_path):
 @pytest.mark.slow
 def test_attention_kernel_smoke_writes_its_table(tmp_path):
   out = tmp_path / "attention_kernel.md"
-  run_script("benchmarks/attention_kernel.py", "--smoke", f"--out={out}")
+  _load_benchmark("attention_kernel").main(["--smoke", f"--out={out}"])  # in this process
   text = out.read_text()
   assert "SMOKE" in text
   for name in ("pallas 16x16", "xla masked reference", "xla causal"):
