@@ -11,10 +11,14 @@ devices trained once for the module (`reference`):
   stops both and that the damaged step is skipped by both, and a SIGTERM to one of them
   makes both save one agreed step and exit 143.
 
+The reference's fsdp=8 checkpoint also restores bitwise onto other meshes (fsdp=4 x
+tensor=2, one device), and training continues from it there with its losses.
+
 Every process is a fresh interpreter: the device count and `jax.distributed` must be
 set before JAX starts.
 """
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 
 import jax
@@ -132,6 +137,77 @@ def finish_pair(procs, logs, log_dir, attempt):
   texts = [out0 + open(os.path.join(log_dir, f"p0_{attempt}.log")).read(),
            open(os.path.join(log_dir, f"p1_{attempt}.log")).read()]
   return [p.returncode for p in procs], texts
+
+
+# Run in one process with 8 CPU devices: argv = the reference workdir, a scratch folder.
+RESTORE_SCRIPT = textwrap.dedent("""
+    import json, shutil, sys
+    import jax, numpy as np
+    import orbax.checkpoint as ocp
+    from armd_jax import train
+    from armd_jax.models import build_model
+    from armd_jax.train import checkpoints, partitioning, run_config, state as state_lib
+    from armd_jax.train.settings import model_config_from, settings_from
+
+    reference, root = sys.argv[1:]
+
+    def config(shape):  # the reference run's own config on another mesh
+      c = run_config.load_config(reference)
+      c.mesh.shape, c.mesh.rule_table = shape, "fsdp_tensor"
+      return c
+
+    # 1. The fsdp=8 checkpoint of step 8, restored onto fsdp=4 x tensor=2 (8 devices) and
+    #    onto one device, against the target-free restore of its saved arrays.
+    saved, step = checkpoints.restore_state_arrays(reference, step=8)  # one device
+    assert step == 8
+    out = {}
+    for name, shape, devices in (("fsdp4_tensor2", (1, 4, 2), jax.devices()),
+                                 ("one_device", (1, 1, 1), jax.devices()[:1])):
+      settings = settings_from(config(shape))
+      mesh = partitioning.make_mesh(settings.mesh, devices)
+      rules = partitioning.rules_of(settings.mesh)
+      tc = settings.train
+      _, abstract, _ = state_lib.train_state_layout(
+          build_model(model_config_from(config(shape))), settings.optim, tc.num_steps,
+          tc.seq_len, tc.seed, mesh, rules)
+      manager = checkpoints.make_manager(reference, 3, False, read_only=True)
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+      manager.close()
+      # `saved` is a dict (sorted keys); the TrainState flattens in field order, so
+      # compare field by field (inside a field both flatten alike).
+      pairs = []
+      for field in ("step", "rng", "params", "ema_params", "opt_state"):
+        got = jax.tree_util.tree_leaves_with_path(getattr(state, field))
+        want = jax.tree.leaves(saved[field])
+        assert len(got) == len(want), field
+        pairs += [(field + jax.tree_util.keystr(p), x, y) for (p, x), y in zip(got, want)]
+      mismatches = [name for name, x, y in pairs
+                    if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x),
+                                                                         np.asarray(y))]
+      layouts = [x.sharding == t.sharding for x, t in zip(jax.tree.leaves(state),
+                                                          jax.tree.leaves(abstract))]
+      wi = state.params["params"]["layer_0"]["mlp"]["wi"]["kernel"]
+      out[name] = {"mismatches": mismatches, "leaves": len(pairs), "on_target": all(layouts),
+                   "wi_spec": [a for a in wi.sharding.spec], "wi_devices": len(wi.devices())}
+
+    # 2. Training continues from step 8 on the new mesh (a copy, step 12 removed).
+    continued = f"{root}/continued_fsdp4_tensor2"
+    shutil.copytree(reference, continued)
+    shutil.rmtree(checkpoints.checkpoint_dir(continued) / "12")
+    train.train_and_evaluate(config((1, 4, 2)), continued)
+    print("RESULT", json.dumps(out))
+""")
+
+
+def losses_after_resume(workdir):
+  """{9..12: loss} as the run resumed at step 8 wrote them, after the records of steps
+  1..12 copied from the reference (metrics.jsonl is appended to)."""
+  records = [(r["step"], r["train/loss"]) for r in train.read_metrics(workdir)
+             if "train/loss" in r]
+  redone = list(range(9, NUM_STEPS + 1))
+  assert [s for s, _ in records] == list(range(1, NUM_STEPS + 1)) + redone, records
+  return dict(records[NUM_STEPS:])
 
 
 def last_loss_per_step(workdir):
@@ -273,3 +349,43 @@ def test_two_processes_agree_to_stop_on_another_model_skip_a_damaged_step_and_sa
   assert [step for step, _ in redone] == list(range(5, stopped + 1)), redone
   for step, loss in redone:
     assert abs(loss - first[step]) <= LOSS_RTOL * abs(first[step]), (step, redone, first)
+
+
+@pytest.mark.slow
+def test_a_fsdp8_checkpoint_restores_bitwise_on_other_meshes_and_training_continues(
+    reference, tmp_path):
+  """The reference's step-8 checkpoint (written on fsdp=8) restores onto fsdp=4 x
+  tensor=2 and onto one device with every leaf of the state (params, Adam moments, EMA,
+  step, rng) bitwise equal and laid out on the target mesh; training continues from it on
+  fsdp=4 x tensor=2 (in the 8-device process) and in a 1-device process through the
+  command, and steps 9-12 have the uninterrupted fsdp=8 run's losses within 1e-5 relative
+  (same data, same state, same step rng)."""
+  result = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, reference, str(tmp_path)],
+                          cwd=REPO, env=environment(8), text=True, capture_output=True,
+                          timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  out = json.loads(result.stdout.split("RESULT ", 1)[1])
+  print(out)
+  for name in ("fsdp4_tensor2", "one_device"):
+    assert out[name]["mismatches"] == [], out[name]
+    assert out[name]["leaves"] > 20 and out[name]["on_target"]
+  assert out["fsdp4_tensor2"]["wi_spec"] == ["fsdp", "tensor"]
+  assert out["fsdp4_tensor2"]["wi_devices"] == 8 and out["one_device"]["wi_devices"] == 1
+
+  # One device: a copy continues through the command in a 1-device process.
+  one = str(tmp_path / "continued_one_device")
+  shutil.copytree(reference, one)
+  shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(one), "12"))  # as if stopped at 8
+  result = subprocess.run(
+      [a for a in command(one, False) if not a.startswith("--config.mesh.")] +
+      ["--config.mesh.shape=(1, 1, 1)"], cwd=REPO, env=environment(1), text=True,
+      capture_output=True, timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "resuming from step 8" in result.stdout
+
+  expected = last_loss_per_step(reference)  # uninterrupted on fsdp=8
+  for workdir in ("continued_fsdp4_tensor2", "continued_one_device"):
+    got = losses_after_resume(str(tmp_path / workdir))
+    for step in got:
+      assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (
+          workdir, got, expected)
