@@ -34,12 +34,12 @@ def _load_benchmark(name):
   return module
 
 
-def test_compare_names_a_missing_data_file():
+def test_compare_names_a_missing_data_file(monkeypatch):
   missing = os.path.join(ROOT, "no_such_dir", "input.txt")
-  run = subprocess.run([sys.executable, "benchmarks/compare.py", "--smoke", "--data", missing],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert run.returncode != 0
-  assert f"no tiny Shakespeare file at {missing} (pass --data)" in run.stderr
+  monkeypatch.setattr(sys, "argv", ["benchmarks/compare.py", "--smoke", "--data", missing])
+  with pytest.raises(SystemExit) as exit_:  # the message Python prints on stderr, status 1
+    _load_benchmark("compare").main()
+  assert f"no tiny Shakespeare file at {missing} (pass --data)" in str(exit_.value.code)
 
 
 @pytest.mark.slow
@@ -77,11 +77,10 @@ def test_decode_speed_counts_the_cache_setup_once_and_each_call_width_apart(tmp_
                    ("attend_layer", "keys_values", "logits", "sample", "cache_write")}
 
 
-def test_decode_speed_rejects_an_unknown_model():
-  run = subprocess.run([sys.executable, "benchmarks/decode_speed.py", "--settings=huge:16"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert run.returncode == 2 and "unknown model 'huge'" in run.stderr
+def test_decode_speed_rejects_an_unknown_model(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    _load_benchmark("decode_speed").main(["--settings=huge:16"])
+  assert exit_.value.code == 2 and "unknown model 'huge'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
