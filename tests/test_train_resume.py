@@ -1,5 +1,7 @@
 """A run killed with SIGKILL mid-training and restarted ends bitwise where an
-uninterrupted run ends: same per-step losses, same parameters, same EMA (on CPU)."""
+uninterrupted run ends: same per-step losses, same parameters, same EMA (on CPU). The
+killed run and its restart are the command; the uninterrupted run, the same config and
+programs, trains in the test process."""
 
 import os
 import signal
@@ -13,6 +15,8 @@ import pytest
 from armd_jax import train
 from armd_jax.train import checkpoints
 
+from conftest import tiny_run_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Left-to-right for 10 steps, k ramping to rho by step 30, uniform orders after it: the
 # steps redone after the restart (from step 20) cross the ramp and the uniform phase.
@@ -20,11 +24,25 @@ NUM_STEPS = 40
 KILL_AFTER = 25  # the progress line of this step triggers the SIGKILL
 
 
+OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoint_every": 10,
+             "train.eval_every": 0, "order.i_perm": 30}  # on configs/tiny.py
+
+
 def command(workdir):
   return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
-          f"--workdir={workdir}", f"--config.train.num_steps={NUM_STEPS}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=10",
-          "--config.train.eval_every=0", "--config.order.i_perm=30"]
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def train_uninterrupted(workdir):
+  """What `command(workdir)` trains, in this process: the same config, and the command's
+  default matmul precision (conftest sets 'highest' for the test process), so the same
+  programs as the command's."""
+  config = tiny_run_config()
+  for key, value in OVERRIDES.items():
+    section, field = key.split(".")
+    setattr(config[section], field, value)
+  with jax.default_matmul_precision(None):
+    train.train_and_evaluate(config, workdir)
 
 
 def run_to_end(workdir):
@@ -62,7 +80,7 @@ def test_a_sigkilled_and_restarted_run_matches_an_uninterrupted_run_bitwise(tmp_
   resumed_output = run_to_end(killed)
   resumed_from = int(resumed_output.split("resuming from step ")[1].split()[0])
   assert 10 <= resumed_from < NUM_STEPS  # it restored a checkpoint, not scratch
-  run_to_end(straight)
+  train_uninterrupted(straight)
 
   expected, got = last_loss_per_step(straight), last_loss_per_step(killed)
   assert sorted(got) == list(range(1, NUM_STEPS + 1)) == sorted(expected)
