@@ -1,5 +1,7 @@
 """A SIGTERM saves a checkpoint at the step it arrived, the trainer exits with status 143,
-and the same command resumes from that step: no step is lost (`armd_jax.train.preemption`).
+and a rerun of the same config resumes from that step: no step is lost
+(`armd_jax.train.preemption`). The SIGTERMed run is the command; the rerun trains in the
+test process (the command resuming a workdir is test_train_resume's).
 A SIGTERM to one of two processes (both save one agreed step) is tested in
 test_multiprocess.py, on the run whose damaged step both skip."""
 
@@ -10,9 +12,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
+from armd_jax import train
 from armd_jax.train import checkpoints, preemption
+
+from conftest import tiny_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,16 +33,31 @@ def test_a_sigterm_flag_is_seen_at_the_next_step_and_the_old_handler_comes_back(
   assert preemption.EXIT_STATUS == 143
 
 
+# On configs/tiny.py: a progress line every step, no periodic checkpoint before step 1000.
+OVERRIDES = {"train.log_every": 1, "train.checkpoint_every": 1000, "train.eval_every": 0,
+             "eval.num_batches": 1, "sample.num_samples": 0}
+
+
 def _command(workdir, steps):
   return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
-          f"--workdir={workdir}", f"--config.train.num_steps={steps}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
-          "--config.train.eval_every=0", "--config.eval.num_batches=1",
-          "--config.sample.num_samples=0"]
+          f"--workdir={workdir}", f"--config.train.num_steps={steps}"] + [
+              f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def _rerun(workdir, steps):
+  """What `_command(workdir, steps)` trains, in this process (at the command's default
+  matmul precision: the same programs)."""
+  config = tiny_run_config()
+  for key, value in {**OVERRIDES, "train.num_steps": steps}.items():
+    section, field = key.split(".")
+    setattr(config[section], field, value)
+  with jax.default_matmul_precision(None):
+    train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.slow
-def test_a_sigterm_mid_run_saves_that_step_exits_143_and_the_rerun_resumes_from_it(tmp_path):
+def test_a_sigterm_mid_run_saves_that_step_exits_143_and_the_rerun_resumes_from_it(tmp_path,
+                                                                                  capsys):
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(_command(workdir, 400), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -53,8 +74,8 @@ def test_a_sigterm_mid_run_saves_that_step_exits_143_and_the_rerun_resumes_from_
   assert f"saved a checkpoint at step {saved[0]}" in err
   assert "eval at step" not in out  # it stopped: no final evaluation
 
-  rerun = subprocess.run(_command(workdir, saved[0] + 2), cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert f"resuming from step {saved[0]}" in rerun.stdout
-  assert f"training steps {saved[0] + 1}..{saved[0] + 2}" in rerun.stdout
+  capsys.readouterr()
+  _rerun(workdir, saved[0] + 2)  # the same run (the command's own resume: test_train_resume)
+  rerun = capsys.readouterr().out
+  assert f"resuming from step {saved[0]}" in rerun
+  assert f"training steps {saved[0] + 1}..{saved[0] + 2}" in rerun
