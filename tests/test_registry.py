@@ -135,6 +135,26 @@ def test_the_train_step_recompile_guard_rejects_a_batch_of_another_shape():
     step(state, batch(6))  # would silently recompile without the guard
 
 
+def test_train_steps_built_in_turn_lower_to_one_program_and_keep_their_own_guards():
+  """Identical steps made one after another in a process lower to the same program text
+  (the persistent compilation cache keys on it, module name included), while each step's
+  recompile guard counts only its own traces."""
+  from armd_jax.train import partitioning
+  model = armd_jax.build_model(tiny_config(vocab_size=259))
+  mesh = partitioning.make_mesh(settings_lib.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+  rules = partitioning.DEFAULT_RULES
+  optim = settings_lib.OptimConfig()
+  state, shardings = state_lib.create_train_state(model, optim, 10, 8, 0, mesh, rules)
+  shard = partitioning.batch_sharding(mesh, rules)
+  batch = partitioning.global_batch({"tokens": np.ones((2, 8), np.int32),
+                                     "mask": np.ones((2, 8), np.int32)}, shard)
+  order = settings_lib.OrderConfig(kind="left_to_right")
+  steps = [state_lib.make_train_step(model, order, optim, 10, shardings, shard)
+           for _ in range(2)]
+  texts = [step.lower(state, batch).as_text() for step in steps]  # one trace each
+  assert "@jit_train_step" in texts[0] and texts[0] == texts[1]
+
+
 def test_base_config_is_derived_from_the_typed_defaults():
   config = defaults.base_config()
   for name, cls in defaults.SECTION_TYPES.items():

@@ -253,11 +253,14 @@ def make_train_step(model: nn.Module, order: OrderConfig, optim: OptimConfig,
     return new_state, metrics
 
   batch_shardings = {"tokens": batch_shard, "mask": batch_shard}
-  # chex counts traces per function footprint (its source and name): a unique name gives
-  # every step made here its own counter (a process may build several steps in turn).
+  # chex counts traces per function footprint (its source and name, read when it wraps): a
+  # unique name gives every step made here its own counter (a process may build several
+  # steps in turn). The compiled program keeps the one name `train_step`: the persistent
+  # compilation cache keys on it, so identical steps built in turn share one entry.
   train_step.__name__ = f"train_step_{next(_STEP_IDS)}"
-  train_step = chex.assert_max_traces(train_step, n=max_traces)
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+  guarded = chex.assert_max_traces(train_step, n=max_traces)
+  train_step.__name__ = guarded.__name__ = "train_step"
+  return jax.jit(guarded, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
