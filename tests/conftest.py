@@ -83,6 +83,26 @@ def tiny_run_config():
   return config_from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
+def tiny_command(workdir: str, overrides: Dict[str, Any]) -> list:
+  """`python -m armd_jax.main --config=configs/tiny.py --workdir=... --config.K=V ...`."""
+  import sys  # pylint: disable=g-import-not-at-top
+  return [sys.executable, "-m", "armd_jax.main", f"--config={REPO}/configs/tiny.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def train_like_tiny_command(workdir: str, overrides: Dict[str, Any]) -> None:
+  """What `tiny_command(workdir, overrides)` trains, in this process: the same config and
+  the command's default matmul precision (this file sets 'highest' for the test process),
+  so the same programs and bitwise the same results."""
+  from armd_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_run_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    setattr(config[section], field, value)
+  with jax.default_matmul_precision(None):
+    train.train_and_evaluate(config, workdir)
+
+
 def _fingerprint(root: str) -> Dict[str, Tuple[int, int]]:
   """{relative path: (size, mtime_ns)} of every file under `root`."""
   out = {}

@@ -9,16 +9,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
-import jax
 import pytest
 
-from armd_jax import train
 from armd_jax.train import checkpoints, preemption
 
-from conftest import tiny_run_config
+from conftest import tiny_command, train_like_tiny_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,20 +36,12 @@ OVERRIDES = {"train.log_every": 1, "train.checkpoint_every": 1000, "train.eval_e
 
 
 def _command(workdir, steps):
-  return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
-          f"--workdir={workdir}", f"--config.train.num_steps={steps}"] + [
-              f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  return tiny_command(workdir, {"train.num_steps": steps, **OVERRIDES})
 
 
 def _rerun(workdir, steps):
-  """What `_command(workdir, steps)` trains, in this process (at the command's default
-  matmul precision: the same programs)."""
-  config = tiny_run_config()
-  for key, value in {**OVERRIDES, "train.num_steps": steps}.items():
-    section, field = key.split(".")
-    setattr(config[section], field, value)
-  with jax.default_matmul_precision(None):
-    train.train_and_evaluate(config, workdir)
+  """What `_command(workdir, steps)` trains, in this process (the same programs)."""
+  train_like_tiny_command(workdir, {"train.num_steps": steps, **OVERRIDES})
 
 
 @pytest.mark.slow

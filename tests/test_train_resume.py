@@ -6,7 +6,6 @@ programs, trains in the test process."""
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from armd_jax import train
 from armd_jax.train import checkpoints
 
-from conftest import tiny_run_config
+from conftest import tiny_command, train_like_tiny_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Left-to-right for 10 steps, k ramping to rho by step 30, uniform orders after it: the
@@ -29,20 +28,7 @@ OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoi
 
 
 def command(workdir):
-  return [sys.executable, "-m", "armd_jax.main", "--config=configs/tiny.py",
-          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-
-
-def train_uninterrupted(workdir):
-  """What `command(workdir)` trains, in this process: the same config, and the command's
-  default matmul precision (conftest sets 'highest' for the test process), so the same
-  programs as the command's."""
-  config = tiny_run_config()
-  for key, value in OVERRIDES.items():
-    section, field = key.split(".")
-    setattr(config[section], field, value)
-  with jax.default_matmul_precision(None):
-    train.train_and_evaluate(config, workdir)
+  return tiny_command(workdir, OVERRIDES)
 
 
 def run_to_end(workdir):
@@ -80,7 +66,7 @@ def test_a_sigkilled_and_restarted_run_matches_an_uninterrupted_run_bitwise(tmp_
   resumed_output = run_to_end(killed)
   resumed_from = int(resumed_output.split("resuming from step ")[1].split()[0])
   assert 10 <= resumed_from < NUM_STEPS  # it restored a checkpoint, not scratch
-  train_uninterrupted(straight)
+  train_like_tiny_command(straight, OVERRIDES)
 
   expected, got = last_loss_per_step(straight), last_loss_per_step(killed)
   assert sorted(got) == list(range(1, NUM_STEPS + 1)) == sorted(expected)
