@@ -137,15 +137,18 @@ def test_ar_greedy_kv_cached_decoding_matches_the_one_pass_argmax():
   assert int(out.num_calls) == 10
 
 
-@pytest.mark.parametrize("prompt_len,segments", [(0, False), (5, False), (5, True)])
-def test_cached_ar_decoding_equals_the_one_pass_logits(prompt_len, segments, monkeypatch):
+@pytest.mark.parametrize("prompt_len,segments,kv_heads", [(0, False, 2), (5, False, None),
+                                                           (5, True, None)])
+def test_cached_ar_decoding_equals_the_one_pass_logits(prompt_len, segments, kv_heads,
+                                                       monkeypatch):
   # Call j of the cached decoder sees only rows 0..j of the shared ARMD caches, so its
   # logits must be the one-pass causal logits of the sequence it produced, forced prompt
-  # positions included; with segments the calls attend over a prefix of the caches only.
+  # positions included; with segments the calls attend over a prefix of the caches only;
+  # kv_heads=2: grouped-query attention (4 query heads on 2 cached key/value heads).
   if segments:
     monkeypatch.setattr(plan_lib, "SEGMENT_MIN_ROWS", 8)
     monkeypatch.setattr(plan_lib, "SEGMENT_MIN_CALLS", 4)
-  model, params = init_kind(tiny_config(kind="ar"))
+  model, params = init_kind(tiny_config(kind="ar", num_kv_heads=kv_heads))
   batch, length = 3, 32
   ids = np.broadcast_to(np.arange(1, length + 1), (batch, length))
   assert any(rows for phase in plan_lib.make_plan(ids).segments for _, rows in phase) == segments

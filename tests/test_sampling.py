@@ -46,15 +46,20 @@ def test_cached_scores_equal_one_pass_log_probs(tiny, order):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(num_layers=3, num_two_stream_layers=3, query_init="prefix", tie_embeddings=False),
+    dict(num_layers=3, num_two_stream_layers=3, query_init="prefix", tie_embeddings=False,
+         num_kv_heads=2),  # grouped-query attention: 4 query heads, 2 key/value heads
     dict(num_layers=2, num_two_stream_layers=0),
 ])
 def test_cached_scores_equal_one_pass_log_probs_for_other_architectures(overrides):
+  """The caches hold the model's key/value heads only (2 of 4 with grouped queries)."""
   model, params = init_model(tiny_config(**overrides))
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, N), 0, model.config.vocab_size)
   ids = make_order("multi_token_blocks", 2, N)
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
+  state = jax.eval_shape(lambda: cache_lib.init_state(model.bind(params), tokens, 1))
+  caches = state["content_k"] + state["content_v"] + state["upper_k"] + state["upper_v"]
+  assert caches and {c.shape[1] for c in caches} == {model.config.kv_heads}
 
 
 @pytest.mark.parametrize("attention", [

@@ -86,8 +86,9 @@ class ModelConfig:
     mlp_bias: biases on the MLP projections.
     attention_bias: biases on the query, key, value and output projections (GPT-2).
     num_kv_heads: key/value heads (grouped-query attention); must divide num_heads.
-      None: num_heads. Keys and values are repeated to num_heads by `keys_values`, so
-      every consumer (kernels, KV caches) sees num_heads heads.
+      None: num_heads. Keys and values are repeated to num_heads for the attention
+      kernels (`keys_values`); the decoders' KV caches keep the num_kv_heads heads
+      (num_heads / num_kv_heads times less cache memory) and group the queries instead.
     learned_positions: add a learned absolute position table [max_len + 1, D]
       (`position_embedding`) to the input rows, indexed by the row's RoPE position
       (AR: row j; ARMD: the start token 0, token p at p + 1; MDLM: p).

@@ -182,17 +182,19 @@ class Attention(nn.Module):
                                kernel_init=dense_init("heads", "kv", "embed"),
                                bias_init=bias("embed"), name="out")
 
-  def keys_values(self, h: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def keys_values(self, h: jax.Array, positions: jax.Array,
+                  repeat: bool = True) -> Tuple[jax.Array, jax.Array]:
     """Rotated keys and values [B, Nk, H, Dh] of normalised inputs h [B, Nk, D].
 
     With grouped-query attention (`num_kv_heads` < num_heads) each key/value head is
     repeated for its num_heads / num_kv_heads query heads (head h reads kv head
-    h // group), so callers always get num_heads heads.
+    h // group), so the attention kernels get num_heads heads. repeat=False returns the
+    [B, Nk, Hkv, Dh] key/value heads themselves (what the decoders' KV caches store).
     """
     cfg = self.config
     k = apply_rope(self.key(h), positions, cfg.rope_base)  # [B, Nk, Hkv, Dh]
     v = self.value(h)
-    if cfg.kv_heads != cfg.num_heads:
+    if repeat and cfg.kv_heads != cfg.num_heads:
       k = jnp.repeat(k, cfg.num_heads // cfg.kv_heads, axis=2)  # [B, Nk, H, Dh]
       v = jnp.repeat(v, cfg.num_heads // cfg.kv_heads, axis=2)
     return (nn.with_logical_constraint(k, HEADS_ACTIVATION),
@@ -301,9 +303,11 @@ class Block(nn.Module):
     self.mlp = Mlp(self.config)
     self.dropout = nn.Dropout(self.config.dropout_rate)
 
-  def keys_values(self, x: jax.Array, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Keys and values [B, Nk, H, Dh] that rows x [B, Nk, D] contribute."""
-    return self.attn.keys_values(self.ln_attn(x), positions)
+  def keys_values(self, x: jax.Array, positions: jax.Array,
+                  repeat: bool = True) -> Tuple[jax.Array, jax.Array]:
+    """Keys and values [B, Nk, H, Dh] that rows x [B, Nk, D] contribute ([B, Nk, Hkv, Dh]
+    with repeat=False: `Attention.keys_values`)."""
+    return self.attn.keys_values(self.ln_attn(x), positions, repeat)
 
   def attend(self, x: jax.Array, positions: jax.Array, ids: jax.Array, k: jax.Array,
              v: jax.Array, kv_ids: jax.Array, deterministic: bool = True) -> jax.Array:

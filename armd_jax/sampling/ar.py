@@ -3,7 +3,7 @@
 An AR model is ARMD's content stream with block ids = positions (`armd_jax.models.ar`):
 stream row j holds BOS (j = 0) or x_{j-1}, has id and RoPE position j, and its last-layer
 state predicts x_j. So the AR decoder is ARMD's sequential decoder with that one stream:
-its caches are ARMD content-stream caches ([B, H, rows, Dh], row j = stream row j, id j)
+its caches are ARMD content-stream caches ([B, Hkv, rows, Dh], row j = stream row j, id j)
 for every layer; call j runs row j through all layers with `cache.content_layers` (each
 layer writes the row's K/V in place, then `cache.attend_on_cache` lets it see rows 0..j:
 unwritten rows hold larger ids, so the `kv_id <= q_id` mask hides them) and draws x_j; and

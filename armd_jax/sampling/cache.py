@@ -49,16 +49,17 @@ NEVER = 2**30  # block id of cache rows beyond the sequence: no query ever sees 
 
 
 def empty_caches(config, batch: int, rows: int, count: int) -> List[jax.Array]:
-  """`count` zero caches [B, H, rows, Dh] in the compute dtype: the decoders' layout (heads
-  before rows, see `init_state`)."""
-  shape = (batch, config.num_heads, rows, config.head_dim)
+  """`count` zero caches [B, Hkv, rows, Dh] in the compute dtype: the decoders' layout
+  (heads before rows, see `init_state`); Hkv = the model's key/value heads (fewer than
+  its query heads with grouped-query attention)."""
+  shape = (batch, config.kv_heads, rows, config.head_dim)
   return [jnp.zeros(shape, config.compute_dtype) for _ in range(count)]
 
 
 def init_state(m, tokens: jax.Array, max_width: int) -> Dict[str, Any]:
   """Empty caches with BOS written: content row 0, prefix state = the BOS term.
 
-  Caches are [B, H, rows, Dh] (heads before rows: the score and mixing matmuls of
+  Caches are [B, Hkv, rows, Dh] (heads before rows: the score and mixing matmuls of
   `attend_on_cache` batch over (B, H) with the cache as it lies, no per-call transpose)
   with rows in generation order: content 1 + N + W rows (row 0 = BOS), upper half N + W
   rows.
@@ -92,16 +93,22 @@ _CPU_SPLIT_MAX_WIDTH = 8
 
 def _attention(q: jax.Array, ids: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                kv_ids: jax.Array) -> jax.Array:
-  """Masked softmax attention of q [B, H, W, Dh] over a [B, H, R, Dh] cache: [B, W, H, Dh].
+  """Masked softmax attention of q [B, H, W, Dh] over a [B, Hkv, R, Dh] cache: [B, W, H, Dh].
 
   Float32 scores scaled by 1/sqrt(Dh); query n sees row i iff kv_ids[i] <= ids[n]; a
-  query with no visible row gives zeros (the kernels' reference softmax).
+  query with no visible row gives zeros (the kernels' reference softmax). Query head h
+  reads cache head h // G (G = H / Hkv; `Attention.keys_values`): the queries are grouped
+  [B, Hkv, G, W, Dh], so the cache is read as stored, never repeated.
   """
-  scores = jnp.einsum("bhwd,bhrd->bhwr", q, cache_k, preferred_element_type=jnp.float32)
-  visible = (kv_ids[:, None, :] <= ids[:, :, None])[:, None]  # [B, 1, W, R]
-  probs = masked_softmax(scores * (q.shape[-1] ** -0.5), visible)
-  return jnp.einsum("bhwr,bhrd->bwhd", probs.astype(cache_v.dtype), cache_v,
-                    preferred_element_type=jnp.float32)
+  batch, heads, width, head_dim = q.shape
+  kv_heads = cache_k.shape[1]
+  q = q.reshape(batch, kv_heads, heads // kv_heads, width, head_dim)  # [B, Hkv, G, W, Dh]
+  scores = jnp.einsum("bkgwd,bkrd->bkgwr", q, cache_k, preferred_element_type=jnp.float32)
+  visible = (kv_ids[:, None, :] <= ids[:, :, None])[:, None, None]  # [B, 1, 1, W, R]
+  probs = masked_softmax(scores * (head_dim ** -0.5), visible)
+  out = jnp.einsum("bkgwr,bkrd->bwkgd", probs.astype(cache_v.dtype), cache_v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, width, heads, head_dim)
 
 
 # Named scope of the one-query attentions of the XLA:CPU program (in lowered text).
@@ -118,7 +125,7 @@ def _split_attention(q: jax.Array, ids: jax.Array, cache_k: jax.Array, cache_v: 
 
 def attend_on_cache(layer, x: jax.Array, rope: jax.Array, ids: jax.Array,
                     cache_k: jax.Array, cache_v: jax.Array, kv_ids: jax.Array) -> jax.Array:
-  """`Block.attend` of rows x [B, W, D] over a [B, H, R, Dh] cache with row ids [B, R].
+  """`Block.attend` of rows x [B, W, D] over a [B, Hkv, R, Dh] cache with row ids [B, R].
 
   The same layer (its norm, projections, MLP and residuals) and the same attention math
   as the kernels' reference (`_attention`); only the layout differs: the matmuls batch
@@ -155,18 +162,18 @@ def scatter(array: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
 
 def write_cache_rows(cache: jax.Array, values: jax.Array, start: jax.Array, valid,
                      uniform: bool) -> jax.Array:
-  """Writes values [B, W, H, Dh] into cache [B, H, R, Dh] at rows start[b] + [0, W).
+  """Writes values [B, W, Hkv, Dh] into cache [B, Hkv, R, Dh] at rows start[b] + [0, W).
 
   uniform: every batch row has the same start, so one in-place dynamic_update_slice
   writes all W rows (rows of empty slots get values that no query sees before the
   block owning those rows overwrites them). Otherwise each valid slot is scattered.
   """
   if uniform:
-    values = jnp.swapaxes(values, 1, 2).astype(cache.dtype)  # [B, H, W, Dh]
+    values = jnp.swapaxes(values, 1, 2).astype(cache.dtype)  # [B, Hkv, W, Dh]
     return jax.lax.dynamic_update_slice_in_dim(cache, values, start[0], axis=2)
   index = jnp.where(valid, start[:, None] + jnp.arange(values.shape[1]), cache.shape[2])
   rows = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[rows, :, index].set(values.astype(cache.dtype), mode="drop")  # [B, W, H, Dh]
+  return cache.at[rows, :, index].set(values.astype(cache.dtype), mode="drop")  # [B, W, Hkv, Dh]
 
 
 def slot_inputs(inputs, slots: jax.Array):
@@ -211,7 +218,7 @@ def query_stream(m, state, ids, pos, q_pe, aggregate, count, start, valid, unifo
                         state["content_v"][l], content_ids)
   upper_k, upper_v = list(state["upper_k"]), list(state["upper_v"])
   for j, layer in enumerate(m.layers[num_lower:]):
-    k, v = layer.keys_values(g, rope)  # the rows' own K/V join the cache first
+    k, v = layer.keys_values(g, rope, repeat=False)  # the rows' own K/V join the cache first
     upper_k[j] = write_cache_rows(upper_k[j], k, start, valid, uniform)
     upper_v[j] = write_cache_rows(upper_v[j], v, start, valid, uniform)
     g = attend_on_cache(layer, g, rope, ids, upper_k[j], upper_v[j], upper_ids)
@@ -235,7 +242,7 @@ def content_layers(layers, x: jax.Array, rope: jax.Array, ids: jax.Array, row: j
   """
   cache_k, cache_v = list(cache_k), list(cache_v)
   for l, layer in enumerate(layers):
-    k, v = layer.keys_values(x, rope)  # [B, W, H, Dh]
+    k, v = layer.keys_values(x, rope, repeat=False)  # [B, W, Hkv, Dh]
     cache_k[l] = write_cache_rows(cache_k[l], k, row, valid, uniform)
     cache_v[l] = write_cache_rows(cache_v[l], v, row, valid, uniform)
     if last_output or l + 1 < len(layers):
