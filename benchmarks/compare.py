@@ -444,4 +444,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from armd_jax.platforms import skip_absent_tpu  # pylint: disable=g-import-not-at-top
+  skip_absent_tpu()  # a CPU host with libtpu installed: no TPU start-up errors
   main()
