@@ -2,6 +2,7 @@
 
 import getpass
 import os
+import sys
 import tempfile
 from typing import Any, Dict, Iterator, NamedTuple, Tuple
 
@@ -85,7 +86,6 @@ def tiny_run_config():
 
 def tiny_command(workdir: str, overrides: Dict[str, Any]) -> list:
   """`python -m armd_jax.main --config=configs/tiny.py --workdir=... --config.K=V ...`."""
-  import sys  # pylint: disable=g-import-not-at-top
   return [sys.executable, "-m", "armd_jax.main", f"--config={REPO}/configs/tiny.py",
           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
