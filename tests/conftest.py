@@ -2,6 +2,8 @@
 
 import getpass
 import os
+import re
+import subprocess
 import sys
 import tempfile
 from typing import Any, Dict, Iterator, NamedTuple, Tuple
@@ -67,6 +69,24 @@ def host_devices_env(count: int, **extra: str) -> dict:
   keeping the suite's own XLA flags."""
   flags = f"--xla_force_host_platform_device_count={count} {SUITE_XLA_FLAGS}"
   return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+
+
+# absl/glog prefixes (W1202 ..., E0000 ...), Python warnings and error lines.
+ALARMING = re.compile(r"^[WEF]\d{4} |warn|error|traceback", re.IGNORECASE)
+
+
+def run_as_user(module: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` in the repository as a user would: JAX_PLATFORMS unset,
+  so with libtpu installed JAX looks for a TPU (the suite's compilation cache and XLA
+  flags kept); returns the finished process (stdout and stderr as text)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def alarming_lines(stderr: str) -> list:
+  """The lines of `stderr` that read like a failure to a user (ALARMING)."""
+  return [line for line in stderr.splitlines() if ALARMING.search(line)]
 
 
 # -- one trained `tiny` workdir per pytest worker ------------------------------------------

@@ -1,42 +1,29 @@
 """The commands print what they did and nothing that reads like a failure: no warning or
 error lines on a CPU host, with libtpu installed (the [test] extra) and JAX_PLATFORMS
 unset as a user runs them (`armd_jax.platforms.skip_absent_tpu`; orbax's read-only
-restore warnings are gone at the source, `train.checkpoints.restore_state_arrays`)."""
-
-import os
-import re
-import subprocess
-import sys
+restore warnings are gone at the source, `train.checkpoints.restore_state_arrays`); and
+the sample command's stop-at-EOS is the library's truncation."""
 
 import numpy as np
 import pytest
 
 from armd_jax import sampling
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# absl/glog prefixes (W1202 ..., E0000 ...), Python warnings and error lines.
-ALARMING = re.compile(r"^[WEF]\d{4} |warn|error|traceback", re.IGNORECASE)
-
-
-def run_command(module, *args):
-  """Runs `python -m module args` as a user would: JAX_PLATFORMS unset (the suite's
-  compilation cache and XLA flags kept); returns the finished process."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+from conftest import alarming_lines, run_as_user
 
 
 @pytest.mark.slow
-def test_sample_and_evaluate_print_no_warning_or_error_lines_without_jax_platforms(
+def test_the_sample_command_prints_no_warning_or_error_lines_without_jax_platforms(
     tiny_workdir):
-  for module, args in (
-      ("armd_jax.sample", ("--num_samples=2", "--length=16", "--stop_at_eos", "--nowarmup")),
-      ("armd_jax.evaluate", ("--max_batches=1",))):
-    proc = run_command(module, f"--workdir={tiny_workdir}", *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    alarming = [line for line in proc.stderr.splitlines() if ALARMING.search(line)]
-    assert not alarming, f"{module} printed:\n" + "\n".join(alarming)
-    assert "step 60" in proc.stdout
+  """Confidence order with stop-at-EOS: the sample command's own numbers are printed too
+  (the evaluate command's run is in test_eval_workdir, checked the same way)."""
+  proc = run_as_user("armd_jax.sample", f"--workdir={tiny_workdir}", "--num_samples=2",
+                     "--length=16", "--order=confidence", "--per_call=4", "--stop_at_eos",
+                     "--nowarmup")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  alarming = alarming_lines(proc.stderr)
+  assert not alarming, "the sample command printed:\n" + "\n".join(alarming)
+  assert "step 60" in proc.stdout
+  assert "confidence order, 4 per call, 7 network calls" in proc.stdout  # 2 * 16/4 - 1
 
 
 def test_stop_at_eos_in_the_sample_command_is_the_librarys_truncation(tiny_workdir):

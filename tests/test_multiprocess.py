@@ -283,7 +283,8 @@ def test_two_processes_in_a_bucket_killed_and_restarted_match_one_local_process(
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
   # 4. Sampling and evaluation read the run from its URL, in this process (the commands
-  #    themselves run in tests/test_cli_output.py) and the same empty cwd.
+  #    themselves run in tests/test_cli_output.py and test_eval_workdir.py) and the same
+  #    empty cwd.
   from armd_jax import evaluate as evaluate_command  # pylint: disable=import-outside-toplevel
   from armd_jax import sample as sample_command  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(cwd)

@@ -94,16 +94,6 @@ def test_sample_command_prints_samples_calls_and_tokens_per_second(workdir):
   assert "could not be restored" not in proc.stderr  # only the needed items are restored
 
 
-@pytest.mark.slow
-def test_sample_command_decodes_in_confidence_order_and_stops_at_eos(workdir):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "-m", "armd_jax.sample", f"--workdir={workdir}", "--num_samples=2",
-         "--length=16", "--order=confidence", "--per_call=4", "--stop_at_eos", "--nowarmup"]
-  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "confidence order, 4 per call, 7 network calls" in proc.stdout  # 2 * 16/4 - 1
-
-
 def test_sample_library_call_keeps_the_prompt_and_counts_calls(workdir):
   from armd_jax.sample import sample_from_workdir  # pylint: disable=g-import-not-at-top
   result = sample_from_workdir(workdir, num_samples=2, length=18, streams=4, prompt="ab",
