@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models that compile in seconds on 2 CPU cores."""
 
+import fcntl
 import getpass
+import json
 import os
 import re
 import subprocess
@@ -134,10 +136,36 @@ def _fingerprint(root: str) -> Dict[str, Tuple[int, int]]:
   return out
 
 
+def _train_tiny_run(tmp_path_factory) -> Tuple[str, Dict[str, Any]]:
+  """Trains configs/tiny.py once per pytest run: returns (workdir, final metrics).
+
+  Under xdist the first worker to ask trains it in the folder the run's workers share
+  (holding a file lock there) and the others wait for it and read it; a worker that finds
+  a workdir without results (the training failed in another worker) raises. Without xdist
+  it trains in this session's own temporary folder.
+  """
+  from armd_jax import train  # pylint: disable=g-import-not-at-top
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
+    return workdir, dict(train.train_and_evaluate(tiny_run_config(), workdir))
+  root = tmp_path_factory.getbasetemp().parent / "tiny_run"  # this run's, not the last one's
+  root.mkdir(exist_ok=True)
+  workdir, results = root / "workdir", root / "final.json"
+  with open(root / "lock", "w") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+    if not results.exists():
+      if workdir.exists():
+        raise RuntimeError(f"training the shared tiny run in {workdir} failed in another "
+                           "pytest worker: see that worker's first error")
+      final = train.train_and_evaluate(tiny_run_config(), str(workdir))
+      results.write_text(json.dumps({k: float(v) for k, v in final.items()}))
+  return str(workdir), json.loads(results.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Iterator[TinyRun]:
-  """One run of configs/tiny.py, trained once per pytest worker (~10 s) and shared by
-  every test that only reads a trained model.
+  """One run of configs/tiny.py, trained once per pytest run (~10 s; the xdist workers
+  share it) and shared by every test that only reads a trained model.
 
   The workdir holds what `python -m armd_jax.main --config=configs/tiny.py` writes:
   config.json; checkpoints/ at steps 20, 40 and 60 (train state with EMA params,
@@ -148,13 +176,11 @@ def tiny_run(tmp_path_factory) -> Iterator[TinyRun]:
 
   Tests must not modify it (no training into it, no damaging or moving its files): a
   test that does copies it first, `shutil.copytree(tiny_run.workdir, tmp_path / "run")`.
-  Any change is reported as an error when the session ends.
+  Any change is reported as an error when a worker's session ends.
   """
-  from armd_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
-  final = train.train_and_evaluate(tiny_run_config(), workdir)
+  workdir, final = _train_tiny_run(tmp_path_factory)
   before = _fingerprint(workdir)
-  yield TinyRun(workdir, dict(final))
+  yield TinyRun(workdir, final)
   after = _fingerprint(workdir)
   changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
   assert not changed, (f"a test modified the shared tiny_run workdir {workdir} (copy it with "
