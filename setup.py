@@ -17,7 +17,10 @@ CORE = [
 ]
 DATA = [  # imported lazily by armd_jax.data only
     "seqio>=0.0.19",
-    "tensorflow-cpu>=2.16",
+    # `tensorflow`, not `tensorflow-cpu`: seqio's tensorflow-text requires `tensorflow`
+    # itself, and both would be installed, one over the other's files (no CUDA libraries
+    # come with either on Linux).
+    "tensorflow>=2.16",
     "tensorflow-datasets>=4.9",
     "sentencepiece>=0.2",
 ]
@@ -56,7 +59,7 @@ setup(
         "notebooks": NOTEBOOKS,  # run the notebooks (notebooks/run_notebooks.py)
         "eval": EVAL,  # armd_jax.eval.mauve_score
         # TensorBoard summaries (config.train.tensorboard): CLU's writers import TensorFlow.
-        "tensorboard": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
+        "tensorboard": ["tensorflow>=2.16", "tensorboard>=2.16"],
         # jax[tpu] (libtpu): tests/test_compile_check.py compiles for a TPU topology on CPU.
         "test": DATA + NOTEBOOKS + EVAL + GCS + GCS_EMULATOR + [
             "tokenizers>=0.15", "pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
