@@ -13,6 +13,10 @@ from armd_jax.losses import token_log_probs
 from conftest import init_model, tiny_config
 
 LENGTH = 10
+# Eager `model.apply` compiles each operation once per shapes, then reuses it: tests at the
+# batch of the causality check (a row per perturbed token plus the original) reuse its
+# compiled operations instead of compiling a second set for another batch size.
+BATCH = LENGTH + 1
 # Attention settings every core property must hold under: the XLA reference (dense and
 # chunked prefix aggregation), 'auto' (XLA on CPU) and the Pallas kernel (interpreted on
 # CPU, tiles of 8 so that several tiles and skips occur; chunked prefix aggregation in
@@ -27,8 +31,8 @@ ATTENTIONS = [pytest.param({}, id="xla"), pytest.param(CHUNKED, id="xla-chunked-
 
 @functools.partial(jax.jit, static_argnums=0)
 def compiled_apply(model, params, tokens, ids):
-  """`model.apply` as one compiled program per model and shapes, for the bfloat16 tests,
-  whose dtype no other test runs op by op (the inputs are traced: values are not checked)."""
+  """`model.apply` as one compiled program per model and shapes, for the tests whose dtype
+  or shapes no other test runs op by op (the inputs are traced: values are not checked)."""
   return model.apply(params, tokens, ids)
 
 
@@ -93,9 +97,9 @@ def test_causality_check_catches_a_leaky_mask(tiny, monkeypatch):
 def test_permuting_tokens_ids_and_positions_together_permutes_the_logits(query_init, attention):
   model, params = init_model(tiny_config(query_init=query_init, **attention))
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
-  tokens = jax.random.randint(k1, (2, LENGTH), 0, model.config.vocab_size)
-  ids = random_ids_with_ties(k2, 2, LENGTH)
-  positions = jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH))
+  tokens = jax.random.randint(k1, (BATCH, LENGTH), 0, model.config.vocab_size)
+  ids = random_ids_with_ties(k2, BATCH, LENGTH)
+  positions = jnp.broadcast_to(jnp.arange(LENGTH), (BATCH, LENGTH))
   perm = jax.random.permutation(k3, LENGTH)
   logits = model.apply(params, tokens, ids, positions)
   permuted = model.apply(params, tokens[:, perm], ids[:, perm], positions[:, perm])
@@ -118,7 +122,9 @@ def test_probabilities_of_all_sequences_sum_to_one(order, attention):
       "multi_token_blocks": jnp.array([2, 1, 2, 1]),
   }[order]
   ids = jnp.broadcast_to(ids, seqs.shape)
-  log_p = token_log_probs(model.apply(params, seqs, ids), seqs).sum(-1)
+  # Compiled as a whole (no other test runs these shapes); ids are traced, so the three
+  # orders share one program per attention setting.
+  log_p = token_log_probs(compiled_apply(model, params, seqs, ids), seqs).sum(-1)
   np.testing.assert_allclose(jnp.exp(log_p).sum(), 1.0, atol=1e-5)
 
 
@@ -229,8 +235,8 @@ def full_two_stream_forward(module, tokens, block_ids):
 def test_lean_forward_gives_the_logits_of_the_full_two_stream_forward(attention, n2s):
   model, params = init_model(tiny_config(num_two_stream_layers=n2s, **attention),
                              length=LENGTH)
-  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, LENGTH), 0, 13)
-  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, LENGTH)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (BATCH, LENGTH), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(4), BATCH, LENGTH)
   lean = np.asarray(model.apply(params, tokens, ids))
   full = np.asarray(model.apply(params, tokens, ids, method=full_two_stream_forward))
   assert np.abs(lean - full).max() <= 1e-6 * np.abs(full).max()
@@ -238,8 +244,8 @@ def test_lean_forward_gives_the_logits_of_the_full_two_stream_forward(attention,
 
 def test_the_lean_check_catches_a_forward_that_drops_the_last_content_layer(tiny):
   model, params = tiny
-  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, LENGTH), 0, 13)
-  ids = random_ids_with_ties(jax.random.PRNGKey(4), 2, LENGTH)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (BATCH, LENGTH), 0, 13)
+  ids = random_ids_with_ties(jax.random.PRNGKey(4), BATCH, LENGTH)
   full = np.asarray(model.apply(params, tokens, ids, method=full_two_stream_forward))
   shallower = init_model(tiny_config(num_two_stream_layers=1))[0]  # same parameter tree
   wrong = np.asarray(shallower.apply(params, tokens, ids))
@@ -261,8 +267,9 @@ def test_chunked_prefix_aggregation_equals_the_dense_one(chunk, blocks):
   pe = jnp.asarray(rng.normal(size=(batch, length, p)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
   ids = jnp.asarray(ids, jnp.int32)
-  dense, dense_count = prefix.prefix_aggregate_dense(pe, ids, pe, x, ids)
-  chunked, count = prefix.prefix_aggregate_chunked(pe, x, ids, chunk)
+  # Compiled as wholes (the 20 cases share one dense program, one chunked one per chunk).
+  dense, dense_count = jax.jit(prefix.prefix_aggregate_dense)(pe, ids, pe, x, ids)
+  chunked, count = jax.jit(prefix.prefix_aggregate_chunked, static_argnums=3)(pe, x, ids, chunk)
   np.testing.assert_array_equal(count, dense_count)
   np.testing.assert_allclose(chunked, dense, rtol=1e-5, atol=1e-5 * float(jnp.abs(dense).max()))
 
