@@ -4,6 +4,7 @@ Shapes are tiny and tiles are 8 or 16 rows: the interpreter runs every grid step
 CPU, and several tiles per axis are needed for padding and skipping to be exercised.
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -48,22 +49,37 @@ def make_ids(kind, rng, batch, nq, nk):
   raise ValueError(kind)
 
 
-def random_qkv(rng, batch, nq, nk, heads, dim, dtype):
-  kq, kk, kv, kd = jax.random.split(rng, 4)
-  q = jax.random.normal(kq, (batch, nq, heads, dim), dtype)
-  k = jax.random.normal(kk, (batch, nk, heads, dim), dtype)
-  v = jax.random.normal(kv, (batch, nk, heads, dim), dtype)
-  do = jax.random.normal(kd, (batch, nq, heads, dim), dtype)
-  return q, k, v, do
+def random_qkv(seed, batch, nq, nk, heads, dim, dtype):
+  """Standard normal q, k, v, do drawn by NumPy (jax.random would compile a program for
+  every new shape and dtype)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda n: jnp.asarray(rng.standard_normal((batch, n, heads, dim)), dtype)  # noqa: E731
+  return normal(nq), normal(nk), normal(nk), normal(nq)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_value_and_grads(attention):
+  def forward_and_backward(q, k, v, do):
+    out, vjp = jax.vjp(attention, q, k, v)
+    return out, vjp(do)
+  return jax.jit(forward_and_backward)
 
 
 def value_and_grads(attention, q, k, v, do):
   """(out, (dq, dk, dv)) of `attention` at cotangent `do`, compiled as one program (the
-  ids `attention` closes over stay concrete, as the kernel's tile plan needs)."""
-  def forward_and_backward(q, k, v, do):
-    out, vjp = jax.vjp(attention, q, k, v)
-    return out, vjp(do)
-  return jax.jit(forward_and_backward)(q, k, v, do)
+  ids `attention` closes over stay concrete, as the kernel's tile plan needs); calls with
+  the same `attention` object and shapes reuse that program."""
+  return _compiled_value_and_grads(attention)(q, k, v, do)
+
+
+@jax.jit
+def reference_value_and_grads(q, k, v, do, q_ids, kv_ids):
+  """`value_and_grads` of the float32 reference, the ids traced: one program per shapes,
+  shared by every case of those shapes whatever its ids."""
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  out, vjp = jax.vjp(lambda q, k, v: block_causal_attention_reference(q, k, v, q_ids, kv_ids),
+                     f32(q), f32(k), f32(v))
+  return out, vjp(f32(do))
 
 
 RANGES, PER_TILE = {}, {"schedule": "per_tile"}
@@ -89,19 +105,16 @@ CASES = [
 @pytest.mark.parametrize("kind, nq, nk, dim, block_sizes, backend, dtype, extra", CASES)
 def test_kernel_output_and_gradients_match_the_reference(kind, nq, nk, dim, block_sizes,
                                                          backend, dtype, extra):
-  rng_ids, rng_x = jax.random.split(jax.random.PRNGKey(nq * nk + dim))
-  q_ids, kv_ids = make_ids(kind, rng_ids, 2, nq, nk)
+  q_ids, kv_ids = make_ids(kind, jax.random.PRNGKey(nq * nk + dim), 2, nq, nk)
   assert q_ids.shape == (2, nq) and kv_ids.shape == (2, nk)
-  q, k, v, do = random_qkv(rng_x, 2, nq, nk, 2, dim, dtype)
+  q, k, v, do = random_qkv(nq * nk + dim, 2, nq, nk, 2, dim, dtype)
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
       q, k, v, q_ids, kv_ids, block_sizes=block_sizes, backend=backend, interpret=True,
       **extra)
   # The reference in float32 on the same (possibly bfloat16-rounded) inputs.
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  reference = lambda q, k, v: block_causal_attention_reference(  # noqa: E731
-      f32(q), f32(k), f32(v), q_ids, kv_ids)
   out, grads = value_and_grads(kernel, q, k, v, do)
-  ref_out, ref_grads = value_and_grads(reference, q, k, v, f32(do))
+  ref_out, ref_grads = reference_value_and_grads(q, k, v, do, q_ids, kv_ids)
   atol, gtol = TOLERANCES[dtype]
   assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
   np.testing.assert_allclose(f32(out), ref_out, atol=atol, rtol=atol)
@@ -112,7 +125,7 @@ def test_kernel_output_and_gradients_match_the_reference(kind, nq, nk, dim, bloc
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_rows_without_visible_keys_give_zeros_and_finite_gradients(backend):
-  q, k, v, do = random_qkv(jax.random.PRNGKey(0), 1, 16, 16, 1, 16, jnp.float32)
+  q, k, v, do = random_qkv(0, 1, 16, 16, 1, 16, jnp.float32)
   q_ids = jnp.arange(16)[None] - 8  # the first 8 queries (ids < 0) see no key at all
   kv_ids = jnp.arange(16)[None]
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
@@ -121,7 +134,7 @@ def test_rows_without_visible_keys_give_zeros_and_finite_gradients(backend):
   np.testing.assert_array_equal(out[:, :8], 0.0)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
   np.testing.assert_array_equal(grads[0][:, :8], 0.0)
-  ref = block_causal_attention_reference(q, k, v, q_ids, kv_ids)
+  ref, _ = reference_value_and_grads(q, k, v, do, q_ids, kv_ids)
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
@@ -154,14 +167,13 @@ def test_kernel_never_touches_skipped_tiles(backend, schedule):
   """NaN in every tile the kernel should skip: any read of one would poison the result."""
   n, block = 32, 8
   ids = orders.left_to_right(1, n)
-  q, k, v, do = random_qkv(jax.random.PRNGKey(1), 1, n, n, 1, 16, jnp.float32)
+  q, k, v, do = random_qkv(1, 1, n, n, 1, 16, jnp.float32)
   live = np.asarray(live_tiles(ids, ids, BlockSizes(block, block)))[0]  # [4, 4]
   assert not live.all()
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
       q, k, v, ids, ids, block_sizes=BlockSizes(block, block), backend=backend, interpret=True,
       schedule=schedule)
-  ref_out, ref_grads = value_and_grads(
-      lambda q, k, v: block_causal_attention_reference(q, k, v, ids, ids), q, k, v, do)
+  ref_out, ref_grads = reference_value_and_grads(q, k, v, do, ids, ids)
   # Forward and dq: queries of tile 0 only read key tile 0, so NaN in key tiles 1.. must
   # not reach them.
   k_bad = k.at[:, block:].set(jnp.nan)
@@ -174,9 +186,8 @@ def test_kernel_never_touches_skipped_tiles(backend, schedule):
   q_bad = q.at[:, :n - block].set(jnp.nan)
   do_bad = do.at[:, :n - block].set(jnp.nan)
   _, (_, dk, dv) = value_and_grads(kernel, q_bad, k, v, do_bad)
-  _, (_, ref_dk, ref_dv) = value_and_grads(
-      lambda q, k, v: block_causal_attention_reference(q, k, v, ids, ids),
-      q.at[:, :n - block].set(0.0), k, v, do.at[:, :n - block].set(0.0))
+  _, (_, ref_dk, ref_dv) = reference_value_and_grads(
+      q.at[:, :n - block].set(0.0), k, v, do.at[:, :n - block].set(0.0), ids, ids)
   np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
   np.testing.assert_allclose(dv[:, -block:], ref_dv[:, -block:], atol=2e-5)
 
@@ -189,13 +200,11 @@ def test_two_stream_kernel_never_touches_skipped_tiles(backend):
   ids = orders.left_to_right(1, n) + 1
   content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)  # ids 0..31
   q_ids = jnp.concatenate([content, ids - 1], axis=1)  # [1, 63]; query ids 0..30
-  q, k, v, do = random_qkv(jax.random.PRNGKey(3), 1, 2 * n + 1, n + 1, 1, 16, jnp.float32)
+  q, k, v, do = random_qkv(3, 1, 2 * n + 1, n + 1, 1, 16, jnp.float32)
   kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
       q, k, v, q_ids, content, block_sizes=BlockSizes(block, block), backend=backend,
       interpret=True, q_segments=(n + 1, n))
-  reference = lambda q, k, v: block_causal_attention_reference(  # noqa: E731
-      q, k, v, q_ids, content)
-  ref_out, ref_grads = value_and_grads(reference, q, k, v, do)
+  ref_out, ref_grads = reference_value_and_grads(q, k, v, do, q_ids, content)
   # The first tile of each stream reads key tile 0 only.
   first = np.r_[0:block, n + 1:n + 1 + block]
   out, (dq, _, _) = value_and_grads(kernel, q, k.at[:, block:].set(jnp.nan),
@@ -207,7 +216,8 @@ def test_two_stream_kernel_never_touches_skipped_tiles(backend):
   earlier = np.r_[0:n + 1 - block, n + 1:n + 1 + 3 * block]
   poison = lambda x, value: x.at[:, earlier].set(value)  # noqa: E731
   _, (_, dk, dv) = value_and_grads(kernel, poison(q, jnp.nan), k, v, poison(do, jnp.nan))
-  _, (_, ref_dk, ref_dv) = value_and_grads(reference, poison(q, 0.0), k, v, poison(do, 0.0))
+  _, (_, ref_dk, ref_dv) = reference_value_and_grads(poison(q, 0.0), k, v, poison(do, 0.0),
+                                                     q_ids, content)
   np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
   np.testing.assert_allclose(dv[:, -block:], ref_dv[:, -block:], atol=2e-5)
 
