@@ -1,5 +1,6 @@
 """The AR and MDLM baselines: exact cross-checks against ARMD and enumerable bounds."""
 
+import functools
 import itertools
 import math
 
@@ -32,14 +33,20 @@ def all_sequences(vocab, length):
   return jnp.asarray(list(itertools.product(range(vocab), repeat=length)), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def compiled_apply(model, params, tokens, block_ids=None):
+  """`model.apply` as one compiled program per model and shapes (op by op, every new model
+  or shape compiles each operation on its own, several times the cost); ARMD's block ids
+  are traced, so orders of one shape share the program."""
+  if model.config.kind == "armd":
+    block_ids = orders.left_to_right(*tokens.shape) if block_ids is None else block_ids
+    return model.apply(params, tokens, block_ids)
+  return model.apply(params, tokens)
+
+
 def log_likelihood(model, params, tokens, block_ids=None):
   """Per-sequence log p(x) [B] from one pass."""
-  if model.config.kind == "ar":
-    logits = model.apply(params, tokens)
-  else:
-    block_ids = orders.left_to_right(*tokens.shape) if block_ids is None else block_ids
-    logits = model.apply(params, tokens, block_ids)
-  return token_log_probs(logits, tokens).sum(-1)
+  return token_log_probs(compiled_apply(model, params, tokens, block_ids), tokens).sum(-1)
 
 
 # -- AR vs ARMD --------------------------------------------------------------------------
@@ -82,9 +89,8 @@ def test_ar_and_armd_left_to_right_give_identical_log_likelihoods_on_a_matched_c
   # make them the same function (RoPE sees only relative positions).
   (armd, armd_params), (ar, ar_params) = armd_equal_to_ar(seed)
   tokens = jax.random.randint(jax.random.PRNGKey(seed + 10), (4, 12), 0, 13)
-  ar_lp = token_log_probs(ar.apply(ar_params, tokens), tokens)
-  armd_lp = token_log_probs(armd.apply(armd_params, tokens, orders.left_to_right(4, 12)),
-                            tokens)
+  ar_lp = token_log_probs(compiled_apply(ar, ar_params, tokens), tokens)
+  armd_lp = token_log_probs(compiled_apply(armd, armd_params, tokens), tokens)
   np.testing.assert_allclose(armd_lp, ar_lp, atol=2e-5)
   assert float(jnp.std(ar_lp)) > 0.05, "the check needs a non-trivial model"
 
@@ -92,29 +98,24 @@ def test_ar_and_armd_left_to_right_give_identical_log_likelihoods_on_a_matched_c
 def test_the_matched_checkpoint_check_fails_when_the_position_table_is_scrambled():
   (armd, armd_params), (ar, ar_params) = armd_equal_to_ar(0, scramble_pe=True)
   tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 12), 0, 13)
-  ar_lp = token_log_probs(ar.apply(ar_params, tokens), tokens)
-  armd_lp = token_log_probs(armd.apply(armd_params, tokens, orders.left_to_right(4, 12)),
-                            tokens)
+  ar_lp = token_log_probs(compiled_apply(ar, ar_params, tokens), tokens)
+  armd_lp = token_log_probs(compiled_apply(armd, armd_params, tokens), tokens)
   assert float(jnp.max(jnp.abs(armd_lp - ar_lp))) > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["ar", "armd"])
 def test_one_pass_log_likelihood_equals_the_chain_rule_of_prefix_calls(kind):
   model, params = init_kind(tiny_config(kind=kind))
-  length = 6
+  # 4 positions (first, middle, last): every prefix length is its own compiled program.
+  length = 4
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, length), 0, 13)
   one_pass = log_likelihood(model, params, tokens)
   # Call n only ever receives tokens[:n+1]: log p(x_n | x_<n) computed with no later token.
   step_by_step = sum(
-      token_log_probs(_logits(model, params, tokens[:, :n + 1]), tokens[:, :n + 1])[:, n]
+      token_log_probs(compiled_apply(model, params, tokens[:, :n + 1]),
+                      tokens[:, :n + 1])[:, n]
       for n in range(length))
   np.testing.assert_allclose(one_pass, step_by_step, atol=1e-5)
-
-
-def _logits(model, params, tokens):
-  if model.config.kind == "ar":
-    return jax.jit(model.apply)(params, tokens)
-  return jax.jit(model.apply)(params, tokens, orders.left_to_right(*tokens.shape))
 
 
 @pytest.mark.parametrize("kind,streams", [("ar", 1), ("armd", 1), ("armd", 2)])
@@ -131,7 +132,7 @@ def test_ar_greedy_kv_cached_decoding_matches_the_one_pass_argmax():
   out = ar_sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=3, length=10,
                              prompt=jnp.array([[1, 2], [3, 4], [5, 6]]),
                              sampler=SamplerConfig(greedy=True))
-  argmax = jnp.argmax(model.apply(params, out.tokens), -1)
+  argmax = jnp.argmax(compiled_apply(model, params, out.tokens), -1)
   np.testing.assert_array_equal(out.tokens[:, 2:], argmax[:, 2:])
   np.testing.assert_array_equal(out.tokens[:, :2], [[1, 2], [3, 4], [5, 6]])
   assert int(out.num_calls) == 10
@@ -158,7 +159,7 @@ def test_cached_ar_decoding_equals_the_one_pass_logits(prompt_len, segments, kv_
                                       SamplerConfig(), keep_logits=True)
   np.testing.assert_array_equal(tokens[:, :prompt_len], forced[:, :prompt_len])
   assert len(np.unique(np.asarray(tokens))) > 5, "drawn tokens, not a constant chain"
-  np.testing.assert_allclose(logits, model.apply(params, tokens), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logits, compiled_apply(model, params, tokens), atol=1e-5, rtol=0)
 
 
 def test_ar_greedy_samples_are_the_ones_the_per_step_restacking_sampler_drew():
@@ -202,7 +203,7 @@ def revealed_log_probs(model, params):
   seqs = np.asarray(all_sequences(V, N))
   subsets = np.array([[(s >> n) & 1 for n in range(N)] for s in range(2 ** N)], bool)
   z = np.where(subsets[None], seqs[:, None], V)  # [X, S, N]
-  logits = model.apply(params, jnp.asarray(z.reshape(-1, N)))
+  logits = compiled_apply(model, params, jnp.asarray(z.reshape(-1, N)))
   lp = token_log_probs(logits, jnp.asarray(np.repeat(seqs, len(subsets), 0)))
   return seqs, subsets, np.asarray(lp, np.float64).reshape(len(seqs), len(subsets), N)
 
@@ -254,12 +255,14 @@ def test_monte_carlo_diffusion_loss_is_unbiased_for_the_exact_elbo():
   seqs, _, lp = revealed_log_probs(model, params)
   x = 5
   tokens = jnp.tile(jnp.asarray(seqs[x])[None], (4096, 1))
-  draws = []
-  for i in range(4):
+
+  @jax.jit  # one program for the four draws
+  def draw(params, i):
     t = mdlm_lib.stratified_times(jax.random.PRNGKey(2 * i), 4096)
     noisy, masked = mdlm_lib.corrupt(jax.random.PRNGKey(2 * i + 1), tokens, t, model.config)
-    draws.append(np.asarray(mdlm_lib.elbo_terms(model.apply(params, noisy), tokens, masked, t)))
-  draws = np.concatenate(draws)
+    return mdlm_lib.elbo_terms(model.apply(params, noisy), tokens, masked, t)
+
+  draws = np.concatenate([np.asarray(draw(params, i)) for i in range(4)])
   stderr = draws.std() / math.sqrt(len(draws))
   assert abs(draws.mean() - exact_elbo(lp)[x]) < 5 * stderr + 1e-3, (
       draws.mean(), exact_elbo(lp)[x], stderr)
@@ -298,7 +301,7 @@ def test_skipping_the_network_changes_the_cost_and_never_the_samples():
 def test_mdlm_reads_a_mask_token_but_never_predicts_it():
   model, params = init_kind(tiny_config(kind="mdlm"))
   assert params["params"]["embedding"]["embedding"].shape[0] == 13 + 1
-  logits = model.apply(params, jnp.full((2, 6), mdlm_lib.mask_id(model.config)))
+  logits = compiled_apply(model, params, jnp.full((2, 6), mdlm_lib.mask_id(model.config)))
   assert logits.shape == (2, 6, 13)
   out = mdlm_sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=2, length=6,
                                num_steps=3, prompt=jnp.array([4, 5]))
