@@ -33,6 +33,7 @@ from conftest import init_model, tiny_config
 TOLERANCES = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 3e-2)}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))  # one program, not op by op
 def make_ids(kind, rng, batch, nq, nk):
   """(q_ids [B, Nq], kv_ids [B, Nk]) for one of the id layouts the model produces."""
   k1, k2 = jax.random.split(rng)
@@ -57,19 +58,20 @@ def random_qkv(seed, batch, nq, nk, heads, dim, dtype):
   return normal(nq), normal(nk), normal(nk), normal(nq)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_value_and_grads(attention):
-  def forward_and_backward(q, k, v, do):
-    out, vjp = jax.vjp(attention, q, k, v)
-    return out, vjp(do)
-  return jax.jit(forward_and_backward)
+@functools.partial(jax.jit, static_argnames="settings")
+def _kernel_value_and_grads(q, k, v, do, q_ids, kv_ids, settings):
+  attention = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
+      q, k, v, q_ids, kv_ids, interpret=True, **dict(settings))
+  out, vjp = jax.vjp(attention, q, k, v)
+  return out, vjp(do)
 
 
-def value_and_grads(attention, q, k, v, do):
-  """(out, (dq, dk, dv)) of `attention` at cotangent `do`, compiled as one program (the
-  ids `attention` closes over stay concrete, as the kernel's tile plan needs); calls with
-  the same `attention` object and shapes reuse that program."""
-  return _compiled_value_and_grads(attention)(q, k, v, do)
+def kernel_value_and_grads(q, k, v, do, q_ids, kv_ids, **settings):
+  """(out, (dq, dk, dv)) of the interpreted kernel with `settings` at cotangent `do`, as one
+  program per settings and shapes (the ids traced, as in the jitted model), so a test's
+  calls with other values of the same shapes reuse it."""
+  return _kernel_value_and_grads(q, k, v, do, q_ids, kv_ids,
+                                 settings=tuple(sorted(settings.items())))
 
 
 @jax.jit
@@ -108,18 +110,16 @@ def test_kernel_output_and_gradients_match_the_reference(kind, nq, nk, dim, bloc
   q_ids, kv_ids = make_ids(kind, jax.random.PRNGKey(nq * nk + dim), 2, nq, nk)
   assert q_ids.shape == (2, nq) and kv_ids.shape == (2, nk)
   q, k, v, do = random_qkv(nq * nk + dim, 2, nq, nk, 2, dim, dtype)
-  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, q_ids, kv_ids, block_sizes=block_sizes, backend=backend, interpret=True,
-      **extra)
+  out, grads = kernel_value_and_grads(q, k, v, do, q_ids, kv_ids, block_sizes=block_sizes,
+                                      backend=backend, **extra)
   # The reference in float32 on the same (possibly bfloat16-rounded) inputs.
-  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  out, grads = value_and_grads(kernel, q, k, v, do)
   ref_out, ref_grads = reference_value_and_grads(q, k, v, do, q_ids, kv_ids)
   atol, gtol = TOLERANCES[dtype]
   assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731  (NumPy: no program per shape)
   np.testing.assert_allclose(f32(out), ref_out, atol=atol, rtol=atol)
   for name, g, ref_g in zip("qkv", grads, ref_grads):
-    scale = float(jnp.max(jnp.abs(ref_g)))
+    scale = float(np.max(np.abs(ref_g)))
     np.testing.assert_allclose(f32(g), ref_g, atol=gtol * scale, rtol=gtol, err_msg=f"d{name}")
 
 
@@ -128,9 +128,8 @@ def test_rows_without_visible_keys_give_zeros_and_finite_gradients(backend):
   q, k, v, do = random_qkv(0, 1, 16, 16, 1, 16, jnp.float32)
   q_ids = jnp.arange(16)[None] - 8  # the first 8 queries (ids < 0) see no key at all
   kv_ids = jnp.arange(16)[None]
-  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, q_ids, kv_ids, block_sizes=BlockSizes(8, 8), backend=backend, interpret=True)
-  out, grads = value_and_grads(kernel, q, k, v, do)
+  out, grads = kernel_value_and_grads(q, k, v, do, q_ids, kv_ids, block_sizes=BlockSizes(8, 8),
+                                      backend=backend)
   np.testing.assert_array_equal(out[:, :8], 0.0)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
   np.testing.assert_array_equal(grads[0][:, :8], 0.0)
@@ -170,22 +169,20 @@ def test_kernel_never_touches_skipped_tiles(backend, schedule):
   q, k, v, do = random_qkv(1, 1, n, n, 1, 16, jnp.float32)
   live = np.asarray(live_tiles(ids, ids, BlockSizes(block, block)))[0]  # [4, 4]
   assert not live.all()
-  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, ids, ids, block_sizes=BlockSizes(block, block), backend=backend, interpret=True,
-      schedule=schedule)
+  settings = dict(block_sizes=BlockSizes(block, block), backend=backend, schedule=schedule)
   ref_out, ref_grads = reference_value_and_grads(q, k, v, do, ids, ids)
   # Forward and dq: queries of tile 0 only read key tile 0, so NaN in key tiles 1.. must
   # not reach them.
   k_bad = k.at[:, block:].set(jnp.nan)
   v_bad = v.at[:, block:].set(jnp.nan)
-  out, (dq, _, _) = value_and_grads(kernel, q, k_bad, v_bad, do)
+  out, (dq, _, _) = kernel_value_and_grads(q, k_bad, v_bad, do, ids, ids, **settings)
   np.testing.assert_allclose(out[:, :block], ref_out[:, :block], atol=2e-5)
   np.testing.assert_allclose(dq[:, :block], ref_grads[0][:, :block], atol=2e-5)
   # dk, dv: the last key tile is only read by the last query tile, so NaN queries and
   # output gradients in every earlier query tile must not reach its dk, dv.
   q_bad = q.at[:, :n - block].set(jnp.nan)
   do_bad = do.at[:, :n - block].set(jnp.nan)
-  _, (_, dk, dv) = value_and_grads(kernel, q_bad, k, v, do_bad)
+  _, (_, dk, dv) = kernel_value_and_grads(q_bad, k, v, do_bad, ids, ids, **settings)
   _, (_, ref_dk, ref_dv) = reference_value_and_grads(
       q.at[:, :n - block].set(0.0), k, v, do.at[:, :n - block].set(0.0), ids, ids)
   np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
@@ -201,21 +198,21 @@ def test_two_stream_kernel_never_touches_skipped_tiles(backend):
   content = jnp.concatenate([jnp.zeros((1, 1), ids.dtype), ids], axis=1)  # ids 0..31
   q_ids = jnp.concatenate([content, ids - 1], axis=1)  # [1, 63]; query ids 0..30
   q, k, v, do = random_qkv(3, 1, 2 * n + 1, n + 1, 1, 16, jnp.float32)
-  kernel = lambda q, k, v: block_causal_flash_attention(  # noqa: E731
-      q, k, v, q_ids, content, block_sizes=BlockSizes(block, block), backend=backend,
-      interpret=True, q_segments=(n + 1, n))
+  settings = dict(block_sizes=BlockSizes(block, block), backend=backend, q_segments=(n + 1, n))
   ref_out, ref_grads = reference_value_and_grads(q, k, v, do, q_ids, content)
   # The first tile of each stream reads key tile 0 only.
   first = np.r_[0:block, n + 1:n + 1 + block]
-  out, (dq, _, _) = value_and_grads(kernel, q, k.at[:, block:].set(jnp.nan),
-                                    v.at[:, block:].set(jnp.nan), do)
+  out, (dq, _, _) = kernel_value_and_grads(q, k.at[:, block:].set(jnp.nan),
+                                           v.at[:, block:].set(jnp.nan), do, q_ids, content,
+                                           **settings)
   np.testing.assert_allclose(out[:, first], ref_out[:, first], atol=2e-5)
   np.testing.assert_allclose(dq[:, first], ref_grads[0][:, first], atol=2e-5)
   # The last key tile (ids 24..31) is read by the last tile of each stream only: NaN in
   # every earlier query tile of both streams must not reach its dk, dv.
   earlier = np.r_[0:n + 1 - block, n + 1:n + 1 + 3 * block]
   poison = lambda x, value: x.at[:, earlier].set(value)  # noqa: E731
-  _, (_, dk, dv) = value_and_grads(kernel, poison(q, jnp.nan), k, v, poison(do, jnp.nan))
+  _, (_, dk, dv) = kernel_value_and_grads(poison(q, jnp.nan), k, v, poison(do, jnp.nan), q_ids,
+                                          content, **settings)
   _, (_, ref_dk, ref_dv) = reference_value_and_grads(poison(q, 0.0), k, v, poison(do, 0.0),
                                                      q_ids, content)
   np.testing.assert_allclose(dk[:, -block:], ref_dk[:, -block:], atol=2e-5)
@@ -294,9 +291,10 @@ def test_model_logits_and_gradients_are_the_same_with_the_kernel():
   tokens = jax.random.randint(k1, (2, length), 0, config.vocab_size)
   ids = orders.masked_diffusion(k2, 2, length, num_steps=7)
 
-  # Each model compiled once (logits with the gradients) rather than run op by op.
+  # Each model compiled once (logits with the gradients) rather than run op by op; tokens
+  # and ids traced, so the tile plans are part of the program, not run op by op at tracing.
   @jax.jit
-  def logits_value_and_grads(params):
+  def logits_value_and_grads(params, tokens, ids):
     def log_likelihood(module, params):
       logits = module.apply(params, tokens, ids)
       return token_log_probs(logits, tokens).sum(), logits
@@ -304,7 +302,7 @@ def test_model_logits_and_gradients_are_the_same_with_the_kernel():
             for module in (model, kernel_model)]
 
   ((value, logits), grads), ((kernel_value, kernel_logits), kernel_grads) = (
-      logits_value_and_grads(params))
+      logits_value_and_grads(params, tokens, ids))
   np.testing.assert_allclose(kernel_value, value, rtol=1e-5)
   np.testing.assert_allclose(kernel_logits, logits, atol=2e-5)
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads),
