@@ -212,7 +212,6 @@ QUICK_TIER_EXCLUDES = (
     "test_cli_output.py::test_stop_at_eos_in_the_sample_command_is_the_librarys_truncation",
     "test_convert.py::test_adapted_armd_copies_the_ar_weights_and_its_content_stream_is_the_ar_stream",
     "test_convert.py::test_imported_hf_model_gives_the_live_pytorch_logits",
-    "test_device_suite.py::test_device_suite_imports_and_traces_the_train_step_without_the_data_stack",
     "test_ema.py::test_the_train_step_keeps_the_debiased_ema_so_after_one_step_it_equals_the_params",
     "test_eval.py::test_strided_decoding_saves_calls_not_flops_and_confidence_probes_cost_full_passes",
     "test_kernels.py::test_two_stream_kernel_never_touches_skipped_tiles",
