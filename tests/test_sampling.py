@@ -35,6 +35,18 @@ def make_order(name, batch, length):
   raise ValueError(name)
 
 
+def one_phase_blocks(batch, length, width=3):
+  """Multi-token blocks of uneven sizes at random positions whose plan is ONE phase: every
+  call is `width` wide, but the rows' blocks are not aligned (row 0's sizes 3, ..., 3, 2, 1,
+  row 1's 1, 2, 3, ..., 3), so cache rows start apart per row and narrow blocks pad their
+  calls. One scan to compile, where `multi_token_blocks` compiles one per block width."""
+  full = [width] * (length // width - 1)
+  sizes = (full + [width - 1, 1], [1, width - 1] + full)
+  rng = np.random.default_rng(7)
+  rows = [rng.permutation(np.repeat(np.arange(1, len(s) + 1), s)) for s in sizes]
+  return np.stack([rows[b % 2] for b in range(batch)]).astype(np.int32)
+
+
 @pytest.mark.parametrize("order", ["left_to_right", "random", "strided", "multi_token_blocks"])
 def test_cached_scores_equal_one_pass_log_probs(tiny, order):
   model, params = tiny
@@ -54,7 +66,7 @@ def test_cached_scores_equal_one_pass_log_probs_for_other_architectures(override
   """The caches hold the model's key/value heads only (2 of 4 with grouped queries)."""
   model, params = init_model(tiny_config(**overrides))
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, N), 0, model.config.vocab_size)
-  ids = make_order("multi_token_blocks", 2, N)
+  ids = one_phase_blocks(2, N)  # uneven multi-token blocks, one scan to compile
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
   state = jax.eval_shape(lambda: cache_lib.init_state(model.bind(params), tokens, 1))
@@ -71,7 +83,7 @@ def test_cached_scores_equal_one_pass_log_probs_for_other_architectures(override
 def test_cached_scores_equal_one_pass_log_probs_with_every_attention(attention):
   model, params = init_model(tiny_config(**attention))
   tokens = jax.random.randint(jax.random.PRNGKey(4), (2, N), 0, model.config.vocab_size)
-  ids = make_order("multi_token_blocks", 2, N)
+  ids = one_phase_blocks(2, N)  # uneven multi-token blocks, one scan to compile
   want = token_log_probs(model.apply(params, tokens, ids), tokens)
   np.testing.assert_allclose(sampling.score(model, params, tokens, ids), want, atol=1e-5, rtol=0)
 
@@ -90,8 +102,8 @@ def test_score_comparison_catches_an_upper_cache_that_hides_the_own_block(tiny, 
   # If the upper half never wrote a block's own rows before attending (so a target saw
   # only earlier blocks), the scores of multi-token blocks would differ.
   model, params = tiny
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, N), 0, model.config.vocab_size)
-  ids = make_order("multi_token_blocks", 1, N)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, N), 0, model.config.vocab_size)
+  ids = one_phase_blocks(2, N)  # blocks of 3, 2 and 1 tokens in one scan
   upper_rows = N + sampling.make_plan(np.asarray(ids)).max_width
   real = cache_lib.write_cache_rows
   monkeypatch.setattr(decode_lib, "_compiled", decode_lib._compiled.__wrapped__)
@@ -125,7 +137,7 @@ def test_cached_sampler_draws_the_same_tokens_as_full_recompute(tiny, streams, s
 @pytest.mark.slow  # full recompute at every step
 def test_cached_sampler_matches_full_recompute_in_a_multi_token_order_with_infill(tiny):
   model, params = tiny
-  ids = make_order("multi_token_blocks", 2, N)
+  ids = one_phase_blocks(2, N)  # one scan per mode, rows not aligned
   known = np.zeros((2, N), bool)
   known[0, [1, 5]] = True
   infill = (np.full((2, N), 4), known)
@@ -148,27 +160,6 @@ def test_strided_generation_makes_n_over_s_plus_s_minus_one_calls_and_fills_ever
   # A position never decoded keeps log-prob 0; every drawn token has probability < 1.
   assert (np.asarray(out.log_probs) < 0).all()
   assert out.tokens.shape == (B, N) and out.tokens.dtype == jnp.int32
-
-
-def test_prompt_tokens_are_never_overwritten_and_all_are_read_in_one_call(tiny):
-  model, params = tiny
-  prompt = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
-  out = sampling.generate(model, params, jax.random.PRNGKey(1), batch_size=2, length=N,
-                          streams=4, prompt=prompt)
-  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)
-  assert out.num_calls == 1 + (N - 4) // 4 + 4 - 1
-  np.testing.assert_array_equal(out.block_ids[:, :4], [[1, 2, 3, 4]] * 2)
-
-
-def test_infill_keeps_known_positions_and_generates_the_rest_after_them(tiny):
-  model, params = tiny
-  known = np.zeros(N, bool)
-  known[[0, 3, 7, 11]] = True
-  tokens = np.where(known, 6, 0)
-  out = sampling.generate(model, params, jax.random.PRNGKey(2), batch_size=B, length=N,
-                          streams=2, infill=(tokens, known))
-  np.testing.assert_array_equal(np.asarray(out.tokens)[:, known], 6)
-  assert (out.block_ids[:, known].max(1) < out.block_ids[:, ~known].min(1)).all()
 
 
 def test_generation_is_a_deterministic_function_of_the_rng(tiny):
@@ -213,11 +204,17 @@ def test_plan_segments_cover_every_row_a_call_can_see_and_grow_with_the_calls():
   assert short.segments == (((64, None),),), "short caches keep one scan per phase"
 
 
+def split_into_segments(monkeypatch, min_rows=8):
+  """Plans split phases of >= 4 calls on caches of >= `min_rows` rows into 2 segments (each
+  segment is one more scan to compile; 2 already cut the caches as 4 would)."""
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", min_rows)
+  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+  monkeypatch.setattr(sampling.plan, "SEGMENTS", 2)
+
+
 @pytest.fixture
 def segmented(monkeypatch):
-  """Plans split phases of >= 4 calls on caches of >= 8 rows into segments."""
-  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8)
-  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+  split_into_segments(monkeypatch)
 
 
 @pytest.mark.parametrize("order", [
@@ -259,8 +256,7 @@ def test_segments_are_lowered_for_cpu_only(tiny, monkeypatch):
   positions = np.broadcast_to(np.arange(2 * N, dtype=np.int32), (2, 2 * N))
 
   def loops(platform, split):
-    monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8 if split else 10**9)
-    monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+    split_into_segments(monkeypatch, min_rows=8 if split else 10**9)
     run, inputs, plan = decode_lib.decode_program(model, zeros, zeros.astype(bool), ids,
                                                   positions)
     assert (len(plan.segments[0]) > 1) == split
@@ -268,7 +264,7 @@ def test_segments_are_lowered_for_cpu_only(tiny, monkeypatch):
         lowering_platforms=(platform,))
     return lowered.as_text().count("stablehlo.while")
 
-  assert loops("cpu", split=True) == loops("cpu", split=False) + 3  # 4 scans instead of 1
+  assert loops("cpu", split=True) == loops("cpu", split=False) + 1  # 2 scans instead of 1
   assert loops("tpu", split=True) == loops("tpu", split=False)
 
 
@@ -277,8 +273,7 @@ def test_segmented_generation_draws_the_same_tokens_as_one_scan(tiny, monkeypatc
   model, params = tiny
   kwargs = dict(batch_size=B, length=2 * N, streams=2)
   one_scan = sampling.generate(model, params, jax.random.PRNGKey(4), **kwargs)
-  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_ROWS", 8)
-  monkeypatch.setattr(sampling.plan, "SEGMENT_MIN_CALLS", 4)
+  split_into_segments(monkeypatch)
   segmented = sampling.generate(model, params, jax.random.PRNGKey(4), **kwargs)
   np.testing.assert_array_equal(segmented.tokens, one_scan.tokens)
   np.testing.assert_allclose(segmented.log_probs, one_scan.log_probs, atol=1e-6, rtol=0)

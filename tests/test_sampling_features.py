@@ -30,7 +30,8 @@ def test_a_prompt_is_read_in_one_call_and_scored_as_the_one_pass_model(tiny):
   out = sampling.generate(model, params, jax.random.PRNGKey(1), batch_size=B, length=N,
                           streams=4, prompt=prompt)
   assert out.num_calls == 1 + (N - 4) // 4 + 4 - 1  # one prefill call, then strided
-  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :4], prompt)  # never overwritten
+  np.testing.assert_array_equal(out.block_ids[:, :4], [[1, 2, 3, 4]] * 2)  # read first
   want = one_pass(model, params, out.tokens, out.block_ids)
   np.testing.assert_allclose(out.log_probs, want, atol=1e-5, rtol=0)
   assert (np.asarray(out.log_probs)[:, :4] < 0).all()  # the prompt was scored, not skipped
@@ -49,6 +50,8 @@ def test_infill_rows_with_different_known_counts_prefill_in_one_call_like_recomp
   assert cached.num_calls == reference.num_calls == 1 + 10  # prefill + the longest row
   np.testing.assert_array_equal(cached.tokens, reference.tokens)
   np.testing.assert_array_equal(np.asarray(cached.tokens)[known], 7)
+  for b in range(B):  # the known positions are read first, everything else after them
+    assert cached.block_ids[b, known[b]].max() < cached.block_ids[b, ~known[b]].min()
   np.testing.assert_allclose(cached.log_probs,
                              one_pass(model, params, cached.tokens, cached.block_ids),
                              atol=1e-5, rtol=0)
@@ -147,14 +150,16 @@ def test_stop_at_eos_keeps_given_infill_tokens_after_the_eos(tiny):
 
 
 # (5, 0) and (5, 3): U % k != 0 generated positions (12 and 9 with k = 5), so the last
-# block is partial (2 and 4 positions), with and without a prompt read by the prefill.
-@pytest.mark.parametrize("k,prompt_len", [(1, 0), (3, 0), (5, 2), (5, 0), (5, 3)])
-def test_confidence_order_is_exact_under_the_realized_order_and_counts_every_probe(
-    tiny, k, prompt_len):
+# block is partial (2 and 4 positions), with and without a prompt read by the prefill;
+# (1, 0) and (5, 2): every block full. Each case also checks one confidence criterion.
+@pytest.mark.parametrize("k,prompt_len,criterion", [
+    (1, 0, "max_prob"), (5, 2, "margin"), (5, 0, "entropy"), (5, 3, "max_prob")])
+def test_confidence_order_reveals_the_most_confident_first_is_exact_and_counts_every_probe(
+    tiny, k, prompt_len, criterion):
   model, params = tiny
   prompt = np.array([[4, 8, 3], [1, 2, 7]])[:, :prompt_len] if prompt_len else None
   out = sampling.generate(model, params, jax.random.PRNGKey(5), batch_size=B, length=N,
-                          order="confidence", k=k, prompt=prompt)
+                          order="confidence", k=k, criterion=criterion, prompt=prompt)
   steps = -(-(N - prompt_len) // k)
   assert out.num_calls == (prompt_len > 0) + 2 * steps - 1
   assert out.num_calls == sampling.confidence_calls(N, prompt_len, k)
@@ -169,22 +174,16 @@ def test_confidence_order_is_exact_under_the_realized_order_and_counts_every_pro
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, :prompt_len], prompt)
   np.testing.assert_allclose(out.log_probs, one_pass(model, params, out.tokens, ids),
                              atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("criterion", sampling.CRITERIA)
-def test_confidence_reveals_first_the_positions_the_probe_finds_most_confident(tiny, criterion):
-  # The first probe is the one-pass model with every position in block 1: its k most
-  # confident positions must form the realized first block.
-  model, params = tiny
-  k = 4
-  out = sampling.generate(model, params, jax.random.PRNGKey(8), batch_size=B, length=N,
-                          order="confidence", k=k, criterion=criterion)
-  ones = np.ones((B, N), np.int32)
-  logits = model.apply(params, np.asarray(out.tokens), ones)  # tokens do not matter here
-  conf = np.asarray(sampling.confidence(logits, criterion))
+  # The first probe is the one-pass model with the prompt's singletons and every other
+  # position in block P + 1 (their tokens do not matter to it): its k most confident
+  # generated positions must form the realized block P + 1.
+  probe_ids = np.broadcast_to(np.minimum(np.arange(1, N + 1), prompt_len + 1), (B, N))
+  logits = model.apply(params, np.asarray(out.tokens), probe_ids)
+  conf = np.asarray(sampling.confidence(logits, criterion))[:, prompt_len:]
   for b in range(B):
-    np.testing.assert_array_equal(np.sort(np.argsort(-conf[b], kind="stable")[:k]),
-                                  np.flatnonzero(np.asarray(out.block_ids)[b] == 1))
+    np.testing.assert_array_equal(
+        np.sort(prompt_len + np.argsort(-conf[b], kind="stable")[:k]),
+        np.flatnonzero(ids[b] == prompt_len + 1))
 
 
 def test_confidence_rejects_what_it_does_not_support(tiny):
@@ -214,8 +213,11 @@ def test_config_sample_noise_reaches_the_samples_the_trainer_prints(capsys):
     config.sample.num_samples, config.sample.length, config.sample.noise = B, N, noise
     loop.print_samples(model, params, vocab, settings.settings_from(config))
     printed[noise] = capsys.readouterr().out
+    # The sampler the trainer builds from config.sample (top_k 0 and top_p 1 are off), so
+    # this reruns the decoder print_samples compiled.
+    sampler = SamplerConfig(top_k=0, top_p=1.0, noise=noise)
     want = sampling.generate(model, params, jax.random.PRNGKey(0), batch_size=B, length=N,
-                             sampler=SamplerConfig(noise=noise))
+                             sampler=sampler)
     for row in np.asarray(want.tokens):
       assert f"\n{vocab.decode(row.tolist())}\n" in printed[noise]
   assert printed["precise"] != printed["fast"]  # the same key draws differently
