@@ -231,8 +231,6 @@ QUICK_TIER_EXCLUDES = (
     "test_registry.py::test_the_train_step_recompile_guard_rejects_a_batch_of_another_shape",
     "test_sampling.py::test_cached_scores_equal_one_pass_log_probs_for_other_architectures",
     "test_sampling.py::test_cached_scores_equal_one_pass_log_probs_with_every_attention",
-    "test_sampling.py::test_infill_keeps_known_positions_and_generates_the_rest_after_them",
-    "test_sampling.py::test_prompt_tokens_are_never_overwritten_and_all_are_read_in_one_call",
     "test_sampling.py::test_score_comparison_catches_an_upper_cache_that_hides_the_own_block",
     "test_sampling.py::test_segmented_decoding_reads_a_prefix_of_the_cache_and_scores_like_one_pass",
     "test_sampling_features.py::test_config_sample_noise_reaches_the_samples_the_trainer_prints",
