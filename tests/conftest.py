@@ -252,10 +252,11 @@ QUICK_TIER_EXCLUDES = (
 # test_suite_time.md), so the workers end close together; unlisted files follow in
 # collection order. Which tests run, and in which worker they share fixtures, is unchanged.
 LONGEST_FILES_FIRST = (
-    "test_multiprocess.py", "test_sampling.py", "test_benchmarks_cli.py", "test_model.py",
-    "test_sampling_features.py", "test_kernels.py", "test_notebooks.py", "test_train.py",
-    "test_baselines.py", "test_compile_check.py", "test_lm_eval.py", "test_device_suite.py",
-    "test_train_mesh.py", "test_lock.py", "test_convert.py", "test_eval.py",
+    "test_sampling.py", "test_multiprocess.py", "test_benchmarks_cli.py", "test_notebooks.py",
+    "test_model.py", "test_kernels.py", "test_sampling_features.py", "test_compile_check.py",
+    "test_device_suite.py", "test_train_mesh.py", "test_lm_eval.py", "test_convert.py",
+    "test_baselines.py", "test_train.py", "test_configs.py", "test_eval.py",
+    "test_registry.py", "test_lock.py",
 )
 
 
