@@ -13,8 +13,8 @@ from typing import Any, Dict, Iterator, NamedTuple, Tuple
 # Bytecode, as a default Python keeps it: the packages are installed with --no-compile
 # (.ci/run), so with PYTHONDONTWRITEBYTECODE set (some containers set it) no process would
 # ever write the .pyc files and every one (2 workers, ~50 subprocesses, notebook kernels)
-# would compile each module it imports from source: `import armd_jax.main` took 5.2-5.5 s
-# instead of 2.3-2.8 s once its bytecode was written. The suite writes bytecode, in this
+# would compile each module it imports from source: `import armd_jax.main` took 4.8-6.7 s
+# instead of 2.7 s once its bytecode was written. The suite writes bytecode, in this
 # process from here on and in the processes it starts.
 sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
