@@ -100,7 +100,7 @@ def alarming_lines(stderr: str) -> list:
   return [line for line in stderr.splitlines() if ALARMING.search(line)]
 
 
-# -- one trained `tiny` workdir per pytest worker ------------------------------------------
+# -- one trained `tiny` workdir per pytest run ---------------------------------------------
 
 
 class TinyRun(NamedTuple):
